@@ -1,0 +1,51 @@
+"""Paths and settings: the one place that knows where things live.
+
+Everything has an embedded-stack default under ``.local/`` and an environment override
+for production. Secrets never live here: they come from connections (see ``connections``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = Path(os.environ.get("BILLING_PROJECT_DIR", PACKAGE_DIR.parents[1])).resolve()
+
+
+def local_dir() -> Path:
+    """Root of the embedded stack's state (gitignored)."""
+    return Path(os.environ.get("BILLING_LOCAL_DIR", PROJECT_DIR / ".local")).resolve()
+
+
+def dags_dir() -> Path:
+    return PROJECT_DIR / "dags"
+
+
+def plugins_dir() -> Path:
+    return PROJECT_DIR / "plugins"
+
+
+def dbt_project_dir() -> Path:
+    return PROJECT_DIR / "dbt_project"
+
+
+def catalog_path() -> Path:
+    return Path(os.environ.get("BILLING_CATALOG", PROJECT_DIR / "include" / "config" / "catalog.yaml"))
+
+
+def landing_uri() -> str:
+    """Root of the landing zone, read through Airflow's ObjectStoragePath."""
+    return os.environ.get("BILLING_LANDING_URI") or (local_dir() / "landing").as_uri()
+
+
+def mail_dir() -> Path:
+    return Path(os.environ.get("BILLING_MAIL_DIR", local_dir() / "mail"))
+
+
+def lateness_days() -> int:
+    return int(os.environ.get("BILLING_LATENESS_DAYS", "35"))
+
+
+def max_line_bytes() -> int:
+    return int(os.environ.get("BILLING_MAX_LINE_BYTES", str(64 * 1024)))
