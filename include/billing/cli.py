@@ -1,0 +1,209 @@
+"""The ``billing`` command: a thin shell over the package for on-call, Finance and CI.
+
+User mistakes (bad dates, missing files, taken ports) end in one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from billing.errors import BillingError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + traceback
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _day(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value) if len(value) == 10 else _bad_day(value)
+    except ValueError:
+        return _bad_day(value)
+
+
+def _bad_day(value: str):
+    raise argparse.ArgumentTypeError(f"invalid day {value!r}: expected YYYY-MM-DD")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _ratio(value: str) -> float:
+    try:
+        r = float(value)
+    except ValueError:
+        r = -1.0
+    if not 0.0 <= r <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a ratio between 0 and 1, got {value!r}")
+    return r
+
+
+def _existing_file(value: str) -> Path:
+    p = Path(value)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value}")
+    return p
+
+
+# ---------------------------------------------------------------- commands
+def cmd_stack(args) -> int:
+    from billing.stack.manager import current
+
+    stack = current()
+    if args.action == "up":
+        result = stack.up()
+        _print_status(stack.status(), result)
+        print(f"\nshell env: source {stack.root / 'stack.env'}")
+    elif args.action == "down":
+        for name, state in stack.down().items():
+            print(f"{name:<10} {state}")
+    else:
+        status = stack.status()
+        if args.format == "json":
+            print(json.dumps(status, indent=2))
+        else:
+            _print_status(status)
+    return 0
+
+
+def _print_status(status: dict, result: dict | None = None) -> None:
+    from billing.connections import redact
+
+    for name, info in status.items():
+        note = f"  ({result[name]})" if result and name in result else ""
+        uri = redact(info["uri"]) if info.get("uri") else ""
+        print(f"{name:<10} {info['state']:<8} {uri}{note}")
+
+
+def cmd_orgs_import(args) -> int:
+    from billing import db, orgs, pricing
+
+    parsed = orgs.parse_csv(args.file, pricing.load_catalog())
+    with db.transaction() as cx:
+        n = orgs.upsert(cx, parsed)
+    print(f"imported {n} organisation(s) from {args.file}")
+    return 0
+
+
+def cmd_generate_usage(args) -> int:
+    from billing import pricing, settings, usage_gen
+
+    spec = usage_gen.UsageSpec(args.day, args.orgs, args.events, args.seed, args.bad_ratio,
+                               args.dup_ratio, args.late_ratio)
+    metrics = sorted(pricing.load_catalog().metrics)
+    for uri in usage_gen.write_day(spec, metrics, settings.landing_uri(), args.files, args.gzip):
+        print(uri)
+    return 0
+
+
+def cmd_run_day(args) -> int:
+    from billing import runner
+
+    return runner.run_day(args.day, dag_id=args.dag)
+
+
+def cmd_demo(args) -> int:
+    from billing import demo
+
+    return demo.run(args.day, orgs=args.orgs, events=args.events, seed=args.seed)
+
+
+def cmd_airflow(args) -> int:
+    from billing.stack.manager import current
+
+    stack = current()
+    if not stack.state_file.exists():
+        stack.up()
+    env = {**os.environ, **stack.env()}
+    port = stack.load_state()["ports"]["airflow"]
+    print(f"Airflow UI: http://127.0.0.1:{port}  login: admin / password in "
+          f"{stack.airflow_home / 'passwords.json'}  (Ctrl-C to stop)", flush=True)
+    pidfile = stack.run_dir / "airflow.pid"
+    proc = subprocess.Popen(["airflow", "standalone"], env=env)
+    pidfile.write_text(f"{proc.pid}\n")
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+    finally:
+        pidfile.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="billing", description="Billing data platform: local stack, ingest, pricing, Stripe, dunning.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("stack", help="start/stop/inspect the embedded local services")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(func=cmd_stack)
+
+    o = sub.add_parser("orgs", help="organisations")
+    osub = o.add_subparsers(dest="orgs_command", required=True, parser_class=_Parser)
+    oi = osub.add_parser("import", help="upsert organisations from CSV (org_id,name,email,plan,currency)")
+    oi.add_argument("file", type=_existing_file)
+    oi.set_defaults(func=cmd_orgs_import)
+
+    g = sub.add_parser("generate-usage", help="write synthetic usage files into the landing zone")
+    g.add_argument("--day", type=_day, required=True)
+    g.add_argument("--orgs", type=_positive, required=True)
+    g.add_argument("--events", type=_positive, required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bad-ratio", type=_ratio, default=0.0, help="share of malformed/invalid lines")
+    g.add_argument("--dup-ratio", type=_ratio, default=0.0, help="share of repeated lines")
+    g.add_argument("--late-ratio", type=_ratio, default=0.0, help="share of events from earlier days")
+    g.add_argument("--files", type=_positive, default=1)
+    g.add_argument("--gzip", action="store_true")
+    g.set_defaults(func=cmd_generate_usage)
+
+    r = sub.add_parser("run-day", help="run the nightly DAG for one day without a scheduler")
+    r.add_argument("day", type=_day)
+    r.add_argument("--dag", default="billing_nightly")
+    r.set_defaults(func=cmd_run_day)
+
+    d = sub.add_parser("demo", help="stack up, demo orgs, one day of usage, run-day, summary")
+    d.add_argument("--day", type=_day, default=dt.date(2026, 11, 2))
+    d.add_argument("--orgs", type=_positive, default=8)
+    d.add_argument("--events", type=_positive, default=20_000)
+    d.add_argument("--seed", type=int, default=42)
+    d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")
+    a.set_defaults(func=cmd_airflow)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "stack":
+        from billing.stack.manager import activate
+
+        activate()
+    try:
+        return args.func(args) or 0
+    except BillingError as exc:
+        print(f"billing: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Organisations: the customers we bill. Imported from CSV, upserted by org_id."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from billing.errors import ConfigError
+
+COLUMNS = ("org_id", "name", "email", "plan", "currency")
+_ORG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+@dataclass(frozen=True)
+class Org:
+    org_id: str
+    name: str
+    email: str
+    plan: str
+    currency: str
+
+
+def parse_csv(path: Path, catalog) -> list[Org]:
+    """Validate the whole file first, so a bad row writes nothing."""
+    try:
+        fh = open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        header = tuple(h.strip() for h in (reader.fieldnames or ()))
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
+        orgs: dict[str, Org] = {}
+        for lineno, row in enumerate(reader, start=2):
+            org = Org(*((row.get(c) or "").strip() for c in COLUMNS))
+            org = Org(org.org_id, org.name, org.email, org.plan, org.currency.lower())
+            _validate(org, catalog, f"{path}:{lineno}")
+            orgs[org.org_id] = org
+    return list(orgs.values())
+
+
+def _validate(org: Org, catalog, where: str) -> None:
+    if not _ORG_ID.match(org.org_id):
+        raise ConfigError(f"{where}: org_id {org.org_id!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+    if not org.name or len(org.name) > 200:
+        raise ConfigError(f"{where}: name must be 1-200 characters")
+    if not _EMAIL.match(org.email):
+        raise ConfigError(f"{where}: email {org.email!r} is not an address")
+    if org.plan not in catalog.plans:
+        raise ConfigError(f"{where}: plan {org.plan!r} is not in the catalog ({', '.join(sorted(catalog.plans))})")
+    plan_currency = catalog.plans[org.plan].currency
+    if org.currency != plan_currency:
+        raise ConfigError(f"{where}: currency {org.currency!r} does not match plan {org.plan!r} currency {plan_currency!r}")
+
+
+def upsert(cx, orgs: Sequence[Org]) -> int:
+    with cx.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO billing.organizations (org_id, name, email, plan, currency)
+               VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT (org_id) DO UPDATE SET
+                 name = EXCLUDED.name, email = EXCLUDED.email, plan = EXCLUDED.plan,
+                 currency = EXCLUDED.currency, updated_at = now()
+               WHERE (organizations.name, organizations.email, organizations.plan, organizations.currency)
+                     IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.email, EXCLUDED.plan, EXCLUDED.currency)""",
+            [(o.org_id, o.name, o.email, o.plan, o.currency) for o in orgs],
+        )
+    return len(orgs)
+
+
+def write_csv(path: Path, orgs: Iterable[Org]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        for o in orgs:
+            w.writerow([o.org_id, o.name, o.email, o.plan, o.currency])
+    return path
