@@ -135,7 +135,9 @@ class Plan:
     name: str
     currency: str
     base_fee: Decimal
-    metrics: Mapping[str, MetricPrice] = field(default_factory=lambda: MappingProxyType({}))
+    metrics: Mapping[str, MetricPrice] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
 
     def price_for(self, metric: str) -> MetricPrice | None:
         """The plan's price for ``metric``, or None: usage of an unpriced metric costs 0."""
@@ -155,8 +157,8 @@ class Metric:
 
 @dataclass(frozen=True)
 class Catalog:
-    metrics: Mapping[str, Metric]
-    plans: Mapping[str, Plan]
+    metrics: Mapping[str, Metric] = field(hash=False)
+    plans: Mapping[str, Plan] = field(hash=False)
 
     def plan(self, name: str) -> Plan:
         try:
@@ -277,7 +279,7 @@ def daily_charges(
 ) -> list[int]:
     """``[C(d) - C(d-1)]`` for each day; sums to ``C(last)``. Volume tiers may go negative."""
     cumulative = cumulative_charges(mp, currency, daily_quantities)
-    return [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
+    return [c - p for c, p in zip(cumulative, [0, *cumulative], strict=False)]
 
 
 def invoice_total(plan: Plan, monthly_quantities: Mapping[str, Decimal]) -> int:
@@ -301,15 +303,17 @@ class _Invalid(Exception):
 def _check_keys(value: Any, where: str, required: set[str], optional: set[str]) -> dict:
     if not isinstance(value, dict):
         raise _Invalid(where, f"must be a mapping, got {_describe(value)}")
+    sep = "." if where.endswith("]") else " "
     for key in value:
         if key not in required | optional:
             allowed = ", ".join(sorted(required | optional))
             raise _Invalid(
-                f"{where} {key}" if where else str(key), f"unknown key (allowed: {allowed})"
+                f"{where}{sep}{key}" if where else str(key), f"unknown key (allowed: {allowed})"
             )
     for key in sorted(required):
         if key not in value:
-            raise _Invalid(f"{where} {key}" if where else key, "missing")
+            hint = " (use null for the last, open tier)" if key == "up_to" else ""
+            raise _Invalid(f"{where}{sep}{key}" if where else key, f"missing{hint}")
     return value
 
 
@@ -530,7 +534,12 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None)
+        if mark is not None and problem:
+            detail = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+        else:
+            detail = " ".join(str(exc).split())
         raise ConfigError(f"{source}: invalid YAML: {detail}") from None
     return parse_catalog(data, source=source)
 
