@@ -1,0 +1,57 @@
+# Billing pipeline — run `make help`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-fast lint format stack-up stack-down stack-status airflow bench clean lock
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip wheel setuptools
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install everything (quick when nothing changed)
+
+demo: setup ## Run the pipeline end to end on the embedded stack and print a summary
+	$(BIN)/billing demo
+
+test: setup ## Run the whole test suite on the real embedded stack
+	$(BIN)/pytest -q
+
+lint: setup ## ruff check + format check
+	$(BIN)/ruff check include dags plugins tests bench
+	$(BIN)/ruff format --check include dags plugins tests bench
+
+format: setup ## Apply ruff fixes and formatting
+	$(BIN)/ruff check --fix include dags plugins tests bench
+	$(BIN)/ruff format include dags plugins tests bench
+
+stack-up: setup ## Start the local services
+	$(BIN)/billing stack up
+
+stack-down: setup ## Stop the local services
+	$(BIN)/billing stack down
+
+stack-status: setup ## Show the local services
+	$(BIN)/billing stack status
+
+airflow: setup ## Start the Airflow UI against the local stack
+	$(BIN)/billing airflow
+
+lock: $(BIN)/python ## Re-resolve requirements.in into the pinned requirements.txt
+	$(BIN)/pip install --quiet -r requirements.in
+	$(BIN)/pip freeze --exclude-editable | grep -v '^billing' > requirements.txt
+
+clean: ## Stop the stack and remove local state (keeps .venv)
+	-$(BIN)/billing stack down
+	rm -rf .local
