@@ -19,7 +19,7 @@ from billing.errors import ConfigError
 POSTGRES = "billing_postgres"
 CLICKHOUSE = "billing_clickhouse"
 REDIS = "billing_redis"
-STRIPE = "billing_stripe"
+STRIPE = "stripe_default"  # the name the Stripe provider and the playbook use
 SMTP = "billing_smtp"
 ALL = (POSTGRES, CLICKHOUSE, REDIS, STRIPE, SMTP)
 

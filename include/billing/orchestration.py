@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def alert_on_failure(context) -> None:
 DEFAULT_ARGS = {
     "owner": OWNER,
     "retries": 2,
-    "retry_delay": dt.timedelta(minutes=2),
+    # Local `dags test` runs shorten the delay (BILLING_RETRY_DELAY_SECONDS); production keeps 2 min.
+    "retry_delay": dt.timedelta(seconds=int(os.environ.get("BILLING_RETRY_DELAY_SECONDS", "120"))),
     "retry_exponential_backoff": True,
     "max_retry_delay": dt.timedelta(minutes=20),
     "on_failure_callback": alert_on_failure,

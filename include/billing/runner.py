@@ -19,6 +19,7 @@ def run_day(day: dt.date, dag_id: str = "billing_nightly", quiet: bool = False) 
     env = {**os.environ}
     if stack.state_file.exists():
         env.update(stack.env())
+    env.setdefault("BILLING_RETRY_DELAY_SECONDS", "3")
     airflow = Path(sys.executable).parent / "airflow"
     cmd = [str(airflow), "dags", "test", dag_id, f"{day.isoformat()}T00:00:00+00:00"]
     out = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
