@@ -55,10 +55,13 @@ def clean_db(stack):
     from billing import db
 
     with db.connect(autocommit=True) as cx:
-        tables = [r[0] for r in cx.execute(
-            """SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+        tables = [
+            r[0]
+            for r in cx.execute(
+                """SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
                WHERE schemaname = 'billing' AND tablename <> 'schema_migrations'"""
-        ).fetchall()]
+            ).fetchall()
+        ]
         if tables:
             cx.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
     yield

@@ -45,6 +45,8 @@ def client(conn: conns.Conn | None = None, **settings):
 def read_only_query(sql: str):
     """Run an analyst's query; refuse anything that is not a read."""
     if not _READ_ONLY.match(sql) or ";" in sql.strip().rstrip(";"):
-        raise ConfigError("only a single read-only statement (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN) is allowed")
+        raise ConfigError(
+            "only a single read-only statement (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN) is allowed"
+        )
     c = client(readonly=1) if not is_embedded() else client()
     return c.query(sql.strip().rstrip(";"))

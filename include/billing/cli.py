@@ -103,8 +103,9 @@ def cmd_orgs_import(args) -> int:
 def cmd_generate_usage(args) -> int:
     from billing import pricing, settings, usage_gen
 
-    spec = usage_gen.UsageSpec(args.day, args.orgs, args.events, args.seed, args.bad_ratio,
-                               args.dup_ratio, args.late_ratio)
+    spec = usage_gen.UsageSpec(
+        args.day, args.orgs, args.events, args.seed, args.bad_ratio, args.dup_ratio, args.late_ratio
+    )
     metrics = sorted(pricing.load_catalog().metrics)
     for uri in usage_gen.write_day(spec, metrics, settings.landing_uri(), args.files, args.gzip):
         print(uri)
@@ -131,8 +132,11 @@ def cmd_airflow(args) -> int:
         stack.up()
     env = {**os.environ, **stack.env()}
     port = stack.load_state()["ports"]["airflow"]
-    print(f"Airflow UI: http://127.0.0.1:{port}  login: admin / password in "
-          f"{stack.airflow_home / 'passwords.json'}  (Ctrl-C to stop)", flush=True)
+    print(
+        f"Airflow UI: http://127.0.0.1:{port}  login: admin / password in "
+        f"{stack.airflow_home / 'passwords.json'}  (Ctrl-C to stop)",
+        flush=True,
+    )
     pidfile = stack.run_dir / "airflow.pid"
     proc = subprocess.Popen(["airflow", "standalone"], env=env)
     pidfile.write_text(f"{proc.pid}\n")
@@ -147,7 +151,10 @@ def cmd_airflow(args) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="billing", description="Billing data platform: local stack, ingest, pricing, Stripe, dunning.")
+    p = _Parser(
+        prog="billing",
+        description="Billing data platform: local stack, ingest, pricing, Stripe, dunning.",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("stack", help="start/stop/inspect the embedded local services")
@@ -157,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("orgs", help="organisations")
     osub = o.add_subparsers(dest="orgs_command", required=True, parser_class=_Parser)
-    oi = osub.add_parser("import", help="upsert organisations from CSV (org_id,name,email,plan,currency)")
+    oi = osub.add_parser(
+        "import", help="upsert organisations from CSV (org_id,name,email,plan,currency)"
+    )
     oi.add_argument("file", type=_existing_file)
     oi.set_defaults(func=cmd_orgs_import)
 
@@ -168,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bad-ratio", type=_ratio, default=0.0, help="share of malformed/invalid lines")
     g.add_argument("--dup-ratio", type=_ratio, default=0.0, help="share of repeated lines")
-    g.add_argument("--late-ratio", type=_ratio, default=0.0, help="share of events from earlier days")
+    g.add_argument(
+        "--late-ratio", type=_ratio, default=0.0, help="share of events from earlier days"
+    )
     g.add_argument("--files", type=_positive, default=1)
     g.add_argument("--gzip", action="store_true")
     g.set_defaults(func=cmd_generate_usage)

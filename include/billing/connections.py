@@ -92,7 +92,9 @@ def get(conn_id: str) -> Conn:
         try:
             return _parse(conn_id, raw)
         except (ValueError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"connection {conn_id}: cannot parse {env_var(conn_id)}: {exc}") from None
+            raise ConfigError(
+                f"connection {conn_id}: cannot parse {env_var(conn_id)}: {exc}"
+            ) from None
     try:
         from airflow.sdk import BaseHook
 

@@ -36,7 +36,9 @@ def connect(autocommit: bool = False, **kwargs) -> psycopg.Connection:
         )
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServiceError(f"cannot connect to PostgreSQL ({first}); is the stack up? try 'billing stack up'") from None
+        raise ServiceError(
+            f"cannot connect to PostgreSQL ({first}); is the stack up? try 'billing stack up'"
+        ) from None
     return cx
 
 
@@ -66,12 +68,16 @@ def migrate() -> int:
                        checksum text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            done = dict(cx.execute("SELECT version, checksum FROM billing.schema_migrations").fetchall())
+            done = dict(
+                cx.execute("SELECT version, checksum FROM billing.schema_migrations").fetchall()
+            )
             for name, sql in _migrations():
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
                 if name in done:
                     if done[name] != checksum:
-                        raise ServiceError(f"migration {name} changed after it was applied; add a new migration instead")
+                        raise ServiceError(
+                            f"migration {name} changed after it was applied; add a new migration instead"
+                        )
                     continue
                 with cx.transaction():
                     cx.execute(sql)

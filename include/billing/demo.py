@@ -19,12 +19,19 @@ def run(day: dt.date, orgs: int = 8, events: int = 20_000, seed: int = 42) -> in
     catalog = pricing.load_catalog()
 
     print(f"2/4 importing {orgs} demo organisations ...", flush=True)
-    csv_path = orgs_mod.write_csv(stack.root / "demo" / "orgs.csv", usage_gen.demo_orgs(orgs, catalog))
+    csv_path = orgs_mod.write_csv(
+        stack.root / "demo" / "orgs.csv", usage_gen.demo_orgs(orgs, catalog)
+    )
     with db.transaction() as cx:
         orgs_mod.upsert(cx, orgs_mod.parse_csv(csv_path, catalog))
 
-    print(f"3/4 writing {events} usage events for {day} (with duplicates and bad lines) ...", flush=True)
-    spec = usage_gen.UsageSpec(day, orgs, events, seed, bad_ratio=0.01, dup_ratio=0.01, late_ratio=0.02)
+    print(
+        f"3/4 writing {events} usage events for {day} (with duplicates and bad lines) ...",
+        flush=True,
+    )
+    spec = usage_gen.UsageSpec(
+        day, orgs, events, seed, bad_ratio=0.01, dup_ratio=0.01, late_ratio=0.02
+    )
     usage_gen.write_day(spec, sorted(catalog.metrics), settings.landing_uri(), files=2)
 
     print(f"4/4 running billing_nightly for {day} ...", flush=True)
@@ -46,7 +53,9 @@ def summary(day: dt.date) -> str:
         f"  duplicates        {total['duplicate']}",
         f"  non-billable      {total['non_billable']}",
         f"  quarantined       {sum(total['quarantined'].values())} "
-        + "(" + ", ".join(f"{k}={v}" for k, v in sorted(total["quarantined"].items())) + ")",
+        + "("
+        + ", ".join(f"{k}={v}" for k, v in sorted(total["quarantined"].items()))
+        + ")",
         f"  landing zone      {settings.landing_uri()}",
         f"  mail (sink)       {settings.mail_dir()}",
         "  details           billing ingest report --day " + day.isoformat(),

@@ -19,8 +19,14 @@ def addresses() -> dict[str, str]:
     }
 
 
-def build(to: str | list[str], subject: str, text: str, html: str | None = None,
-          message_id: str | None = None, headers: dict[str, str] | None = None) -> EmailMessage:
+def build(
+    to: str | list[str],
+    subject: str,
+    text: str,
+    html: str | None = None,
+    message_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = addresses()["from"]
     msg["To"] = to if isinstance(to, str) else ", ".join(to)

@@ -15,10 +15,15 @@ INGEST_EVENTS = Counter(
     "billing_ingest_events_total", "Usage lines by ingest outcome", ["outcome"], registry=REGISTRY
 )
 INGEST_QUARANTINED = Counter(
-    "billing_ingest_quarantined_total", "Quarantined usage lines by reason", ["reason"], registry=REGISTRY
+    "billing_ingest_quarantined_total",
+    "Quarantined usage lines by reason",
+    ["reason"],
+    registry=REGISTRY,
 )
 INGEST_BYTES = Counter("billing_ingest_bytes_total", "Bytes of usage files read", registry=REGISTRY)
 INGEST_DURATION = Histogram(
-    "billing_ingest_file_duration_seconds", "Time to ingest one usage file", registry=REGISTRY,
+    "billing_ingest_file_duration_seconds",
+    "Time to ingest one usage file",
+    registry=REGISTRY,
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )

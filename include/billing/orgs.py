@@ -35,7 +35,9 @@ def parse_csv(path: Path, catalog) -> list[Org]:
         header = tuple(h.strip() for h in (reader.fieldnames or ()))
         missing = [c for c in COLUMNS if c not in header]
         if missing:
-            raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
+            raise ConfigError(
+                f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}"
+            )
         orgs: dict[str, Org] = {}
         for lineno, row in enumerate(reader, start=2):
             org = Org(*((row.get(c) or "").strip() for c in COLUMNS))
@@ -53,10 +55,14 @@ def _validate(org: Org, catalog, where: str) -> None:
     if not _EMAIL.match(org.email):
         raise ConfigError(f"{where}: email {org.email!r} is not an address")
     if org.plan not in catalog.plans:
-        raise ConfigError(f"{where}: plan {org.plan!r} is not in the catalog ({', '.join(sorted(catalog.plans))})")
+        raise ConfigError(
+            f"{where}: plan {org.plan!r} is not in the catalog ({', '.join(sorted(catalog.plans))})"
+        )
     plan_currency = catalog.plans[org.plan].currency
     if org.currency != plan_currency:
-        raise ConfigError(f"{where}: currency {org.currency!r} does not match plan {org.plan!r} currency {plan_currency!r}")
+        raise ConfigError(
+            f"{where}: currency {org.currency!r} does not match plan {org.plan!r} currency {plan_currency!r}"
+        )
 
 
 def upsert(cx, orgs: Sequence[Org]) -> int:

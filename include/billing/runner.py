@@ -25,5 +25,7 @@ def run_day(day: dt.date, dag_id: str = "billing_nightly", quiet: bool = False) 
     out = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
     if out.returncode != 0:
         tail = (out.stderr or out.stdout or "").strip().splitlines()[-3:] if quiet else []
-        raise ServiceError(f"{dag_id} failed for {day} (exit {out.returncode}) {' | '.join(tail)}".strip())
+        raise ServiceError(
+            f"{dag_id} failed for {day} (exit {out.returncode}) {' | '.join(tail)}".strip()
+        )
     return 0

@@ -31,7 +31,9 @@ def dbt_project_dir() -> Path:
 
 
 def catalog_path() -> Path:
-    return Path(os.environ.get("BILLING_CATALOG", PROJECT_DIR / "include" / "config" / "catalog.yaml"))
+    return Path(
+        os.environ.get("BILLING_CATALOG", PROJECT_DIR / "include" / "config" / "catalog.yaml")
+    )
 
 
 def landing_uri() -> str:

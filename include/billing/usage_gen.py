@@ -16,12 +16,34 @@ from dataclasses import dataclass
 
 from billing.orgs import Org
 
-_NAMES = ["Acme Analytics", "Zürich Datenwerk GmbH", "東京データ株式会社", "Globex", "Initech",
-          "Umbrella Labs", "Ñandú Software", "Stark Industries", "Wayne Data", "Hooli"]
-_SOURCES = {"api_calls": "api-gateway", "storage_gb": "storage-svc", "compute_minutes": "scheduler",
-            "emails_sent": "mailer"}
-_BAD_KINDS = ("malformed_json", "missing_field", "negative_quantity", "bad_timestamp",
-              "unknown_metric", "unknown_org", "bad_type", "non_finite_quantity")
+_NAMES = [
+    "Acme Analytics",
+    "Zürich Datenwerk GmbH",
+    "東京データ株式会社",
+    "Globex",
+    "Initech",
+    "Umbrella Labs",
+    "Ñandú Software",
+    "Stark Industries",
+    "Wayne Data",
+    "Hooli",
+]
+_SOURCES = {
+    "api_calls": "api-gateway",
+    "storage_gb": "storage-svc",
+    "compute_minutes": "scheduler",
+    "emails_sent": "mailer",
+}
+_BAD_KINDS = (
+    "malformed_json",
+    "missing_field",
+    "negative_quantity",
+    "bad_timestamp",
+    "unknown_metric",
+    "unknown_org",
+    "bad_type",
+    "non_finite_quantity",
+)
 
 
 def org_id(i: int) -> str:
@@ -34,7 +56,9 @@ def demo_orgs(n: int, catalog) -> list[Org]:
     for i in range(1, n + 1):
         plan = catalog.plans[plans[(i - 1) % len(plans)]]
         name = _NAMES[(i - 1) % len(_NAMES)] + ("" if i <= len(_NAMES) else f" {i}")
-        out.append(Org(org_id(i), name, f"billing+{org_id(i)}@example.test", plan.name, plan.currency))
+        out.append(
+            Org(org_id(i), name, f"billing+{org_id(i)}@example.test", plan.name, plan.currency)
+        )
     return out
 
 
@@ -93,7 +117,9 @@ def events(spec: UsageSpec, metrics: Sequence[str]) -> Iterator[str]:
         yield line
 
 
-def _bad_line(rng: random.Random, i: int, spec: UsageSpec, metrics: Sequence[str], start: dt.datetime) -> str:
+def _bad_line(
+    rng: random.Random, i: int, spec: UsageSpec, metrics: Sequence[str], start: dt.datetime
+) -> str:
     kind = _BAD_KINDS[i % len(_BAD_KINDS)]
     base = {
         "event_id": f"bad-{spec.seed}-{spec.day}-{i}",
@@ -121,8 +147,13 @@ def _bad_line(rng: random.Random, i: int, spec: UsageSpec, metrics: Sequence[str
     return json.dumps(base)
 
 
-def write_day(spec: UsageSpec, metrics: Sequence[str], landing_uri: str, files: int = 1,
-              compress: bool = False) -> list[str]:
+def write_day(
+    spec: UsageSpec,
+    metrics: Sequence[str],
+    landing_uri: str,
+    files: int = 1,
+    compress: bool = False,
+) -> list[str]:
     """Write the day's events into ``<landing>/usage/dt=DAY/`` and return the file URIs."""
     import fsspec
 

@@ -44,7 +44,9 @@ def test_parses_fast_without_db_or_network(path, tmp_path):
     env["AIRFLOW_CONN_BILLING_POSTGRES"] = "postgres://nobody:x@192.0.2.1:1/none"
     env["BILLING_LOCAL_DIR"] = str(tmp_path)
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     parse_seconds = float(out.stdout.strip().splitlines()[-1])
     assert parse_seconds < 1.0, f"{path.name} took {parse_seconds:.2f}s to parse"
@@ -55,7 +57,9 @@ def test_policy(dagbag):
     for dag_id, dag in dagbag.dags.items():
         assert dag.tags, f"{dag_id} has no tags"
         assert "billing" in dag.tags
-        assert dag.doc_md and "Triage notes" in dag.doc_md, f"{dag_id} needs doc_md with Triage notes"
+        assert dag.doc_md and "Triage notes" in dag.doc_md, (
+            f"{dag_id} needs doc_md with Triage notes"
+        )
         for t in dag.tasks:
             assert t.owner == "platform", f"{dag_id}.{t.task_id} owner"
             assert t.retries >= 2, f"{dag_id}.{t.task_id} retries"

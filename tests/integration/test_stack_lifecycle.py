@@ -14,14 +14,24 @@ pytestmark = pytest.mark.integration
 
 
 def billing(*args, env=None, check=False):
-    return subprocess.run([sys.executable, "-m", "billing.cli", *args], capture_output=True, text=True,
-                          env=env, check=check, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "billing.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=check,
+        timeout=300,
+    )
 
 
 @pytest.fixture
 def own_stack_env(tmp_path):
     """A second, independent stack in a temporary folder (as a second checkout would have)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "BILLING_", "AIRFLOW_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW_CONN_", "BILLING_", "AIRFLOW_"))
+    }
     env["BILLING_LOCAL_DIR"] = str(tmp_path / "local")
     yield env
     billing("stack", "down", env=env)
@@ -53,8 +63,12 @@ def test_up_twice_is_harmless_and_down_stops_everything(own_stack_env, stack):
     assert second.stdout.count("already running") == 4  # postgres, redis, stripe, smtp
     assert json.loads(open(os.path.join(root, "stack.json")).read())["ports"] == ports_before
 
-    status = json.loads(billing("stack", "status", "--format", "json", env=own_stack_env, check=True).stdout)
-    assert {s["state"] for n, s in status.items() if n in ("postgres", "redis", "stripe", "smtp")} == {"running"}
+    status = json.loads(
+        billing("stack", "status", "--format", "json", env=own_stack_env, check=True).stdout
+    )
+    assert {
+        s["state"] for n, s in status.items() if n in ("postgres", "redis", "stripe", "smtp")
+    } == {"running"}
     # The second stack has its own ports, so two checkouts run side by side.
     main_ports = json.loads(stack.state_file.read_text())["ports"]
     assert set(ports_before.values()).isdisjoint(main_ports.values())
@@ -66,8 +80,12 @@ def test_up_twice_is_harmless_and_down_stops_everything(own_stack_env, stack):
     down = billing("stack", "down", env=own_stack_env)
     assert down.returncode == 0, down.stderr
     assert not any(_alive(p) for p in pids)
-    status = json.loads(billing("stack", "status", "--format", "json", env=own_stack_env, check=True).stdout)
-    assert {s["state"] for n, s in status.items() if n in ("postgres", "redis", "stripe", "smtp")} == {"stopped"}
+    status = json.loads(
+        billing("stack", "status", "--format", "json", env=own_stack_env, check=True).stdout
+    )
+    assert {
+        s["state"] for n, s in status.items() if n in ("postgres", "redis", "stripe", "smtp")
+    } == {"stopped"}
 
 
 def test_taken_port_is_a_one_line_error(own_stack_env):
@@ -90,7 +108,10 @@ def test_taken_port_is_a_one_line_error(own_stack_env):
         (["run-day", "2026-13-01"], "invalid day '2026-13-01': expected YYYY-MM-DD"),
         (["run-day", "yesterday"], "invalid day 'yesterday': expected YYYY-MM-DD"),
         (["orgs", "import", "/nonexistent/orgs.csv"], "no such file: /nonexistent/orgs.csv"),
-        (["generate-usage", "--day", "2026-11-01", "--orgs", "0", "--events", "5"], "expected a positive integer"),
+        (
+            ["generate-usage", "--day", "2026-11-01", "--orgs", "0", "--events", "5"],
+            "expected a positive integer",
+        ),
         (["stack", "sideways"], "invalid choice: 'sideways'"),
     ],
 )
@@ -105,8 +126,10 @@ def test_bad_invocation_is_one_line(args, message):
 
 def test_bad_orgs_csv_is_one_line_and_writes_nothing(stack, clean_db, tmp_path, pg):
     bad = tmp_path / "orgs.csv"
-    bad.write_text("org_id,name,email,plan,currency\norg-a,A,a@example.test,starter,usd\n"
-                   "org-b,B,not-an-email,starter,usd\n")
+    bad.write_text(
+        "org_id,name,email,plan,currency\norg-a,A,a@example.test,starter,usd\n"
+        "org-b,B,not-an-email,starter,usd\n"
+    )
     out = billing("orgs", "import", str(bad))
     assert out.returncode == 2
     assert out.stderr.strip() == f"billing: error: {bad}:3: email 'not-an-email' is not an address"
@@ -117,8 +140,10 @@ def test_orgs_import_upserts_by_org_id(stack, clean_db, tmp_path, pg):
     f = tmp_path / "orgs.csv"
     f.write_text("org_id,name,email,plan,currency\norg-a,A,a@example.test,starter,usd\n")
     assert billing("orgs", "import", str(f)).returncode == 0
-    f.write_text("org_id,name,email,plan,currency\norg-a,A2,a2@example.test,starter,usd\n"
-                 "org-b,Zürich GmbH,b@example.test,starter,usd\n")
+    f.write_text(
+        "org_id,name,email,plan,currency\norg-a,A2,a2@example.test,starter,usd\n"
+        "org-b,Zürich GmbH,b@example.test,starter,usd\n"
+    )
     out = billing("orgs", "import", str(f))
     assert out.returncode == 0, out.stderr
     rows = pg.execute("SELECT org_id, name, email FROM billing.organizations ORDER BY 1").fetchall()

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.integration
 
 def test_postgres_answers_sql(pg):
     assert pg.execute("SELECT 6 * 7").fetchone()[0] == 42
-    versions = [r[0] for r in pg.execute("SELECT version FROM billing.schema_migrations ORDER BY 1")]
+    versions = [
+        r[0] for r in pg.execute("SELECT version FROM billing.schema_migrations ORDER BY 1")
+    ]
     assert versions[0] == "0001_foundation.sql"
 
 
@@ -49,7 +51,9 @@ def test_stripe_emulator_creates_a_customer(stack):
     c = conns.get(conns.STRIPE)
     client = stripe.StripeClient(c.password, base_addresses={"api": c.host})
     org = f"smoke-{uuid.uuid4().hex[:8]}"
-    cus = client.v1.customers.create(params={"email": f"{org}@example.test", "metadata": {"org_id": org}})
+    cus = client.v1.customers.create(
+        params={"email": f"{org}@example.test", "metadata": {"org_id": org}}
+    )
     assert cus.id.startswith("cus_")
     assert client.v1.customers.retrieve(cus.id).metadata["org_id"] == org
 
@@ -70,8 +74,12 @@ def test_status_json_lists_every_service(stack):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "billing.cli", "stack", "status", "--format", "json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "billing.cli", "stack", "status", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     status = json.loads(out.stdout)
     assert set(status) == {"postgres", "clickhouse", "redis", "stripe", "smtp", "airflow"}
     for name in ("postgres", "redis", "stripe", "smtp"):

