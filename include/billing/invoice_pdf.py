@@ -1,0 +1,249 @@
+"""Invoice PDFs rendered from the invoice snapshot.
+
+Pure function of an :class:`Invoice`: no database, no Airflow, no clock. The same
+snapshot version always gives the same bytes (fixed creation date, deterministic font
+subsetting), so the API can key its cache and its ETag on the snapshot version.
+
+Fonts: DejaVu Sans is vendored in ``billing/fonts`` (Bitstream Vera licence, see
+``LICENSE-DejaVu.txt``). It covers Latin, Greek, Cyrillic, Armenian, Georgian, Hebrew and
+Arabic (unshaped). Scripts it lacks, such as CJK, are drawn from the TTF/OTF files listed
+in ``BILLING_PDF_FALLBACK_FONTS`` (``os.pathsep``-separated) when set; any character no
+font has is replaced by ``?`` so a name never makes rendering fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from fpdf import FPDF
+from fpdf.fonts import FontFace
+
+from billing.pricing import format_money
+
+FONT_DIR = Path(__file__).resolve().parent / "fonts"
+RENDERER_VERSION = "1"  # bump when the layout changes: it is part of the API's ETag
+BASE_FEE_METRIC = "base_fee"
+
+SELLER_DEFAULT = (
+    "Example Billing Ltd.",
+    "1 Example Street",
+    "Example City",
+    "billing@example.test",
+)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One tier of a metric's price: the quantity priced in it and what it cost."""
+
+    label: str  # e.g. "1,001 – 10,000"
+    quantity: Decimal
+    unit_price: str  # decimal string in major units, as in the catalog
+    amount_cents: int
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    metric: str
+    quantity: Decimal
+    amount_cents: int
+    tiers: tuple[Tier, ...] = ()
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class Invoice:
+    invoice_id: str
+    org_id: str
+    org_name: str
+    org_email: str
+    period: str  # YYYY-MM
+    currency: str
+    status: str
+    base_fee_cents: int
+    total_cents: int
+    snapshot_version: str
+    lines: tuple[InvoiceLine, ...] = field(default_factory=tuple)
+
+    @property
+    def usage_cents(self) -> int:
+        return sum(line.amount_cents for line in self.lines)
+
+
+def seller() -> tuple[str, ...]:
+    """Seller block lines; ``BILLING_SELLER`` overrides them (lines separated by ``|``)."""
+    raw = os.environ.get("BILLING_SELLER")
+    return tuple(s.strip() for s in raw.split("|")) if raw else SELLER_DEFAULT
+
+
+def fallback_font_paths() -> tuple[Path, ...]:
+    raw = os.environ.get("BILLING_PDF_FALLBACK_FONTS", "")
+    return tuple(Path(p) for p in raw.split(os.pathsep) if p.strip())
+
+
+@lru_cache(maxsize=8)
+def _cmap(path: Path) -> frozenset[int]:
+    from fontTools.ttLib import TTFont
+
+    with TTFont(str(path), lazy=True, fontNumber=0) as font:
+        return frozenset(font.getBestCmap() or {})
+
+
+def _covered(fallbacks: Sequence[Path]) -> frozenset[int]:
+    covered = _cmap(FONT_DIR / "DejaVuSans.ttf") & _cmap(FONT_DIR / "DejaVuSans-Bold.ttf")
+    for p in fallbacks:
+        covered |= _cmap(p)
+    return covered
+
+
+def safe_text(text: str, covered: frozenset[int]) -> str:
+    """Replace characters no embedded font can draw, so rendering never fails."""
+    return "".join(
+        ch if ord(ch) in covered or ch in "\n\t" else "?" for ch in str(text).replace("\r", "")
+    )
+
+
+def period_end(period: str) -> datetime:
+    """First instant after the period: the PDF's fixed creation date."""
+    y, m = (int(x) for x in period[:7].split("-"))
+    y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return datetime(y, m, 1, tzinfo=UTC)
+
+
+def _qty(q: Decimal | int) -> str:
+    d = Decimal(q)
+    if d == d.to_integral_value():
+        return f"{int(d):,}"
+    return f"{d.normalize():,f}"
+
+
+class _InvoicePDF(FPDF):
+    def __init__(self, title: str, covered: frozenset[int]):
+        super().__init__(orientation="P", unit="mm", format="A4")
+        self._title = title
+        self._covered = covered
+
+    def header(self):
+        if self.page_no() > 1:
+            self.set_font("DejaVu", "", 8)
+            self.cell(0, 6, self._title, align="R", new_x="LMARGIN", new_y="NEXT")
+
+    def footer(self):
+        self.set_y(-12)
+        self.set_font("DejaVu", "", 8)
+        self.cell(0, 6, f"Page {self.page_no()}/{{nb}}", align="C")
+
+
+def render(invoice: Invoice) -> bytes:
+    """The invoice as PDF bytes; identical snapshots give identical bytes."""
+    fallbacks = fallback_font_paths()
+    covered = _covered(fallbacks)
+
+    def t(s: object) -> str:
+        return safe_text(str(s), covered)
+
+    money = lambda cents: format_money(int(cents), invoice.currency)  # noqa: E731
+    pdf = _InvoicePDF(t(f"Invoice {invoice.invoice_id} · {invoice.period}"), covered)
+    pdf.set_creation_date(period_end(invoice.period))
+    pdf.set_producer("billing invoice_pdf")
+    pdf.set_title(f"Invoice {invoice.invoice_id}")
+    pdf.set_author(t(seller()[0]))
+    pdf.set_subject(t(f"{invoice.org_id} {invoice.period}"))
+    pdf.add_font("DejaVu", "", FONT_DIR / "DejaVuSans.ttf")
+    pdf.add_font("DejaVu", "B", FONT_DIR / "DejaVuSans-Bold.ttf")
+    names = []
+    for i, path in enumerate(fallbacks):
+        pdf.add_font(f"Fallback{i}", "", path)
+        names.append(f"Fallback{i}")
+    if names:
+        pdf.set_fallback_fonts(names, exact_match=False)
+    pdf.set_auto_page_break(auto=True, margin=16)
+    pdf.add_page()
+
+    # Seller (left) and invoice facts (right).
+    top = pdf.get_y()
+    pdf.set_font("DejaVu", "B", 16)
+    pdf.cell(0, 9, "INVOICE", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("DejaVu", "", 9)
+    for line in seller():
+        pdf.cell(90, 5, t(line), new_x="LMARGIN", new_y="NEXT")
+    left_bottom = pdf.get_y()
+    facts = [
+        ("Invoice", invoice.invoice_id),
+        ("Period", invoice.period),
+        ("Status", invoice.status),
+        ("Currency", invoice.currency.upper()),
+        ("Snapshot", invoice.snapshot_version[:16]),
+    ]
+    pdf.set_y(top)
+    for label, value in facts:
+        pdf.set_x(120)
+        pdf.set_font("DejaVu", "B", 9)
+        pdf.cell(25, 5, label)
+        pdf.set_font("DejaVu", "", 9)
+        pdf.multi_cell(0, 5, t(value), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_y(max(left_bottom, pdf.get_y()) + 6)
+
+    # Bill to.
+    pdf.set_font("DejaVu", "B", 10)
+    pdf.cell(0, 6, "Bill to", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("DejaVu", "", 10)
+    pdf.multi_cell(0, 5, t(invoice.org_name), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("DejaVu", "", 9)
+    pdf.cell(0, 5, t(f"Org ID: {invoice.org_id}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.cell(0, 5, t(invoice.org_email), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(6)
+
+    # Lines: the base fee first, then one row per metric; headings repeat on every page.
+    pdf.set_font("DejaVu", "", 8.5)
+    heading = FontFace(emphasis="BOLD", fill_color=(230, 230, 230))
+    with pdf.table(
+        col_widths=(45, 25, 85, 25),
+        text_align=("LEFT", "RIGHT", "LEFT", "RIGHT"),
+        headings_style=heading,
+        repeat_headings=1,
+        line_height=4.5,
+        padding=1,
+    ) as table:
+        row = table.row()
+        for h in ("Item", "Quantity", "Tier breakdown", "Amount"):
+            row.cell(h)
+        row = table.row()
+        for v in ("Base fee", "1", "", money(invoice.base_fee_cents)):
+            row.cell(v)
+        for line in invoice.lines:
+            tiers = "\n".join(
+                f"{tier.label}: {_qty(tier.quantity)} × {tier.unit_price} = "
+                f"{money(tier.amount_cents)}"
+                for tier in line.tiers
+            )
+            row = table.row()
+            row.cell(t(line.description or line.metric))
+            row.cell(_qty(line.quantity))
+            row.cell(t(tiers))
+            row.cell(money(line.amount_cents))
+
+    # Totals.
+    pdf.ln(4)
+    totals = [
+        ("Base fee", money(invoice.base_fee_cents), ""),
+        ("Usage", money(invoice.usage_cents), ""),
+        (f"Total ({invoice.currency.upper()})", money(invoice.total_cents), "B"),
+    ]
+    for label, value, style in totals:
+        pdf.set_font("DejaVu", style, 10)
+        pdf.set_x(110)
+        pdf.cell(55, 6, label, align="R")
+        pdf.cell(0, 6, value, align="R", new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
+def period_label(value: date | str) -> str:
+    """``date(2026, 1, 1)`` or ``"2026-01-01"`` -> ``"2026-01"``."""
+    return value.strftime("%Y-%m") if isinstance(value, date) else str(value)[:7]

@@ -1,0 +1,114 @@
+"""Invoice PDFs: deterministic bytes, page breaks with repeated headings, any org name."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+
+from billing import invoice_pdf
+from billing.invoice_pdf import Invoice, InvoiceLine, Tier
+
+
+def make_invoice(n_lines: int = 3, name: str = "Acme Inc.", version: str = "v1") -> Invoice:
+    lines = tuple(
+        InvoiceLine(
+            metric=f"api_calls_{i:02d}",
+            quantity=Decimal(12_000 + i),
+            amount_cents=1_200 + i,
+            tiers=(
+                Tier("0 – 1,000", Decimal(1_000), "0.00", 0),
+                Tier("1,001 – ∞", Decimal(11_000 + i), "0.0011", 1_200 + i),
+            ),
+        )
+        for i in range(n_lines)
+    )
+    return Invoice(
+        invoice_id="inv_2026-01_acme",
+        org_id="acme",
+        org_name=name,
+        org_email="billing@acme.test",
+        period="2026-01",
+        currency="usd",
+        status="final",
+        base_fee_cents=4_900,
+        total_cents=4_900 + sum(line.amount_cents for line in lines),
+        snapshot_version=version,
+        lines=lines,
+    )
+
+
+def page_count(pdf: bytes) -> int:
+    return len(re.findall(rb"/Type\s*/Page(?!s)", pdf))
+
+
+HEADING_FILL = b"0.902 0.902 0.902 rg"  # FontFace fill_color=(230, 230, 230)
+
+
+def page_streams(pdf: bytes) -> list[bytes]:
+    """Decompressed content streams that draw text (fonts and images are skipped)."""
+    out = []
+    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
+        try:
+            data = zlib.decompress(m.group(1))
+        except zlib.error:
+            continue
+        if b" Tf" in data:
+            out.append(data)
+    return out
+
+
+def test_identical_snapshots_give_identical_bytes():
+    a = invoice_pdf.render(make_invoice())
+    b = invoice_pdf.render(make_invoice())
+    assert a.startswith(b"%PDF-")
+    assert a == b
+    assert b"/CreationDate (D:20260201000000Z" in a  # fixed: the end of the period
+
+
+def test_a_different_snapshot_gives_different_bytes():
+    a = invoice_pdf.render(make_invoice())
+    changed = make_invoice()
+    changed = replace(changed, total_cents=changed.total_cents + 1)
+    assert invoice_pdf.render(changed) != a
+
+
+def test_sixty_line_invoice_spans_several_pages_with_repeated_headings():
+    pdf = invoice_pdf.render(make_invoice(n_lines=60))
+    pages = page_count(pdf)
+    assert pages >= 3
+    assert page_count(invoice_pdf.render(make_invoice(n_lines=3))) == 1
+    # Only the table's heading row is filled grey: every page's content stream has it.
+    with_heading = [s for s in page_streams(pdf) if HEADING_FILL in s]
+    assert len(with_heading) == pages
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ωmega Ćorp — Москва",
+        "שלום בע״מ",
+        "株式会社テスト",  # no CJK glyphs in DejaVu: rendered as '?' unless a fallback font is set
+        "Emoji 🚀 Ltd.",
+        "\x00control\x07chars\r\n",
+    ],
+)
+def test_non_latin_org_names_render(name):
+    pdf = invoice_pdf.render(make_invoice(name=name))
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    assert b"/FontFile2" in pdf  # the Unicode TTF is embedded
+    assert invoice_pdf.render(make_invoice(name=name)) == pdf
+
+
+def test_safe_text_replaces_only_uncovered_characters():
+    covered = invoice_pdf._covered(())
+    assert invoice_pdf.safe_text("Москва Ωmega", covered) == "Москва Ωmega"
+    assert invoice_pdf.safe_text("株式", covered) == "??"
+
+
+def test_fonts_ship_with_their_licence():
+    assert (invoice_pdf.FONT_DIR / "DejaVuSans.ttf").is_file()
+    assert (invoice_pdf.FONT_DIR / "LICENSE-DejaVu.txt").is_file()
