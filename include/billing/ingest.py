@@ -1,0 +1,786 @@
+"""Usage ingestion: landing zone -> validated, deduplicated ``billing.usage_events``, exactly once.
+
+Contract: ``docs/USAGE_EVENTS.md``; numbers: ``docs/PERFORMANCE.md``.
+
+Python streams each file in 1 MiB chunks and does only per-chunk work on clean data (UTF-8
+check, line-length bound, COPY escaping); it looks at single lines only in the rare chunk
+that is irregular. Lines are COPYed raw into a temp staging table and set-based SQL parses,
+validates, dedupes and inserts. One transaction per file: the manifest row, the events and
+the quarantined lines commit together, so a file is either fully loaded or not at all.
+
+The SQL first runs a fast path that casts JSON and timestamps directly; an unexpected cast
+error (a line malformed in the middle, an impossible date) rolls back to a savepoint and the
+file is classified again with exception-safe casts. Correctness never depends on the fast path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from billing import db, settings
+from billing.errors import BillingError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+RAW_KEEP = 4096  # characters of a quarantined line kept in billing.usage_quarantine.raw
+FUTURE_SLACK = dt.timedelta(minutes=5)
+REASONS = (
+    "malformed_json",
+    "not_utf8",
+    "line_too_long",
+    "missing_field",
+    "bad_type",
+    "negative_quantity",
+    "non_finite_quantity",
+    "bad_timestamp",
+    "future_event",
+    "too_late",
+    "unknown_org",
+    "unknown_metric",
+    "conflict",
+)
+_OUTCOMES = ("accepted", "non_billable", "duplicate", "quarantined")
+
+
+class IngestError(BillingError):
+    """Some files could not be loaded (they were rolled back whole; a re-run retries them)."""
+
+    exit_code = 4
+
+
+def workers() -> int:
+    return max(1, int(os.environ.get("BILLING_INGEST_WORKERS", "2")))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def ingest_day(
+    day: dt.date,
+    run_end: dt.datetime,
+    *,
+    landing_uri: str | None = None,
+    workers_: int | None = None,
+) -> dict:
+    """Load every file of arrival day ``day``; ``run_end`` is the end of the run's data interval.
+
+    Returns (and logs) a JSON-serialisable summary. Files already loaded are skipped; a file
+    that fails is rolled back whole and reported, and :class:`IngestError` is raised after
+    the other files are done, so the task fails and its retry loads only what is missing.
+    """
+    from billing import observability as obs
+    from billing import pricing
+
+    if run_end.tzinfo is None:
+        raise ValueError("run_end must be timezone-aware")
+    started = time.perf_counter()
+    root = _day_root(day, landing_uri)
+    files = _list_files(root)
+    ctx = _Context(
+        day=day,
+        run_end=run_end,
+        metrics=sorted(pricing.load_catalog().metrics),
+        lateness=dt.timedelta(days=settings.lateness_days()),
+        max_line=settings.max_line_bytes(),
+    )
+    if files:
+        _ensure_partitions(ctx)
+
+    def one(path) -> dict:
+        try:
+            with db.connect() as cx:
+                res = _ingest_file(cx, path, ctx)
+        except Exception as exc:  # reported per file; the run fails at the end
+            log.exception("usage file %s failed; rolled back", path)
+            return {"path": str(path), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        if res["status"] == "loaded":
+            for outcome in _OUTCOMES:
+                obs.INGEST_EVENTS.labels(outcome).inc(res[outcome])
+            for reason, n in res["reasons"].items():
+                obs.INGEST_QUARANTINED.labels(reason).inc(n)
+            obs.INGEST_BYTES.inc(res["bytes"])
+            obs.INGEST_DURATION.observe(res["seconds"])
+        return res
+
+    n = min(workers_ or workers(), max(1, len(files)))
+    if n == 1:
+        results = [one(p) for p in files]
+    else:
+        with ThreadPoolExecutor(n, thread_name_prefix="ingest") as pool:
+            results = list(pool.map(one, files))
+    summary = {
+        "day": day.isoformat(),
+        "run_end": run_end.isoformat(),
+        "landing": str(root),
+        "files": results,
+        "total": _totals(results),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    log.info("usage ingest summary: %s", json.dumps(summary, sort_keys=True))
+    failed = [r["path"] for r in results if r["status"] == "failed"]
+    if failed:
+        raise IngestError(
+            f"{len(failed)} usage file(s) failed and were rolled back: {', '.join(failed)}"
+        )
+    return summary
+
+
+def report(day: dt.date) -> dict:
+    """What the manifest and quarantine say about arrival day ``day`` (for on-call)."""
+    with db.connect() as cx:
+        cur = cx.execute(
+            """SELECT path, size_bytes, checksum, status, lines, blank, accepted, non_billable,
+                      duplicate, quarantined, reasons, seconds, loaded_at,
+                      changed_size, changed_checksum, changed_seen_at
+                 FROM billing.usage_files WHERE arrival_day = %s ORDER BY path""",
+            (day,),
+        )
+        cols = [c.name for c in cur.description]
+        files = []
+        for row in cur.fetchall():
+            rec = dict(zip(cols, row, strict=True))
+            rec["bytes"] = rec.pop("size_bytes")
+            rec["seconds"] = float(rec["seconds"])
+            for k in ("loaded_at", "changed_seen_at"):
+                rec[k] = rec[k].isoformat() if rec[k] else None
+            files.append(rec)
+        samples = [
+            {"path": p, "line_no": n, "reason": r, "detail": d, "raw": raw}
+            for p, n, r, d, raw in cx.execute(
+                """SELECT f.path, q.line_no, q.reason, q.detail, left(q.raw, 200)
+                     FROM (SELECT *, row_number() OVER (PARTITION BY reason ORDER BY file_id, line_no) AS k
+                             FROM billing.usage_quarantine WHERE arrival_day = %s) q
+                     JOIN billing.usage_files f USING (file_id)
+                    WHERE q.k <= 3 ORDER BY q.reason, f.path, q.line_no""",
+                (day,),
+            ).fetchall()
+        ]
+    return {"day": day.isoformat(), "files": files, "total": _totals(files), "samples": samples}
+
+
+def format_report(rep: dict) -> str:
+    """A plain-text table of :func:`report` (or of an :func:`ingest_day` summary)."""
+    head = ("file", "status", "lines", "accepted", "non_bill", "dup", "quar", "blank", "bytes")
+    rows = [head]
+    for f in rep["files"]:
+        name = f["path"].rsplit("/", 1)[-1]
+        rows.append(
+            (
+                name,
+                f["status"],
+                *(
+                    str(f.get(k, ""))
+                    for k in (
+                        "lines",
+                        "accepted",
+                        "non_billable",
+                        "duplicate",
+                        "quarantined",
+                        "blank",
+                        "bytes",
+                    )
+                ),
+            )
+        )
+    t = rep["total"]
+    rows.append(
+        (
+            "TOTAL",
+            "",
+            *(
+                str(t[k])
+                for k in (
+                    "lines",
+                    "accepted",
+                    "non_billable",
+                    "duplicate",
+                    "quarantined_total",
+                    "blank",
+                    "bytes",
+                )
+            ),
+        )
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    out = [f"usage ingest, arrival day {rep['day']}"]
+    for i, r in enumerate(rows):
+        out.append(
+            "  ".join(
+                c.ljust(w) if j < 2 else c.rjust(w)
+                for j, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+        if i == 0 or i == len(rows) - 2:
+            out.append("  ".join("-" * w for w in widths))
+    if t["quarantined"]:
+        out.append("")
+        out.append(
+            "quarantined by reason: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(t["quarantined"].items()))
+        )
+    for f in rep["files"]:
+        if f["status"] == "changed":
+            out.append(f"WARNING {f['path']}: changed after it was loaded; not reloaded")
+        if f["status"] == "failed":
+            out.append(f"FAILED {f['path']}: {f.get('error')}")
+    for s in rep.get("samples", []):
+        out.append(
+            f"  {s['reason']:<20} {s['path'].rsplit('/', 1)[-1]}:{s['line_no']}  {s['detail']}"
+        )
+    return "\n".join(out)
+
+
+def _totals(files: list[dict]) -> dict:
+    total = {k: 0 for k in ("files", "lines", "blank", *_OUTCOMES, "bytes")}
+    reasons: Counter[str] = Counter()
+    for f in files:
+        total["files"] += 1
+        if f["status"] in ("failed",):
+            continue
+        for k in ("lines", "blank", *_OUTCOMES, "bytes"):
+            total[k] += f.get(k) or 0
+        reasons.update(f.get("reasons") or {})
+    total["quarantined_total"] = total.pop("quarantined")
+    total["quarantined"] = dict(sorted(reasons.items()))
+    total["status"] = dict(sorted(Counter(f["status"] for f in files).items()))
+    return total
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _day_root(day: dt.date, landing_uri: str | None):
+    from airflow.sdk import ObjectStoragePath
+
+    return (
+        ObjectStoragePath((landing_uri or settings.landing_uri()).rstrip("/"))
+        / "usage"
+        / f"dt={day.isoformat()}"
+    )
+
+
+def _list_files(root) -> list:
+    """The day's ``*.jsonl`` and ``*.jsonl.gz`` files, in name order; ``.``-files are in flight."""
+    if not root.exists():
+        return []
+    return sorted(
+        (
+            p
+            for p in root.iterdir()
+            if not p.name.startswith(".")
+            and p.name.endswith((".jsonl", ".jsonl.gz"))
+            and p.is_file()
+        ),
+        key=lambda p: p.name,
+    )
+
+
+class _HashingReader:
+    """A raw file object that hashes and counts the bytes read through it."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.fh.read(n)
+        self.sha.update(b)
+        self.size += len(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def _checksum(path) -> tuple[int, str]:
+    with path.open("rb") as fh:
+        r = _HashingReader(fh)
+        r.drain()
+    return r.size, r.sha.hexdigest()
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class _Context:
+    day: dt.date
+    run_end: dt.datetime
+    metrics: list[str]
+    lateness: dt.timedelta
+    max_line: int
+
+
+@dataclass
+class _Stream:
+    """Cheap per-chunk work; lines Python rejects become a NULL placeholder in staging."""
+
+    write: Callable[[bytes], None]
+    max_line: int
+    line_no: int = 0
+    blank: int = 0
+    bytes_in: int = 0
+    rejected: list[tuple] = field(default_factory=list)  # (line_no, reason, detail, raw, nbytes)
+
+    def feed_lines(self, data: bytes) -> None:
+        """``data``: complete lines, each ending in ``\\n``."""
+        n = data.count(b"\n")
+        if (
+            data.count(b"}\n") == n  # every line ends in "}" (so: no blank line, no CR)
+            and b"NaN" not in data
+            and b"Infinity" not in data
+            and b"\x00" not in data
+            and self._short_lines(data)
+            and (data.isascii() or _utf8(data))
+        ):
+            self.write(data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t"))
+            self.line_no += n
+            return
+        out = []
+        for line in data[:-1].split(b"\n"):
+            self.line_no += 1
+            verdict = self._check(line)
+            if verdict is None:
+                out.append(_escape(line.removesuffix(b"\r")))
+            else:
+                if verdict != "blank":
+                    self.rejected.append((self.line_no, *verdict, len(line)))
+                out.append(b"\\N")
+        out.append(b"")
+        self.write(b"\n".join(out))
+
+    def _short_lines(self, data: bytes) -> bool:
+        # Every aligned block of half the limit holds a newline <=> no line reaches the limit.
+        half = max(1, self.max_line // 2)
+        if len(data) <= half:
+            return True
+        return all(data.find(b"\n", i, i + half) >= 0 for i in range(0, len(data) - half, half))
+
+    def _check(self, line: bytes):
+        """None: send to SQL; "blank"; or (reason, detail, raw text)."""
+        line = line.removesuffix(b"\r")
+        if not line.strip():
+            self.blank += 1
+            return "blank"
+        if len(line) > self.max_line:
+            return (
+                "line_too_long",
+                f"line of {len(line)} bytes exceeds the {self.max_line}-byte limit",
+                _text(line[:RAW_KEEP]),
+            )
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (
+                "not_utf8",
+                f"invalid UTF-8 at byte {exc.start} of the line",
+                _text(line[:RAW_KEEP]),
+            )
+        if "\x00" in text:
+            return (
+                "malformed_json",
+                "NUL byte in line",
+                text[:RAW_KEEP].replace("\x00", "\\u0000"),
+            )
+        if not line.rstrip().endswith(b"}") or b"NaN" in line or b"Infinity" in line:
+            constants: list[str] = []
+            try:
+                obj = json.loads(text, parse_constant=lambda c: constants.append(c) or float(c))
+            except ValueError as exc:
+                return ("malformed_json", f"not valid JSON: {exc}", text[:RAW_KEEP])
+            if constants:
+                q = obj.get("quantity") if isinstance(obj, dict) else None
+                if isinstance(q, float) and not math.isfinite(q):
+                    return (
+                        "non_finite_quantity",
+                        f"quantity {q} is not a finite number",
+                        text[:RAW_KEEP],
+                    )
+                return (
+                    "malformed_json",
+                    f"not valid JSON: {constants[0]} is not a JSON value",
+                    text[:RAW_KEEP],
+                )
+        return None
+
+    def too_long(self, prefix: bytes, nbytes: int) -> None:
+        self.line_no += 1
+        self.rejected.append(
+            (
+                self.line_no,
+                "line_too_long",
+                f"line of {nbytes} bytes exceeds the {self.max_line}-byte limit",
+                _text(prefix[:RAW_KEEP]),
+                nbytes,
+            )
+        )
+        self.write(b"\\N\n")
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def _escape(line: bytes) -> bytes:
+    return line.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\r", b"\\r")
+
+
+def _pump(fh, st: _Stream) -> None:
+    """Read ``fh`` in bounded chunks; a line over the limit is skipped, never held whole."""
+    carry = b""
+    skipping: list | None = None  # [prefix, nbytes]
+    while chunk := fh.read(CHUNK):
+        st.bytes_in += len(chunk)
+        if skipping is not None:
+            i = chunk.find(b"\n")
+            if i < 0:
+                skipping[1] += len(chunk)
+                continue
+            skipping[1] += i
+            st.too_long(*skipping)
+            skipping, chunk = None, chunk[i + 1 :]
+        data = carry + chunk if carry else chunk
+        cut = data.rfind(b"\n")
+        if cut >= 0:
+            st.feed_lines(data[: cut + 1])
+            data = data[cut + 1 :]
+        if len(data) > st.max_line:
+            skipping, carry = [data[:RAW_KEEP], len(data)], b""
+        else:
+            carry = data
+    if skipping is not None:
+        st.too_long(*skipping)
+    elif carry:
+        st.feed_lines(carry + b"\n")
+
+
+# --------------------------------------------------------------------------- SQL
+
+_STAGE = "CREATE TEMP TABLE ingest_stage (line_no bigint GENERATED ALWAYS AS IDENTITY, raw text) ON COMMIT DROP"
+
+_RFC3339 = r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)$"
+
+# {j_expr} and {ts_expr} are the fast (direct cast) or safe (exception-catching) casts.
+_CLASSIFY = """
+CREATE TEMP TABLE ingest_cls ON COMMIT DROP AS
+SELECT c.line_no, c.reason, c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at,
+       c.billable, c.source, c.properties,
+       CASE WHEN c.reason IS NULL THEN md5(jsonb_build_array(
+            c.org_id, c.metric, trim_scale(c.quantity), c.occurred_at, c.billable, c.source,
+            c.properties)::text)::uuid END AS payload_hash,
+       CASE c.reason
+         WHEN 'malformed_json' THEN 'not valid JSON'
+         WHEN 'bad_type' THEN concat_ws('; ',
+              CASE WHEN jsonb_typeof(c.j) <> 'object' THEN 'line must be a JSON object, got ' || jsonb_typeof(c.j) END,
+              CASE WHEN jsonb_typeof(c.e) <> 'string' THEN 'event_id must be a string, got ' || jsonb_typeof(c.e) END,
+              CASE WHEN jsonb_typeof(c.o) <> 'string' THEN 'org_id must be a string, got ' || jsonb_typeof(c.o) END,
+              CASE WHEN jsonb_typeof(c.m) <> 'string' THEN 'metric must be a string, got ' || jsonb_typeof(c.m) END,
+              CASE WHEN jsonb_typeof(c.q) <> 'number' THEN 'quantity must be a number, got ' || jsonb_typeof(c.q) END,
+              CASE WHEN jsonb_typeof(c.t) <> 'string' THEN 'occurred_at must be a string, got ' || jsonb_typeof(c.t) END,
+              CASE WHEN jsonb_typeof(c.b) NOT IN ('boolean', 'null') THEN 'billable must be a boolean, got ' || jsonb_typeof(c.b) END,
+              CASE WHEN jsonb_typeof(c.src) NOT IN ('string', 'null') THEN 'source must be a string, got ' || jsonb_typeof(c.src) END,
+              CASE WHEN jsonb_typeof(c.props) NOT IN ('object', 'null') THEN 'properties must be an object, got ' || jsonb_typeof(c.props) END)
+         WHEN 'missing_field' THEN 'missing required field(s): ' || concat_ws(', ',
+              CASE WHEN coalesce(c.e_text, '') = '' THEN 'event_id' END,
+              CASE WHEN coalesce(c.o_text, '') = '' THEN 'org_id' END,
+              CASE WHEN coalesce(c.m_text, '') = '' THEN 'metric' END,
+              CASE WHEN coalesce(jsonb_typeof(c.q), 'null') = 'null' THEN 'quantity' END,
+              CASE WHEN coalesce(c.t_text, '') = '' THEN 'occurred_at' END)
+         WHEN 'negative_quantity' THEN format('quantity %%s is negative', c.quantity)
+         WHEN 'bad_timestamp' THEN format('occurred_at %%s is not an RFC 3339 timestamp with offset', c.q_t)
+         WHEN 'future_event' THEN format('occurred_at %%s is more than 5 minutes after the run end %%s',
+                                         c.q_t, %(run_end)s::timestamptz)
+         WHEN 'too_late' THEN format('occurred_at %%s is older than the lateness window (before %%s)',
+                                     c.q_t, %(earliest)s::timestamptz)
+         WHEN 'unknown_metric' THEN format('metric %%s is not in the pricing catalog', c.m_text)
+         WHEN 'unknown_org' THEN format('org_id %%s is not in billing.organizations', c.o_text)
+       END AS detail
+FROM (
+  SELECT g.*, g.t_text AS q_t,
+    CASE
+      WHEN g.j IS NULL THEN 'malformed_json'
+      WHEN jsonb_typeof(g.j) <> 'object' THEN 'bad_type'
+      WHEN coalesce(g.e_text, '') = '' OR coalesce(g.o_text, '') = '' OR coalesce(g.m_text, '') = ''
+           OR coalesce(jsonb_typeof(g.q), 'null') = 'null' OR coalesce(g.t_text, '') = '' THEN 'missing_field'
+      WHEN jsonb_typeof(g.e) <> 'string' OR jsonb_typeof(g.o) <> 'string' OR jsonb_typeof(g.m) <> 'string'
+           OR jsonb_typeof(g.q) <> 'number' OR jsonb_typeof(g.t) <> 'string'
+           OR jsonb_typeof(g.b) NOT IN ('boolean', 'null') OR jsonb_typeof(g.src) NOT IN ('string', 'null')
+           OR jsonb_typeof(g.props) NOT IN ('object', 'null') THEN 'bad_type'
+      WHEN g.quantity < 0 THEN 'negative_quantity'
+      WHEN g.occurred_at IS NULL THEN 'bad_timestamp'
+      WHEN g.occurred_at > %(latest)s THEN 'future_event'
+      WHEN g.occurred_at < %(earliest)s THEN 'too_late'
+      WHEN g.metric IS NULL THEN 'unknown_metric'
+      WHEN g.org_id IS NULL THEN 'unknown_org'
+    END AS reason
+  FROM (
+    SELECT f.*,
+      f.e_text AS event_id,
+      o.org_id,
+      CASE WHEN f.m_text = ANY(%(metrics)s) THEN f.m_text END AS metric,
+      CASE WHEN jsonb_typeof(f.q) = 'number' THEN f.q::numeric END AS quantity,
+      CASE WHEN jsonb_typeof(f.t) = 'string' AND f.t_text ~ %(rfc3339)s THEN {ts_expr} END AS occurred_at,
+      CASE WHEN jsonb_typeof(f.b) = 'boolean' THEN f.b::boolean ELSE true END AS billable,
+      CASE WHEN jsonb_typeof(f.src) = 'string' THEN f.src #>> '{{}}' END AS source,
+      CASE WHEN jsonb_typeof(f.props) = 'object' THEN f.props END AS properties
+    FROM (
+      SELECT p.line_no, p.j, e, o, m, q, t, b, src, props,
+             CASE WHEN jsonb_typeof(e) = 'string' THEN e #>> '{{}}' END AS e_text,
+             CASE WHEN jsonb_typeof(o) = 'string' THEN o #>> '{{}}' END AS o_text,
+             CASE WHEN jsonb_typeof(m) = 'string' THEN m #>> '{{}}' END AS m_text,
+             CASE WHEN jsonb_typeof(t) = 'string' THEN t #>> '{{}}' END AS t_text
+      FROM (SELECT line_no, {j_expr} AS j FROM ingest_stage WHERE raw IS NOT NULL OFFSET 0) p,
+           LATERAL (SELECT p.j -> 'event_id' AS e, p.j -> 'org_id' AS o, p.j -> 'metric' AS m,
+                           p.j -> 'quantity' AS q, p.j -> 'occurred_at' AS t, p.j -> 'billable' AS b,
+                           p.j -> 'source' AS src, p.j -> 'properties' AS props) x
+      OFFSET 0
+    ) f
+    LEFT JOIN billing.organizations o ON o.org_id = f.o_text
+    OFFSET 0
+  ) g
+  OFFSET 0
+) c
+"""
+
+_REGISTER = """
+WITH ins AS (
+    INSERT INTO billing.usage_event_ids (event_id, payload_hash, occurred_at, file_id, line_no)
+    SELECT event_id, payload_hash, occurred_at, %(file_id)s, line_no
+      FROM ingest_cls WHERE reason IS NULL ORDER BY line_no
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING line_no)
+INSERT INTO ingest_new SELECT line_no FROM ins
+"""
+
+_INSERT_EVENTS = """
+WITH ev AS (
+INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at, billable, source,
+                                  properties, arrival_day, file_id, line_no)
+SELECT c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at, c.billable, c.source, c.properties,
+       %(day)s, %(file_id)s, c.line_no
+  FROM ingest_cls c JOIN ingest_new n USING (line_no)
+RETURNING billable)
+SELECT count(*) FILTER (WHERE NOT billable) FROM ev
+"""
+
+# Valid lines that did not register: seen before (this file or earlier) -> duplicate or conflict.
+_SEEN = """
+CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
+SELECT c.line_no, c.event_id, r.payload_hash = c.payload_hash AS same, f.path AS first_path, r.line_no AS first_line
+  FROM ingest_cls c
+  JOIN billing.usage_event_ids r USING (event_id)
+  LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
+ WHERE c.reason IS NULL AND NOT EXISTS (SELECT 1 FROM ingest_new n WHERE n.line_no = c.line_no)
+"""
+
+_QUARANTINE = f"""
+INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail, event_id, raw, raw_bytes)
+SELECT %(file_id)s, c.line_no, %(day)s, c.reason, c.detail, c.event_id, left(s.raw, {RAW_KEEP}), octet_length(s.raw)
+  FROM ingest_cls c JOIN ingest_stage s USING (line_no) WHERE c.reason IS NOT NULL
+"""
+
+_QUARANTINE_CONFLICTS = f"""
+INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail, event_id, raw, raw_bytes)
+SELECT %(file_id)s, x.line_no, %(day)s, 'conflict',
+       format('event_id %%s was first seen in %%s line %%s with a different payload',
+              x.event_id, coalesce(x.first_path, 'this file'), x.first_line),
+       x.event_id, left(s.raw, {RAW_KEEP}), octet_length(s.raw)
+  FROM ingest_seen x JOIN ingest_stage s USING (line_no) WHERE NOT x.same
+"""
+
+
+def _ensure_partitions(ctx: _Context) -> None:
+    """Create the month partitions the run's acceptance window can touch, before any file
+    transaction (DDL on the parent takes a strong lock: keep it short and separate)."""
+    lo = (ctx.run_end - ctx.lateness).date().replace(day=1)
+    hi = (ctx.run_end + FUTURE_SLACK).date()
+    months = []
+    while lo <= hi:
+        months.append(lo)
+        lo = (lo + dt.timedelta(days=32)).replace(day=1)
+    with db.connect(autocommit=True) as cx:
+        for m in months:
+            cx.execute("SELECT billing.ensure_usage_partition(%s)", (m,))
+
+
+def _lock_key(uri: str) -> int:
+    return int.from_bytes(
+        hashlib.sha256(b"usage-file:" + uri.encode()).digest()[:8], "big", signed=True
+    )
+
+
+def _classify(cx, ctx: _Context) -> str:
+    """Parse and classify the staged lines into ingest_cls; returns the mode that succeeded."""
+    import psycopg
+
+    params = {
+        "run_end": ctx.run_end,
+        "latest": ctx.run_end + FUTURE_SLACK,
+        "earliest": ctx.run_end - ctx.lateness,
+        "metrics": ctx.metrics,
+        "rfc3339": _RFC3339,
+    }
+    try:
+        with cx.transaction():
+            cx.execute(
+                _CLASSIFY.format(j_expr="raw::jsonb", ts_expr="f.t_text::timestamptz"), params
+            )
+        return "fast"
+    except psycopg.errors.DataError as exc:
+        log.info("fast path failed (%s); classifying with safe casts", str(exc).splitlines()[0])
+    cx.execute(
+        _CLASSIFY.format(
+            j_expr="billing.try_jsonb(raw)", ts_expr="billing.try_timestamptz(f.t_text)"
+        ),
+        params,
+    )
+    return "safe"
+
+
+def _ingest_file(cx, path, ctx: _Context) -> dict:
+    uri = str(path)
+    started = time.perf_counter()
+    result: dict = {"path": uri}
+    with cx.transaction():
+        cx.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(uri),))
+        cx.execute("SET LOCAL work_mem = '256MB'")
+        cx.execute("SET LOCAL TimeZone = 'UTC'")
+        seen = cx.execute(
+            "SELECT file_id, size_bytes, checksum FROM billing.usage_files WHERE path = %s", (uri,)
+        ).fetchone()
+        if seen is not None:
+            size, checksum = _checksum(path)
+            if checksum == seen[2]:
+                result.update(status="skipped", bytes=size, checksum=checksum)
+            else:
+                cx.execute(
+                    """UPDATE billing.usage_files SET status = 'changed', changed_size = %s,
+                              changed_checksum = %s, changed_seen_at = now() WHERE file_id = %s""",
+                    (size, checksum, seen[0]),
+                )
+                log.warning(
+                    "usage file %s changed after it was loaded (size %s -> %s); not reloaded",
+                    uri,
+                    seen[1],
+                    size,
+                )
+                result.update(
+                    status="changed", bytes=size, checksum=checksum, loaded_checksum=seen[2]
+                )
+            result["seconds"] = round(time.perf_counter() - started, 3)
+            return result
+
+        file_id = cx.execute(
+            "SELECT nextval(pg_get_serial_sequence('billing.usage_files', 'file_id'))"
+        ).fetchone()[0]
+        cx.execute(_STAGE)
+        cx.execute("CREATE TEMP TABLE ingest_new (line_no bigint) ON COMMIT DROP")
+        with path.open("rb") as raw_fh:
+            raw = _HashingReader(raw_fh)
+            fh = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
+            with cx.cursor().copy("COPY ingest_stage (raw) FROM STDIN") as copy:
+                st = _Stream(copy.write, ctx.max_line)
+                _pump(fh, st)
+            raw.drain()  # gzip may stop before trailing bytes; hash the whole file
+        t_copy = time.perf_counter()
+        mode = _classify(cx, ctx)
+        t_cls = time.perf_counter()
+
+        p = {"file_id": file_id, "day": ctx.day}
+        valid = cx.execute("SELECT count(*) FROM ingest_cls WHERE reason IS NULL").fetchone()[0]
+        new = cx.execute(_REGISTER, p).rowcount
+        cx.execute("ANALYZE ingest_new")
+        non_billable = cx.execute(_INSERT_EVENTS, p).fetchone()[0]
+        cx.execute(_QUARANTINE, p)
+        duplicate = conflict = 0
+        if new != valid:
+            cx.execute(_SEEN)
+            duplicate, conflict = cx.execute(
+                "SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE NOT same) FROM ingest_seen"
+            ).fetchone()
+            cx.execute(_QUARANTINE_CONFLICTS, p)
+        if duplicate + conflict != valid - new:  # an event_id registered and purged in between
+            raise RuntimeError(
+                f"{uri}: {valid - new} unregistered lines but {duplicate + conflict} found registered"
+            )
+        if st.rejected:
+            with cx.cursor() as cur:
+                cur.executemany(
+                    """INSERT INTO billing.usage_quarantine
+                           (file_id, line_no, arrival_day, reason, detail, raw, raw_bytes)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+                    [
+                        (file_id, n, ctx.day, reason, detail, text, nbytes)
+                        for n, reason, detail, text, nbytes in st.rejected
+                    ],
+                )
+        reasons = dict(
+            cx.execute(
+                "SELECT reason, count(*) FROM billing.usage_quarantine WHERE file_id = %s GROUP BY reason ORDER BY reason",
+                (file_id,),
+            ).fetchall()
+        )
+        result.update(
+            status="loaded",
+            file_id=file_id,
+            lines=st.line_no,
+            blank=st.blank,
+            accepted=new - non_billable,
+            non_billable=non_billable,
+            duplicate=duplicate,
+            quarantined=sum(reasons.values()),
+            reasons=reasons,
+            bytes=raw.size,
+            uncompressed_bytes=st.bytes_in,
+            checksum=raw.sha.hexdigest(),
+            mode=mode,
+        )
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        result["timings"] = {
+            "copy": round(t_copy - started, 3),
+            "classify": round(t_cls - t_copy, 3),
+            "write": round(time.perf_counter() - t_cls, 3),
+        }
+        cx.execute(
+            """INSERT INTO billing.usage_files (file_id, path, arrival_day, size_bytes, checksum, lines, blank,
+                   accepted, non_billable, duplicate, quarantined, reasons, seconds, run_end)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+            (
+                file_id,
+                uri,
+                ctx.day,
+                raw.size,
+                result["checksum"],
+                result["lines"],
+                result["blank"],
+                result["accepted"],
+                non_billable,
+                duplicate,
+                result["quarantined"],
+                json.dumps(reasons),
+                Decimal(str(result["seconds"])),
+                ctx.run_end,
+            ),
+        )
+    return result
