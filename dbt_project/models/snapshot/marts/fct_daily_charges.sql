@@ -1,0 +1,103 @@
+{{
+    config(
+        materialized='incremental',
+        incremental_strategy='delete+insert',
+        unique_key='period_start',
+        on_schema_change='fail',
+        indexes=[{'columns': ['org_id', 'period_start', 'metric', 'usage_date'], 'unique': true}],
+    )
+}}
+{#-
+  C(d) = round_half_up(A(Q(d))) in minor units, Q(d) the month-to-date quantity; the
+  day's charge is C(d) - C(d-1). Rows exist for days with billable usage only: between
+  them C is flat, so the daily charges still telescope to C(last day).
+-#}
+with periods as (
+    select period_start from {{ ref('int_periods_affected') }}
+),
+
+usage_days as (
+    select
+        u.org_id,
+        u.metric,
+        u.usage_date,
+        u.period_start,
+        u.quantity,
+        sum(u.quantity) over (
+            partition by u.org_id, u.metric, u.period_start
+            order by u.usage_date
+            rows between unbounded preceding and current row
+        ) as cumulative_quantity
+    from {{ ref('int_usage_days_aggregated') }} as u
+    where u.period_start in (select period_start from periods)
+),
+
+priced_tiers as (
+    select
+        d.org_id,
+        d.metric,
+        d.usage_date,
+        sum({{ tier_amount('pm.pricing_mode', 'd.cumulative_quantity', 't.lower_bound', 't.up_to', 't.unit_price') }}) as tiered_amount
+    from usage_days as d
+    inner join {{ ref('int_orgs_priced') }} as o on o.org_id = d.org_id
+    inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
+        on pm.plan = o.plan and pm.metric = d.metric
+    inner join {{ ref('stg_billing__catalog_plan_tiers') }} as t
+        on t.plan = pm.plan and t.metric = pm.metric
+    group by d.org_id, d.metric, d.usage_date
+),
+
+priced as (
+    select
+        d.org_id,
+        d.metric,
+        d.usage_date,
+        d.period_start,
+        o.plan,
+        o.currency,
+        o.catalog_version,
+        pm.pricing_mode,
+        d.quantity,
+        d.cumulative_quantity,
+        case
+            when pm.pricing_mode is null then 0
+            when pm.pricing_mode = 'package'
+                then {{ package_amount('d.cumulative_quantity', 'pm.package_size', 'pm.package_price') }}
+            else coalesce(pt.tiered_amount, 0)
+        end as cumulative_amount,
+        o.minor_exponent
+    from usage_days as d
+    inner join {{ ref('int_orgs_priced') }} as o on o.org_id = d.org_id
+    left join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
+        on pm.plan = o.plan and pm.metric = d.metric
+    left join priced_tiers as pt
+        on pt.org_id = d.org_id and pt.metric = d.metric and pt.usage_date = d.usage_date
+),
+
+charged as (
+    select
+        *,
+        {{ to_minor_units('cumulative_amount', 'minor_exponent') }} as cumulative_charge_cents
+    from priced
+)
+
+select
+    org_id,
+    metric,
+    usage_date,
+    period_start,
+    plan,
+    currency,
+    pricing_mode,
+    quantity,
+    cumulative_quantity,
+    cumulative_amount,
+    cumulative_charge_cents,
+    cumulative_charge_cents - coalesce(
+        lag(cumulative_charge_cents) over (
+            partition by org_id, metric, period_start order by usage_date
+        ),
+        0
+    ) as daily_charge_cents,
+    catalog_version
+from charged

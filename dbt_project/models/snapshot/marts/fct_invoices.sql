@@ -1,0 +1,77 @@
+{{
+    config(
+        materialized='incremental',
+        incremental_strategy='delete+insert',
+        unique_key='period_start',
+        on_schema_change='fail',
+        indexes=[{'columns': ['org_id', 'period_start'], 'unique': true}],
+    )
+}}
+{#- One row per org per period, summed from its lines; snapshot_hash changes whenever
+    anything the customer sees changes, so it serves as the ETag. -#}
+with periods as (
+    select period_start from {{ ref('int_periods_affected') }}
+),
+
+lines as (
+    select *
+    from {{ ref('fct_invoice_lines') }}
+    where period_start in (select period_start from periods)
+),
+
+invoices as (
+    select
+        invoice_id,
+        org_id,
+        period_start,
+        min(currency) as currency,
+        min(catalog_version) as catalog_version,
+        sum(amount_cents) filter (where line_type = 'base_fee') as base_fee_cents,
+        coalesce(sum(amount_cents) filter (where line_type = 'usage'), 0) as usage_cents,
+        sum(amount_cents) as total_cents,
+        count(*) as line_count,
+        string_agg(
+            line_type || ':' || coalesce(metric, '') || ':' || quantity::text || ':' || amount_cents::text,
+            '|' order by line_number
+        ) as lines_text
+    from lines
+    group by invoice_id, org_id, period_start
+),
+
+plans as (
+    select org_id, plan from {{ ref('int_orgs_priced') }}
+),
+
+stated as (
+    select
+        i.*,
+        p.plan,
+        (i.period_start + interval '1 month' - interval '1 day')::date as period_end,
+        case
+            when {{ run_day() }} > (i.period_start + interval '1 month' - interval '1 day')::date
+                                   + {{ var('invoice_grace_days') | int }}
+                then 'final'
+            else 'draft'
+        end as status
+    from invoices as i
+    left join plans as p on p.org_id = i.org_id
+)
+
+select
+    invoice_id::text as invoice_id,
+    org_id::text as org_id,
+    to_char(period_start, 'YYYY-MM') as period,
+    period_start::date as period_start,
+    period_end::date as period_end,
+    plan::text as plan,
+    currency::text as currency,
+    base_fee_cents::bigint as base_fee_cents,
+    usage_cents::bigint as usage_cents,
+    total_cents::bigint as total_cents,
+    line_count::integer as line_count,
+    status::text as status,
+    catalog_version::text as catalog_version,
+    md5(concat_ws('#', invoice_id, currency, plan, status, catalog_version, total_cents::text, lines_text))::text
+        as snapshot_hash,
+    {{ run_day() }} as as_of_day
+from stated

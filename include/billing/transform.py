@@ -1,0 +1,401 @@
+"""Run the dbt project: the invoice snapshot in Postgres, the usage rollups in ClickHouse.
+
+One dbt project, two targets (``dbt_project/models/snapshot`` builds on ``postgres``,
+``models/rollups`` on ``clickhouse``). Credentials come from the Airflow connections and
+reach dbt as environment variables (``dbt_project/profiles.yml`` holds no secrets).
+
+dbt always runs in a child process (``python -m billing.transform <dbt args>``): dbt keeps
+global state, and embedded ClickHouse (chDB) allows one process per data path, so the
+child routes dbt-clickhouse's HTTP client through chDB and must be the only chDB user.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from billing import connections as conns
+from billing import settings
+from billing.errors import BillingError, ConfigError
+
+TARGETS = ("postgres", "clickhouse")
+SNAPSHOT_SCHEMA = "billing_snapshot"
+
+
+class TransformError(BillingError):
+    """dbt failed: a data check, a model or the connection."""
+
+    exit_code = 4
+
+
+@dataclass
+class DbtResult:
+    target: str
+    args: list[str]
+    returncode: int
+    seconds: float
+    results: list[dict[str, Any]] = field(default_factory=list)
+    output: str = ""
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if r.get("status") in ("error", "fail", "runtime error")]
+
+
+# ---------------------------------------------------------------- environment
+def dbt_env(target: str) -> dict[str, str]:
+    """Environment variables that ``profiles.yml`` and the models read, from connections."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown dbt target {target!r} (expected one of: {', '.join(TARGETS)})")
+    pg = conns.get(conns.POSTGRES)
+    env = {
+        "BILLING_DBT_PG_HOST": pg.host or "127.0.0.1",
+        "BILLING_DBT_PG_PORT": str(pg.port or 5432),
+        "BILLING_DBT_PG_USER": pg.login or "",
+        "BILLING_DBT_PG_DBNAME": pg.schema or "billing",
+        "DBT_ENV_SECRET_PG_PASSWORD": pg.password or "",
+    }
+    if target == "clickhouse":
+        ch = conns.get(conns.CLICKHOUSE)
+        env.update(
+            {
+                "BILLING_DBT_CH_HOST": ch.host or "localhost",
+                "BILLING_DBT_CH_PORT": str(ch.port or 8123),
+                "BILLING_DBT_CH_USER": ch.login or "default",
+                "DBT_ENV_SECRET_CH_PASSWORD": ch.password or "",
+                "BILLING_DBT_CH_SECURE": str(bool(ch.extra.get("secure", False))).lower(),
+                "BILLING_DBT_CH_SCHEMA": ch.schema or "analytics",
+                # ClickHouse reads Postgres itself (postgresql() table function); the host it
+                # sees may differ from ours, so the clickhouse connection may override it.
+                "BILLING_DBT_PG_FROM_CH_HOST": str(
+                    ch.extra.get("postgres_host") or pg.host or "127.0.0.1"
+                ),
+                "BILLING_DBT_PG_PASSWORD": pg.password or "",
+            }
+        )
+    return env
+
+
+def target_path(target: str) -> Path:
+    return settings.dbt_project_dir() / "target" / target
+
+
+def manifest_path(target: str) -> Path:
+    return target_path(target) / "manifest.json"
+
+
+def run_vars(
+    day: dt.date,
+    since: dt.date | None = None,
+    catalog_version: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """dbt vars for the run of ``day`` (its data interval), never derived from now()."""
+    out: dict[str, Any] = {
+        "day": day.isoformat(),
+        "since": (since or day).isoformat(),
+        "lateness_days": settings.lateness_days(),
+        "invoice_grace_days": int(
+            os.environ.get("BILLING_INVOICE_GRACE_DAYS", settings.lateness_days())
+        ),
+    }
+    if catalog_version:
+        out["catalog_version"] = catalog_version
+    out.update(extra or {})
+    return out
+
+
+# ---------------------------------------------------------------- dbt
+def run_dbt(
+    target: str,
+    command: str = "build",
+    *,
+    select: Sequence[str] | str | None = None,
+    vars: Mapping[str, Any] | None = None,
+    full_refresh: bool = False,
+    args: Iterable[str] = (),
+    check: bool = True,
+    timeout: float | None = None,
+) -> DbtResult:
+    """Run one dbt command against ``target`` in a child process and return its results.
+
+    ``check``: raise :class:`TransformError` naming the failed nodes when dbt fails.
+    """
+    import time
+
+    argv = [command, "--target", target]
+    argv += ["--project-dir", str(settings.dbt_project_dir())]
+    argv += ["--profiles-dir", str(settings.dbt_project_dir())]
+    argv += ["--target-path", str(target_path(target))]
+    if select:
+        argv += ["--select", *([select] if isinstance(select, str) else select)]
+    if vars:
+        argv += ["--vars", json.dumps(dict(vars), default=str)]
+    if full_refresh:
+        argv.append("--full-refresh")
+    argv += list(args)
+    env = {
+        **os.environ,
+        **dbt_env(target),
+        "DBT_LOG_PATH": str(target_path(target) / "logs"),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "DBT_USE_COLORS": "false",
+    }
+    run_results = target_path(target) / "run_results.json"
+    run_results.unlink(missing_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "billing.transform", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    result = DbtResult(target, argv, proc.returncode, time.perf_counter() - start)
+    result.output = proc.stdout + proc.stderr
+    if run_results.exists():
+        result.results = json.loads(run_results.read_text()).get("results", [])
+    if check and proc.returncode != 0:
+        raise TransformError(_describe_failure(result))
+    return result
+
+
+def _describe_failure(result: DbtResult) -> str:
+    lines = []
+    for r in result.failures:
+        node = r.get("unique_id", "?").split(".")
+        name = node[2] if len(node) > 2 else node[-1]
+        message = " ".join(str(r.get("message") or r.get("status")).split())
+        lines.append(f"{name}: {message}")
+    if not lines:
+        tail = [x for x in result.output.strip().splitlines() if x.strip()][-5:]
+        lines = tail or [f"exit code {result.returncode}"]
+    return f"dbt {result.args[0]} on {result.target} failed: " + "; ".join(lines[:8])
+
+
+def parse(target: str) -> Path:
+    """Write ``target/<target>/manifest.json`` so Cosmos can render the DAG without dbt."""
+    run_dbt(target, "parse", vars={"day": "2026-01-01"})
+    return manifest_path(target)
+
+
+# ---------------------------------------------------------------- nightly
+def prepare(cx, catalog=None) -> str:
+    """Sync the catalog and check every org against it; return the catalog version.
+
+    Fails with one clear message (and nothing written by dbt) on a catalog error, an org
+    on an unknown plan or an org whose currency differs from its plan's.
+    """
+    from billing import catalog_sync, pricing
+
+    catalog = catalog or pricing.load_catalog()
+    problems = []
+    for org_id, plan, currency in cx.execute(
+        "SELECT org_id, plan, lower(currency) FROM billing.organizations ORDER BY org_id"
+    ).fetchall():
+        if plan not in catalog.plans:
+            known = ", ".join(sorted(catalog.plans))
+            problems.append(f"org {org_id!r} is on unknown plan {plan!r} (catalog plans: {known})")
+        elif catalog.plans[plan].currency != currency:
+            problems.append(
+                f"org {org_id!r} currency {currency!r} does not match plan {plan!r} "
+                f"currency {catalog.plans[plan].currency!r}"
+            )
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ConfigError("cannot price: " + "; ".join(problems[:5]) + more)
+    version = catalog_sync.sync(cx, catalog)
+    cx.commit()
+    return version
+
+
+def run_day(
+    day: dt.date,
+    since: dt.date | None = None,
+    *,
+    targets: Sequence[str] = TARGETS,
+    full_refresh: bool = False,
+    catalog=None,
+) -> dict[str, DbtResult]:
+    """The nightly transform for ``day``: catalog sync + checks, then dbt per target."""
+    from billing import db
+
+    with db.connect() as cx:
+        version = prepare(cx, catalog)
+    out = {}
+    for target in targets:
+        out[target] = run_dbt(
+            target,
+            "build",
+            vars=run_vars(day, since, version if target == "postgres" else None),
+            full_refresh=full_refresh,
+        )
+    return out
+
+
+# ---------------------------------------------------------------- Airflow / Cosmos
+def dbt_task_group(
+    target: str = "postgres",
+    *,
+    group_id: str | None = None,
+    dag=None,
+    task_group=None,
+    operator_args: Mapping[str, Any] | None = None,
+    **kwargs,
+):
+    """A Cosmos ``DbtTaskGroup`` that builds ``target``'s models for the run's day.
+
+    Rendered from the pre-built manifest (``billing transform --parse``), so DAG parsing
+    never runs dbt. Vars come from the task context (data interval), never now().
+    """
+    from cosmos import (
+        DbtTaskGroup,
+        ExecutionConfig,
+        ProfileConfig,
+        ProjectConfig,
+        RenderConfig,
+    )
+    from cosmos.constants import InvocationMode, LoadMode, TestBehavior
+
+    if target not in TARGETS:
+        raise ConfigError(f"unknown dbt target {target!r}")
+    project_dir = settings.dbt_project_dir()
+    profile_config = ProfileConfig(
+        profile_name="billing",
+        target_name=target,
+        profile_mapping=_profile_mapping(target),
+    )
+    vars_template = {
+        "day": "{{ data_interval_start.strftime('%Y-%m-%d') }}",
+        "since": "{{ data_interval_start.strftime('%Y-%m-%d') }}",
+        "lateness_days": settings.lateness_days(),
+        "invoice_grace_days": int(
+            os.environ.get("BILLING_INVOICE_GRACE_DAYS", settings.lateness_days())
+        ),
+    }
+    args = {
+        "install_deps": False,
+        "vars": vars_template,
+        "env": {"DBT_SEND_ANONYMOUS_USAGE_STATS": "false"},
+        "append_env": True,
+        **(operator_args or {}),
+    }
+    if target == "clickhouse":
+        # chDB: one process per data path, so the rollups run one dbt process at a time.
+        args.setdefault("pool", os.environ.get("BILLING_CLICKHOUSE_POOL", "default_pool"))
+        args.setdefault("max_active_tis_per_dagrun", 1)
+    return DbtTaskGroup(
+        group_id=group_id or f"dbt_{'snapshot' if target == 'postgres' else 'rollups'}",
+        project_config=ProjectConfig(
+            dbt_project_path=project_dir,
+            manifest_path=manifest_path(target),
+            project_name="billing",
+        ),
+        profile_config=profile_config,
+        execution_config=ExecutionConfig(
+            dbt_executable_path=str(project_dir / "scripts" / "dbt"),
+            invocation_mode=InvocationMode.SUBPROCESS,
+        ),
+        render_config=RenderConfig(
+            load_method=LoadMode.DBT_MANIFEST,
+            select=[f"tag:{'snapshot' if target == 'postgres' else 'rollups'}"],
+            test_behavior=TestBehavior.AFTER_EACH,
+            enable_mock_profile=True,
+        ),
+        operator_args=args,
+        dag=dag,
+        parent_group=task_group,
+        **kwargs,
+    )
+
+
+def _profile_mapping(target: str):
+    if target == "postgres":
+        from cosmos.profiles import PostgresUserPasswordProfileMapping
+
+        return PostgresUserPasswordProfileMapping(
+            conn_id=conns.POSTGRES, profile_args={"schema": SNAPSHOT_SCHEMA}
+        )
+    from cosmos.profiles.clickhouse.user_pass import ClickhouseUserPasswordProfileMapping
+
+    class BillingClickhouseProfileMapping(ClickhouseUserPasswordProfileMapping):
+        """Our ``clickhouse`` connections (HTTP; embedded chDB is routed by scripts/dbt)."""
+
+        airflow_connection_type = "clickhouse"
+        default_port = 8123
+        required_fields = ["host", "schema"]
+        airflow_param_mapping = {
+            "host": "host",
+            "user": "login",
+            "password": "password",
+            "port": "port",
+            "schema": "schema",
+        }
+
+        def _set_default_param(self, profile_dict):
+            profile_dict.setdefault("driver", "http")
+            profile_dict.setdefault("user", "default")
+            return super()._set_default_param(profile_dict)
+
+    return BillingClickhouseProfileMapping(conn_id=conns.CLICKHOUSE)
+
+
+# ---------------------------------------------------------------- child process
+def _route_clickhouse_through_chdb() -> None:
+    """If the clickhouse connection is embedded chDB, make dbt-clickhouse's client chDB."""
+    try:
+        ch = conns.get(conns.CLICKHOUSE)
+    except ConfigError:
+        return
+    if ch.extra.get("interface") != "chdb":
+        return
+    import clickhouse_connect
+
+    path = ch.extra.get("path") or str(settings.local_dir() / "clickhouse")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    original = clickhouse_connect.get_client
+
+    def get_client(**kwargs):
+        return original(
+            interface="chdb",
+            path=path,
+            database=kwargs.get("database"),
+            settings=kwargs.get("settings"),
+        )
+
+    clickhouse_connect.get_client = get_client
+
+
+def _child_env_from_connections() -> None:
+    """Under Cosmos the child gets a profile but not our model env vars: fill them in."""
+    target = "clickhouse" if "clickhouse" in sys.argv else "postgres"
+    try:
+        for key, value in dbt_env(target).items():
+            os.environ.setdefault(key, value)
+    except ConfigError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m billing.transform <dbt args>``: dbt, with chDB routing when configured."""
+    from dbt.cli.main import dbtRunner
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _child_env_from_connections()
+    _route_clickhouse_through_chdb()
+    result = dbtRunner().invoke(argv)
+    if result.exception is not None:
+        print(f"dbt: {result.exception}", file=sys.stderr)
+        return 2
+    return 0 if result.success else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
