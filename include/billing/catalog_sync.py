@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from billing import pricing
 
-SYNC_LOCK = 7_202_612  # advisory lock key: one sync at a time
+SYNC_LOCK = 7_203_003  # advisory lock key: one sync at a time
 
 
 def sync(cx, catalog: pricing.Catalog) -> str:

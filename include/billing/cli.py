@@ -149,6 +149,85 @@ def cmd_airflow(args) -> int:
         pidfile.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- invoices / transform / sql
+def _period_arg(value: str) -> str:
+    from billing.invoices import PERIOD
+
+    if not PERIOD.match(value):
+        raise argparse.ArgumentTypeError(f"invalid period {value!r}: expected YYYY-MM")
+    return value
+
+
+def _print_invoices(summaries: list[dict], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(summaries, indent=2))
+        return
+    print(
+        f"{'invoice_id':<28} {'org_id':<16} {'period':<7} {'cur':<3} {'base':>10} "
+        f"{'usage':>10} {'total':>10} status"
+    )
+    for s in summaries:
+        usage = sum(x["amount_cents"] for x in s["lines"])
+        print(
+            f"{s['invoice_id']:<28} {s['org_id']:<16} {s['period']:<7} {s['currency']:<3} "
+            f"{s['base_fee_cents']:>10} {usage:>10} {s['total_cents']:>10} {s['status']}"
+        )
+        for x in s["lines"]:
+            print(f"    {x['metric']:<24} qty {x['quantity']:>18} {x['amount_cents']:>10}")
+
+
+def cmd_invoices_list(args) -> int:
+    from billing import db, invoices
+
+    with db.connect() as cx:
+        found = invoices.list_invoices(cx, args.period, args.org)
+    _print_invoices([invoices.summary(i) for i in found], args.format)
+    return 0
+
+
+def cmd_invoices_show(args) -> int:
+    from billing import db, invoices
+    from billing.errors import ConfigError
+
+    with db.connect() as cx:
+        inv = invoices.get_invoice(cx, args.invoice_id)
+    if inv is None:
+        raise ConfigError(f"no invoice {args.invoice_id!r} in the snapshot")
+    if args.format == "json":
+        print(json.dumps({**invoices.summary(inv), "detail": inv.to_dict()}, indent=2))
+    else:
+        _print_invoices([invoices.summary(inv)], "table")
+    return 0
+
+
+def cmd_transform(args) -> int:
+    from billing import transform
+
+    results = transform.run_day(
+        args.day,
+        args.since,
+        targets=args.target or transform.TARGETS,
+        full_refresh=args.full_refresh,
+    )
+    for target, r in results.items():
+        print(f"{target:<10} ok  {len(r.results)} node(s) in {r.seconds:.1f}s")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from billing import analytics
+
+    result = analytics.read_only_query(args.query)
+    if args.format == "json":
+        rows = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print("\t".join(result.column_names))
+        for r in result.result_rows:
+            print("\t".join(str(v) for v in r))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
@@ -195,6 +274,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--events", type=_positive, default=20_000)
     d.add_argument("--seed", type=int, default=42)
     d.set_defaults(func=cmd_demo)
+
+    inv = sub.add_parser("invoices", help="read the invoice snapshot (dbt, Postgres)")
+    isub = inv.add_subparsers(dest="invoices_command", required=True, parser_class=_Parser)
+    il = isub.add_parser("list", help="invoices of one period")
+    il.add_argument("--period", type=_period_arg, required=True, help="YYYY-MM")
+    il.add_argument("--org", help="only this org_id")
+    il.add_argument("--format", choices=["table", "json"], default="table")
+    il.set_defaults(func=cmd_invoices_list)
+    ish = isub.add_parser("show", help="one invoice with its lines and tier breakdown")
+    ish.add_argument("invoice_id")
+    ish.add_argument("--format", choices=["table", "json"], default="json")
+    ish.set_defaults(func=cmd_invoices_show)
+
+    t = sub.add_parser(
+        "transform", help="sync the catalog and run dbt (snapshot + rollups) for a day"
+    )
+    t.add_argument("--day", type=_day, required=True, help="run day (arrival day), YYYY-MM-DD")
+    t.add_argument("--since", type=_day, help="first arrival day of the window (default: --day)")
+    t.add_argument(
+        "--target",
+        action="append",
+        choices=["postgres", "clickhouse"],
+        help="only this dbt target (repeatable; default: both)",
+    )
+    t.add_argument("--full-refresh", action="store_true", help="rebuild every model from scratch")
+    t.set_defaults(func=cmd_transform)
+
+    q = sub.add_parser("sql", help="read-only query on the analytics store (ClickHouse)")
+    q.add_argument("query")
+    q.add_argument("--format", choices=["table", "json"], default="table")
+    q.set_defaults(func=cmd_sql)
 
     a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")
     a.set_defaults(func=cmd_airflow)

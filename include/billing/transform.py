@@ -289,7 +289,9 @@ def dbt_task_group(
     }
     if target == "clickhouse":
         # chDB: one process per data path, so the rollups run one dbt process at a time.
-        args.setdefault("pool", os.environ.get("BILLING_CLICKHOUSE_POOL", "default_pool"))
+        from billing.orchestration import CLICKHOUSE_POOL
+
+        args.setdefault("pool", CLICKHOUSE_POOL)
         args.setdefault("max_active_tis_per_dagrun", 1)
     return DbtTaskGroup(
         group_id=group_id or f"dbt_{'snapshot' if target == 'postgres' else 'rollups'}",
