@@ -27,3 +27,95 @@ INGEST_DURATION = Histogram(
     registry=REGISTRY,
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+
+# ---------------------------------------------------------------- exported by the API server
+# Airflow tasks exit before any scrape, so the billing API (GET /billing/metrics) exports
+# SERVER_REGISTRY: in-process metrics of the API server itself plus DurableCollector
+# (billing.metrics_export), which reads durable state at scrape time. Design:
+# docs/OBSERVABILITY.md. Metric names live here only; the collector looks them up.
+SERVER_REGISTRY = CollectorRegistry(auto_describe=True)
+
+API_REQUESTS = Counter(
+    "billing_api_requests_total",
+    "Billing API requests by route template, method and status code",
+    ["route", "method", "status"],
+    registry=SERVER_REGISTRY,
+)
+API_LATENCY = Histogram(
+    "billing_api_request_duration_seconds",
+    "Billing API request latency by route template",
+    ["route"],
+    registry=SERVER_REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DB_QUERY_SECONDS = Histogram(
+    "billing_db_query_duration_seconds",
+    "PostgreSQL statement latency in this process (billing.db cursors)",
+    registry=SERVER_REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 300),
+)
+# Task-local twin of the durable DB error counter, for logs and tests.
+DB_ERRORS = Counter(
+    "billing_db_errors_total",
+    "PostgreSQL errors by kind (statement_timeout, lock_timeout, connection, other)",
+    ["kind"],
+    registry=REGISTRY,
+)
+DB_RETRIES = Counter(
+    "billing_db_retries_total",
+    "Idempotent database operations retried after a transient error",
+    ["operation"],
+    registry=REGISTRY,
+)
+
+# Durable metrics: read at scrape time from Postgres, Redis and Airflow's metadata DB.
+# name -> (type, help, label names). Histograms list their bucket bounds in DURABLE_BUCKETS.
+DURABLE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    # ingest (billing.usage_files manifest; monotonic: manifest rows are never purged)
+    "billing_ingest_files_total": ("counter", "Usage files loaded, by status", ("status",)),
+    "billing_ingest_events_total": ("counter", "Usage lines by ingest outcome", ("outcome",)),
+    "billing_ingest_quarantined_total": ("counter", "Quarantined usage lines by reason", ("reason",)),
+    "billing_ingest_bytes_total": ("counter", "Bytes of usage files read", ()),
+    "billing_ingest_file_duration_seconds": ("histogram", "Time to ingest one usage file", ()),
+    "billing_ingest_last_loaded_timestamp_seconds": ("gauge", "When the newest usage file was loaded", ()),
+    # every billing DAG's tasks (Airflow metadata DB): RED for ingest, dbt, Stripe, reconcile, dunning
+    "billing_task_runs_total": ("counter", "Finished task instances of billing DAGs by state", ("dag", "task", "state")),
+    "billing_task_duration_seconds": ("histogram", "Duration of finished task instances of billing DAGs", ("dag", "task")),
+    "billing_last_successful_run_timestamp_seconds": ("gauge", "End of the newest successful run of a billing DAG", ("dag",)),
+    # Stripe push (billing.stripe_outbox, Redis parking/outage flag)
+    "billing_stripe_outbox_rows": ("gauge", "Stripe outbox rows by status (pending = queued, e.g. in outage mode)", ("status",)),
+    "billing_stripe_outbox_attempts_total": ("counter", "Stripe write attempts recorded on outbox rows", ()),
+    "billing_stripe_outbox_retries_total": ("counter", "Stripe write retries recorded on outbox rows", ()),
+    "billing_stripe_outbox_errors_total": ("counter", "Stripe write errors recorded on outbox rows, by class", ("error_class",)),
+    "billing_stripe_parked_queue_depth": ("gauge", "Parked Stripe writes awaiting manual retry (Redis)", ()),
+    "billing_stripe_read_only": ("gauge", "1 while Stripe outage (read-only) mode is on", ()),
+    "billing_stripe_read_only_since_timestamp_seconds": ("gauge", "When read-only mode was switched on (0 when off)", ()),
+    # reconciliation (billing.billing_audit, billing.billing_incidents)
+    "billing_reconcile_checks_total": ("counter", "Reconciliation results by outcome", ("outcome",)),
+    "billing_reconcile_max_relative_diff": ("gauge", "Largest relative internal-vs-Stripe difference in the latest result per org and period", ()),
+    "billing_reconcile_last_run_timestamp_seconds": ("gauge", "When reconciliation last wrote a result", ()),
+    "billing_reconcile_open_incidents": ("gauge", "Open reconciliation incidents", ()),
+    # dunning (billing.dunning_notices)
+    "billing_dunning_notices_total": ("counter", "Dunning notices by stage and status (sent, failed)", ("stage", "status")),
+    # database faults, counted durably in Redis by every process (billing.db)
+    "billing_db_errors_total": ("counter", "PostgreSQL errors by kind, all processes", ("kind",)),
+    "billing_db_retries_total": ("counter", "Idempotent database operations retried, all processes", ("operation",)),
+    # retention purge (billing.retention_purge_audit)
+    "billing_purge_partitions_dropped_total": ("counter", "Usage partitions dropped by retention purge", ()),
+    "billing_purge_last_run_timestamp_seconds": ("gauge", "When retention purge last ran, by mode", ("mode",)),
+    # the collector itself
+    "billing_metrics_source_up": ("gauge", "1 if a durable metrics source was read, 0 if missing or failing", ("source",)),
+}
+DURABLE_BUCKETS = {
+    "billing_ingest_file_duration_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    "billing_task_duration_seconds": (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+}
+# Redis hash of durable counters written by billing.db (field = "<metric>|<label value>").
+DURABLE_COUNTERS_KEY = "billing:metrics:counters"
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """Prometheus text for GET /billing/metrics: API-server metrics plus durable state."""
+    from billing.metrics_export import render
+
+    return render()

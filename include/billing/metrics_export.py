@@ -1,0 +1,363 @@
+"""Scrape-time export of durable counters: what the billing API serves at /billing/metrics.
+
+Airflow tasks are gone before Prometheus scrapes, so their in-process counters would be
+lost. Each flow already keeps durable state (the ingest manifest, the Stripe outbox, the
+reconciliation audit, dunning notices, Redis parking); ``DurableCollector`` turns that
+state into metrics when Prometheus asks. A source whose table does not exist yet (or
+that fails) is skipped and reported as ``billing_metrics_source_up{source} 0``; a scrape
+never fails because one flow is missing. Names and help texts come from
+``billing.observability`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from billing import observability as obs
+
+log = logging.getLogger(__name__)
+
+# source name -> relations it needs (checked with to_regclass before querying)
+PG_SOURCES: dict[str, tuple[str, ...]] = {
+    "ingest": ("billing.usage_files",),
+    "stripe_outbox": ("billing.stripe_outbox",),
+    "reconcile": ("billing.billing_audit",),
+    "incidents": ("billing.billing_incidents",),
+    "dunning": ("billing.dunning_notices",),
+    "purge": ("billing.retention_purge_audit",),
+}
+
+
+def _stripe_keys() -> tuple[str, str]:
+    """The parked-hash and read-only keys, as billing.stripe_sync.parking names them."""
+    try:
+        from billing.stripe_sync import parking
+
+        return parking.PARKED, parking.READ_ONLY
+    except ImportError:
+        return "billing:stripe:parked", "billing:stripe:read_only"
+
+
+class _Families:
+    """Builds metric families from observability.DURABLE_METRICS by name."""
+
+    def __init__(self):
+        self.out: dict[str, object] = {}
+
+    def _family(self, name: str):
+        if name not in self.out:
+            kind, doc, labels = obs.DURABLE_METRICS[name]
+            if kind == "counter":
+                fam = CounterMetricFamily(name, doc, labels=list(labels))
+            elif kind == "gauge":
+                fam = GaugeMetricFamily(name, doc, labels=list(labels))
+            else:
+                fam = HistogramMetricFamily(name, doc, labels=list(labels))
+            self.out[name] = fam
+        return self.out[name]
+
+    def add(self, name: str, value: float, *labels: str) -> None:
+        self._family(name).add_metric(list(labels), float(value))
+
+    def histogram(self, name: str, cumulative: list[int], total: float, *labels: str) -> None:
+        bounds = obs.DURABLE_BUCKETS[name]
+        buckets = [(_le(b), float(c)) for b, c in zip(bounds, cumulative[:-1], strict=True)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        self._family(name).add_metric(list(labels), buckets, float(total))
+
+
+def _le(bound: float) -> str:
+    return str(float(bound))
+
+
+def _bucket_sql(column: str, bounds) -> str:
+    parts = [f"count(*) FILTER (WHERE {column} <= {float(b)})" for b in bounds]
+    return ", ".join([*parts, "count(*)", f"coalesce(sum({column}), 0)"])
+
+
+# ---------------------------------------------------------------- Postgres sources
+def _ingest(cx, f: _Families) -> None:
+    bounds = obs.DURABLE_BUCKETS["billing_ingest_file_duration_seconds"]
+    row = cx.execute(
+        f"""SELECT coalesce(sum(accepted), 0), coalesce(sum(non_billable), 0),
+                   coalesce(sum(duplicate), 0), coalesce(sum(quarantined), 0),
+                   coalesce(sum(blank), 0), coalesce(sum(size_bytes), 0),
+                   extract(epoch FROM max(loaded_at)), {_bucket_sql("seconds", bounds)}
+              FROM billing.usage_files"""
+    ).fetchone()
+    for outcome, value in zip(
+        ("accepted", "non_billable", "duplicate", "quarantined", "blank"), row[:5], strict=True
+    ):
+        f.add("billing_ingest_events_total", value, outcome)
+    f.add("billing_ingest_bytes_total", row[5])
+    f.add("billing_ingest_last_loaded_timestamp_seconds", row[6] or 0)
+    f.histogram("billing_ingest_file_duration_seconds", list(row[7:-1]), row[-1])
+    for status, n in cx.execute(
+        "SELECT status, count(*) FROM billing.usage_files GROUP BY status ORDER BY status"
+    ):
+        f.add("billing_ingest_files_total", n, status)
+    for reason, n in cx.execute(
+        """SELECT r.key, sum(r.value::bigint) FROM billing.usage_files u,
+                  jsonb_each_text(u.reasons) r GROUP BY r.key ORDER BY r.key"""
+    ):
+        f.add("billing_ingest_quarantined_total", n, reason)
+
+
+def _stripe_outbox(cx, f: _Families) -> None:
+    counts = dict(
+        cx.execute("SELECT status, count(*) FROM billing.stripe_outbox GROUP BY status").fetchall()
+    )
+    for status in ("pending", "sent", "parked", "cancelled"):
+        f.add("billing_stripe_outbox_rows", counts.get(status, 0), status)
+    attempts, retries = cx.execute(
+        "SELECT coalesce(sum(attempts), 0), coalesce(sum(retries), 0) FROM billing.stripe_outbox"
+    ).fetchone()
+    f.add("billing_stripe_outbox_attempts_total", attempts)
+    f.add("billing_stripe_outbox_retries_total", retries)
+    for cls, n in cx.execute(
+        """SELECT e.key, sum(e.value::bigint) FROM billing.stripe_outbox o,
+                  jsonb_each_text(o.error_counts) e GROUP BY e.key ORDER BY e.key"""
+    ):
+        f.add("billing_stripe_outbox_errors_total", n, cls)
+
+
+def _reconcile(cx, f: _Families) -> None:
+    for outcome, n in cx.execute(
+        "SELECT status, count(*) FROM billing.billing_audit GROUP BY status ORDER BY status"
+    ):
+        f.add("billing_reconcile_checks_total", n, outcome)
+    max_diff, last = cx.execute(
+        """SELECT coalesce(max(abs(rel_diff)), 0), extract(epoch FROM max(checked_at))
+             FROM (SELECT DISTINCT ON (org_id, period) rel_diff, checked_at
+                     FROM billing.billing_audit
+                    ORDER BY org_id, period, checked_at DESC) latest"""
+    ).fetchone()
+    f.add("billing_reconcile_max_relative_diff", max_diff)
+    f.add("billing_reconcile_last_run_timestamp_seconds", last or 0)
+
+
+def _incidents(cx, f: _Families) -> None:
+    (n,) = cx.execute(
+        "SELECT count(*) FROM billing.billing_incidents WHERE status = 'open'"
+    ).fetchone()
+    f.add("billing_reconcile_open_incidents", n)
+
+
+def _dunning(cx, f: _Families) -> None:
+    for stage, status, n in cx.execute(
+        """SELECT stage::text, status, count(*) FROM billing.dunning_notices
+            GROUP BY 1, 2 ORDER BY 1, 2"""
+    ):
+        f.add("billing_dunning_notices_total", n, stage, status)
+
+
+def _purge(cx, f: _Families) -> None:
+    (dropped,) = cx.execute(
+        """SELECT count(*) FROM billing.retention_purge_audit
+            WHERE target = 'postgres_partition' AND action = 'dropped'"""
+    ).fetchone()
+    f.add("billing_purge_partitions_dropped_total", dropped)
+    for mode, ts in cx.execute(
+        """SELECT CASE WHEN dry_run THEN 'dry_run' ELSE 'purge' END,
+                  extract(epoch FROM max(created_at))
+             FROM billing.retention_purge_audit GROUP BY 1 ORDER BY 1"""
+    ):
+        f.add("billing_purge_last_run_timestamp_seconds", ts, mode)
+
+
+_PG_READERS = {
+    "ingest": _ingest,
+    "stripe_outbox": _stripe_outbox,
+    "reconcile": _reconcile,
+    "incidents": _incidents,
+    "dunning": _dunning,
+    "purge": _purge,
+}
+
+
+def collect_postgres(f: _Families, up: dict[str, int]) -> None:
+    from billing import db
+
+    try:
+        cx = db.connect(autocommit=True)
+    except Exception as exc:
+        log.warning("metrics: PostgreSQL unavailable: %s", exc)
+        up.update({name: 0 for name in PG_SOURCES})
+        return
+    with cx:
+        cx.execute("SET statement_timeout = %s", (f"{scrape_timeout_ms()}ms",))
+        for name, relations in PG_SOURCES.items():
+            present = cx.execute(
+                "SELECT bool_and(to_regclass(r) IS NOT NULL) FROM unnest(%s::text[]) r",
+                (list(relations),),
+            ).fetchone()[0]
+            if not present:
+                up[name] = 0
+                continue
+            try:
+                with cx.transaction():
+                    _PG_READERS[name](cx, f)
+                up[name] = 1
+            except Exception as exc:  # one flow's shape change must not break the scrape
+                log.warning("metrics: source %s failed: %s", name, exc)
+                up[name] = 0
+
+
+# ---------------------------------------------------------------- Redis
+def redis_client():
+    import redis
+
+    from billing import connections
+
+    return redis.Redis.from_url(
+        connections.redis_url(),
+        decode_responses=True,
+        socket_timeout=1,
+        socket_connect_timeout=1,
+    )
+
+
+def collect_redis(f: _Families, up: dict[str, int]) -> None:
+    import datetime as dt
+    import json
+
+    parked_key, read_only_key = _stripe_keys()
+    try:
+        r = redis_client()
+        depth = r.hlen(parked_key)
+        raw = r.get(read_only_key)
+        counters = r.hgetall(obs.DURABLE_COUNTERS_KEY)
+    except Exception as exc:
+        log.warning("metrics: Redis unavailable: %s", exc)
+        up["redis"] = 0
+        return
+    f.add("billing_stripe_parked_queue_depth", depth)
+    f.add("billing_stripe_read_only", 1 if raw is not None else 0)
+    since = 0.0
+    if raw:
+        try:
+            since = dt.datetime.fromisoformat(json.loads(raw)["since"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            since = 0.0
+    f.add("billing_stripe_read_only_since_timestamp_seconds", since)
+    for field, value in sorted(counters.items()):
+        name, _, label = field.partition("|")
+        if name in obs.DURABLE_METRICS:
+            f.add(name, int(value), label)
+    up["redis"] = 1
+
+
+def record(metric: str, label: str, amount: int = 1) -> None:
+    """Add to a durable counter in Redis. Best effort: observability never breaks the caller."""
+    if metric not in obs.DURABLE_METRICS:
+        raise KeyError(f"unknown durable metric {metric}")
+    try:
+        redis_client().hincrby(obs.DURABLE_COUNTERS_KEY, f"{metric}|{label}", amount)
+    except Exception as exc:
+        log.debug("metrics: could not record %s{%s}: %s", metric, label, exc)
+
+
+# ---------------------------------------------------------------- Airflow metadata DB
+def collect_airflow(f: _Families, up: dict[str, int]) -> None:
+    """Task outcomes and durations of billing_* DAGs, and each DAG's last successful run."""
+    try:
+        from airflow.models.dagrun import DagRun
+        from airflow.models.taskinstance import TaskInstance as TI
+        from airflow.utils.session import create_session
+        from sqlalchemy import case, func, select
+
+        bounds = obs.DURABLE_BUCKETS["billing_task_duration_seconds"]
+        finished = ("success", "failed", "upstream_failed", "skipped")
+        with create_session() as s:
+            runs = s.execute(
+                select(TI.dag_id, TI.task_id, TI.state, func.count())
+                .where(TI.dag_id.like("billing%"), TI.state.in_(finished))
+                .group_by(TI.dag_id, TI.task_id, TI.state)
+                .order_by(TI.dag_id, TI.task_id, TI.state)
+            ).all()
+            cols = [func.sum(case((TI.duration <= b, 1), else_=0)) for b in bounds]
+            durations = s.execute(
+                select(
+                    TI.dag_id,
+                    TI.task_id,
+                    *cols,
+                    func.count(),
+                    func.coalesce(func.sum(TI.duration), 0),
+                )
+                .where(TI.dag_id.like("billing%"), TI.state.in_(finished), TI.duration.isnot(None))
+                .group_by(TI.dag_id, TI.task_id)
+                .order_by(TI.dag_id, TI.task_id)
+            ).all()
+            last = s.execute(
+                select(DagRun.dag_id, func.max(DagRun.end_date))
+                .where(DagRun.dag_id.like("billing%"), DagRun.state == "success")
+                .group_by(DagRun.dag_id)
+                .order_by(DagRun.dag_id)
+            ).all()
+    except Exception as exc:
+        log.warning("metrics: Airflow metadata DB unavailable: %s", exc)
+        up["airflow"] = 0
+        return
+    for dag_id, task_id, state, n in runs:
+        f.add("billing_task_runs_total", n, dag_id, task_id, str(state))
+    for dag_id, task_id, *rest in durations:
+        f.histogram(
+            "billing_task_duration_seconds",
+            [int(x or 0) for x in rest[:-1]],
+            rest[-1],
+            dag_id,
+            task_id,
+        )
+    for dag_id, end in last:
+        f.add("billing_last_successful_run_timestamp_seconds", end.timestamp(), dag_id)
+    up["airflow"] = 1
+
+
+def scrape_timeout_ms() -> int:
+    return int(os.environ.get("BILLING_METRICS_SCRAPE_TIMEOUT_MS", "5000"))
+
+
+class DurableCollector:
+    """A prometheus_client custom collector over the durable sources."""
+
+    def __init__(self, airflow: bool = True):
+        self.airflow = airflow
+
+    def collect(self):
+        f = _Families()
+        up: dict[str, int] = {}
+        collect_postgres(f, up)
+        collect_redis(f, up)
+        if self.airflow:
+            collect_airflow(f, up)
+        for name in sorted(up):
+            f.add("billing_metrics_source_up", up[name], name)
+        yield from f.out.values()
+
+    def describe(self):  # no auto-describe: collecting needs the databases
+        return []
+
+
+_registered = False
+
+
+def register(registry=None) -> None:
+    """Attach the durable collector to the API server's registry (once)."""
+    global _registered
+    if not _registered:
+        (registry or obs.SERVER_REGISTRY).register(DurableCollector())
+        _registered = True
+
+
+def render() -> tuple[bytes, str]:
+    register()
+    return generate_latest(obs.SERVER_REGISTRY), CONTENT_TYPE_LATEST
