@@ -40,12 +40,12 @@ SELLER_DEFAULT = (
 
 @dataclass(frozen=True)
 class Tier:
-    """One tier of a metric's price: the quantity priced in it and what it cost."""
+    """One tier of a metric's price: the quantity priced in it and its exact cost."""
 
-    label: str  # e.g. "1,001 – 10,000"
+    label: str  # e.g. "1,001 – 10,000" or "packages of 1,000"
     quantity: Decimal
-    unit_price: str  # decimal string in major units, as in the catalog
-    amount_cents: int
+    unit_price: Decimal  # major units, as in the catalog
+    amount: Decimal  # exact major units; only the line total is rounded to cents
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,17 @@ def _qty(q: Decimal | int) -> str:
     if d == d.to_integral_value():
         return f"{int(d):,}"
     return f"{d.normalize():,f}"
+
+
+def _num(d: Decimal | int) -> str:
+    """Exact decimal, grouped, without exponent or trailing zeros beyond two places."""
+    d = Decimal(d)
+    text = f"{d:,f}"
+    if "." in text:
+        whole, frac = text.split(".")
+        frac = frac.rstrip("0").ljust(2, "0")
+        text = f"{whole}.{frac}"
+    return text
 
 
 class _InvoicePDF(FPDF):
@@ -219,8 +230,8 @@ def render(invoice: Invoice) -> bytes:
             row.cell(v)
         for line in invoice.lines:
             tiers = "\n".join(
-                f"{tier.label}: {_qty(tier.quantity)} × {tier.unit_price} = "
-                f"{money(tier.amount_cents)}"
+                f"{tier.label}: {_qty(tier.quantity)} × {_num(tier.unit_price)} = "
+                f"{_num(tier.amount)}"
                 for tier in line.tiers
             )
             row = table.row()

@@ -20,8 +20,13 @@ def make_invoice(n_lines: int = 3, name: str = "Acme Inc.", version: str = "v1")
             quantity=Decimal(12_000 + i),
             amount_cents=1_200 + i,
             tiers=(
-                Tier("0 – 1,000", Decimal(1_000), "0.00", 0),
-                Tier("1,001 – ∞", Decimal(11_000 + i), "0.0011", 1_200 + i),
+                Tier("1 – 1,000", Decimal(1_000), Decimal("0"), Decimal("0")),
+                Tier(
+                    "1,001 – ∞",
+                    Decimal(11_000 + i),
+                    Decimal("0.0011"),
+                    Decimal(12_100 + 11 * i) / 1000,
+                ),
             ),
         )
         for i in range(n_lines)

@@ -1,0 +1,15 @@
+"""Airflow plugin: the Billing API (``billing.api``) mounted at ``/billing``.
+
+A thin shell: routes, auth and caching live in ``include/billing/api.py``.
+"""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+from billing.api import app
+
+
+class BillingPlugin(AirflowPlugin):
+    name = "billing"
+    fastapi_apps = [{"app": app, "url_prefix": "/billing", "name": "Billing API"}]

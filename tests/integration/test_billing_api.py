@@ -1,0 +1,316 @@
+"""The Billing API through the REAL Airflow API server: auth, ETags, 304s, bad ids.
+
+Starts ``airflow api-server`` on the test stack (its env is set in conftest) with our
+plugin folder, gets a JWT from ``POST /auth/token`` (SimpleAuthManager) and talks HTTP.
+Snapshot rows are inserted directly into ``billing_snapshot.fct_invoices`` /
+``fct_invoice_lines`` (created here if dbt has not built them in this database).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from billing.stack import process
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = "billing_snapshot"
+ORG = "apitest-org"
+INVOICE = f"inv_{ORG}_202601"
+OTHER = f"inv_{ORG}_202602"
+
+DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoices (
+    invoice_id text, org_id text, period text, period_start date, period_end date,
+    plan text, currency text, base_fee_cents bigint, usage_cents bigint,
+    total_cents bigint, line_count integer, status text, catalog_version text,
+    snapshot_hash text, as_of_day date);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoice_lines (
+    invoice_line_id text, invoice_id text, line_number integer, org_id text,
+    period_start date, line_type text, metric text, pricing_mode text, quantity numeric,
+    amount_cents bigint, currency text, tiers jsonb, catalog_version text);
+"""
+
+
+def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int = 3) -> None:
+    cx.execute(f"DELETE FROM {SCHEMA}.fct_invoice_lines WHERE invoice_id = %s", (invoice_id,))
+    cx.execute(f"DELETE FROM {SCHEMA}.fct_invoices WHERE invoice_id = %s", (invoice_id,))
+    lines = [("base_fee", None, None, 1, 4900, [])]
+    for i in range(n_lines):
+        amount = 1000 + i + total_extra
+        tiers = [
+            {"tier": 1, "from": 0, "up_to": 1000, "unit_price": 0, "quantity": 1000, "amount": 0},
+            {
+                "tier": 2,
+                "from": 1000,
+                "up_to": None,
+                "unit_price": 0.001,
+                "quantity": amount * 10,
+                "amount": amount / 100,
+            },
+        ]
+        lines.append(("usage", f"metric_{i}", "graduated", 1000 + amount * 10, amount, tiers))
+    total = sum(line[4] for line in lines)
+    for n, (kind, metric, mode, qty, cents, tiers) in enumerate(lines, 1):
+        cx.execute(
+            f"""INSERT INTO {SCHEMA}.fct_invoice_lines (invoice_line_id, invoice_id, line_number,
+                   org_id, period_start, line_type, metric, pricing_mode, quantity, amount_cents,
+                   currency, tiers, catalog_version)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'usd', %s, 'c1')""",
+            (
+                f"{invoice_id}.{n}",
+                invoice_id,
+                n,
+                ORG,
+                f"{period}-01",
+                kind,
+                metric,
+                mode,
+                qty,
+                cents,
+                json.dumps(tiers),
+            ),
+        )
+    cx.execute(
+        f"""INSERT INTO {SCHEMA}.fct_invoices (invoice_id, org_id, period, period_start, currency,
+               base_fee_cents, usage_cents, total_cents, line_count, status, catalog_version,
+               snapshot_hash)
+            VALUES (%s, %s, %s, %s, 'usd', 4900, %s, %s, %s, 'final', 'c1', md5(%s))""",
+        (
+            invoice_id,
+            ORG,
+            period,
+            f"{period}-01",
+            total - 4900,
+            total,
+            len(lines),
+            f"{invoice_id}:{total}:{n_lines}",
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def snapshot(stack):
+    from billing import db
+
+    with db.connect(autocommit=True) as cx:
+        cx.execute(DDL)
+        cx.execute(
+            """INSERT INTO billing.organizations (org_id, name, email, plan, currency)
+               VALUES (%s, %s, %s, 'starter', 'usd')
+               ON CONFLICT (org_id) DO UPDATE SET name = excluded.name""",
+            (ORG, "Ωmega Ćorp — Москва", "billing@apitest.test"),
+        )
+        put_invoice(cx, INVOICE, "2026-01", 0)
+        put_invoice(cx, OTHER, "2026-02", 0)
+    yield
+    with db.connect(autocommit=True) as cx:
+        for table in ("fct_invoice_lines", "fct_invoices"):
+            cx.execute(f"DELETE FROM {SCHEMA}.{table} WHERE org_id = %s", (ORG,))
+
+
+@pytest.fixture(scope="module")
+def api_server(stack, tmp_path_factory):
+    """The real Airflow API server with our plugin; yields its base URL and a password."""
+    home = tmp_path_factory.mktemp("api")
+    password = secrets.token_urlsafe(12)
+    pwfile = home / "passwords.json"
+    pwfile.write_text(json.dumps({"admin": password}))
+    port = process.free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pwfile),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    log = (home / "api-server.log").open("wb")
+    airflow = str(Path(sys.executable).parent / "airflow")
+    proc = subprocess.Popen(
+        [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"api-server exited: {(home / 'api-server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/api/v2/version", timeout=2).status_code in (200, 401):
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"api-server not ready in 90 s: {(home / 'api-server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.25)
+        yield base, password
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(api_server, snapshot):
+    base, password = api_server
+    r = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password})
+    assert r.status_code == 201, r.text
+    token = r.json()["access_token"]
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def anon(api_server):
+    with httpx.Client(base_url=api_server[0], timeout=30) as c:
+        yield c
+
+
+def pdf_path(invoice_id: str = INVOICE) -> str:
+    return f"/billing/invoices/{invoice_id}/pdf"
+
+
+def test_pdf_200_with_strong_etag_and_headers(client):
+    r = client.get(pdf_path())
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/pdf"
+    assert r.content.startswith(b"%PDF-")
+    etag = r.headers["etag"]
+    assert etag.startswith('"') and etag.endswith('"') and not etag.startswith("W/")
+    assert r.headers["cache-control"] == "private, must-revalidate"
+    assert r.headers["content-disposition"] == f'inline; filename="{INVOICE}.pdf"'
+    again = client.get(pdf_path())
+    assert again.headers["etag"] == etag and again.content == r.content
+
+
+def test_if_none_match_gives_304_without_body(client):
+    etag = client.get(pdf_path()).headers["etag"]
+    renders = client.get("/billing/health").json()["pdf_cache"]["renders"]
+    for header in (etag, f"W/{etag}", f'"nope", {etag}', "*"):
+        r = client.get(pdf_path(), headers={"If-None-Match": header})
+        assert r.status_code == 304, header
+        assert r.content == b""
+        assert r.headers["etag"] == etag
+        assert r.headers["cache-control"] == "private, must-revalidate"
+    assert client.get(pdf_path(), headers={"If-None-Match": '"stale"'}).status_code == 200
+    assert client.get("/billing/health").json()["pdf_cache"]["renders"] == renders
+
+
+def test_new_snapshot_gives_new_etag_and_new_pdf(client):
+    from billing import db
+
+    first = client.get(pdf_path(OTHER))
+    assert first.status_code == 200
+    with db.connect(autocommit=True) as cx:
+        put_invoice(cx, OTHER, "2026-02", 7, n_lines=4)
+    r = client.get(pdf_path(OTHER), headers={"If-None-Match": first.headers["etag"]})
+    assert r.status_code == 200
+    assert r.headers["etag"] != first.headers["etag"]
+    assert r.content != first.content
+
+
+def test_invoice_json_and_list(client):
+    r = client.get(f"/billing/invoices/{INVOICE}")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["org_name"] == "Ωmega Ćorp — Москва"
+    assert body["total_cents"] == 4900 + 1000 + 1001 + 1002
+    assert [line["line_type"] for line in body["lines"]] == ["base_fee"] + ["usage"] * 3
+    page = client.get("/billing/invoices", params={"org_id": ORG, "limit": 1}).json()
+    assert page["total_entries"] == 2 and len(page["invoices"]) == 1
+    assert page["invoices"][0]["invoice_id"] == OTHER  # newest period first
+    page2 = client.get(
+        "/billing/invoices", params={"org_id": ORG, "limit": 1, "offset": page["next_offset"]}
+    ).json()
+    assert page2["invoices"][0]["invoice_id"] == INVOICE and page2["next_offset"] is None
+    jan = client.get("/billing/invoices", params={"period": "2026-01", "org_id": ORG}).json()
+    assert [i["invoice_id"] for i in jan["invoices"]] == [INVOICE]
+
+
+def test_anonymous_is_401_and_bad_token_is_403(anon):
+    paths = (
+        pdf_path(),
+        f"/billing/invoices/{INVOICE}",
+        "/billing/invoices",
+        "/billing/health",
+        "/billing/openapi.json",
+    )
+    assert anon.get("/billing/docs").status_code == 404  # no open docs page
+    for path in paths:
+        assert anon.get(path).status_code == 401, path
+        bad = anon.get(path, headers={"Authorization": "Bearer not-a-jwt"})
+        assert bad.status_code == 403, path
+    # A well-formed token signed with another secret is just as bad.
+    forged = (
+        "eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhZG1pbiIsInJvbGUiOiJBRE1JTiJ9.c2lnbmF0dXJl"
+    )
+    r = anon.get(pdf_path(), headers={"Authorization": f"Bearer {forged}"})
+    assert r.status_code == 403
+    # Auth is checked before the id: an anonymous probe learns nothing.
+    assert anon.get("/billing/invoices/..%2F..%2Fetc%2Fpasswd/pdf").status_code in (401, 404)
+
+
+def test_unknown_id_is_404(client):
+    assert client.get(pdf_path("inv_nobody_209912")).status_code == 404
+    assert client.get("/billing/invoices/inv_nobody_209912").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/billing/invoices/..%2F..%2Fetc%2Fpasswd/pdf",
+        "/billing/invoices/..%2f..%2fetc%2fpasswd/pdf",
+        "/billing/invoices/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd/pdf",
+        "/billing/invoices/inv_a%2F..%2Fb_202601/pdf",
+        "/billing/invoices/inv_a%5C..%5Cb_202601/pdf",
+        "/billing/invoices/inv_x'%20OR%20'1'%3D'1_202601/pdf",
+        "/billing/invoices/inv_x%27%3B%20DROP%20TABLE%20billing.organizations%3B--_202601/pdf",
+        "/billing/invoices/inv_acme_202601%00/pdf",
+        "/billing/invoices/" + "inv_" + "a" * 200 + "_202601/pdf",
+        "/billing/invoices/INV_acme_2026/pdf",
+    ],
+)
+def test_malformed_ids_are_rejected(client, raw_path):
+    # Send the path byte for byte: no client-side normalisation of %2F or dot segments.
+    url = httpx.URL(str(client.base_url)).copy_with(raw_path=raw_path.encode())
+    r = client.get(url)
+    assert r.status_code in (404, 422), (raw_path, r.status_code, r.text[:200])
+    assert not r.content.startswith(b"%PDF")
+    assert b"root:" not in r.content
+
+
+def test_malformed_ids_get_422_and_sql_stays_data(client):
+    from billing import db
+
+    for bad in ("inv_x' OR '1'='1_202601", "inv_x;--_202601", "acme", "inv_acme_2026011"):
+        assert client.get(f"/billing/invoices/{bad}").status_code == 422, bad
+    assert client.get("/billing/invoices", params={"org_id": "x' OR '1'='1"}).status_code == 422
+    assert client.get("/billing/invoices", params={"period": "2026-13"}).status_code == 422
+    assert client.get("/billing/invoices", params={"limit": 100000}).status_code == 422
+    with db.connect() as cx:
+        assert (
+            cx.execute(
+                "SELECT count(*) FROM billing.organizations WHERE org_id = %s", (ORG,)
+            ).fetchone()[0]
+            == 1
+        )
