@@ -18,17 +18,20 @@ import json
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from psycopg import sql
+from psycopg import errors, sql
 from psycopg.rows import dict_row
 
-from billing import db
+from billing import db, invoices
+from billing.errors import ConfigError, ServiceError
 
 RESOURCE_NAME = "Billing"
 # inv_<org_id>_<YYYYMM>; org_id as constrained in billing.organizations.
@@ -76,15 +79,7 @@ def _lookup(cx, invoice_id: str) -> dict | None:
            FROM {inv} AS i LEFT JOIN billing.organizations AS o ON o.org_id = i.org_id
            WHERE i.invoice_id = %s"""
     ).format(inv=_table("fct_invoices"))
-    return cx.execute(q, (invoice_id,)).fetchone()
-
-
-def _lines(cx, invoice_id: str) -> list[dict]:
-    q = sql.SQL(
-        """SELECT line_type, metric, pricing_mode, quantity, amount_cents, tiers
-           FROM {lines} WHERE invoice_id = %s ORDER BY line_number"""
-    ).format(lines=_table("fct_invoice_lines"))
-    return cx.execute(q, (invoice_id,)).fetchall()
+    return cx.cursor(row_factory=dict_row).execute(q, (invoice_id,)).fetchone()
 
 
 def etag_for(row: dict) -> str:
@@ -135,29 +130,29 @@ def _tiers(line: dict):
     return tuple(out)
 
 
-def to_invoice(row: dict, lines: list[dict]):
+def to_pdf_invoice(inv, org_name: str, org_email: str):
+    """``billing.invoices.Invoice`` (the snapshot reader's type) -> the renderer's input."""
     from billing.invoice_pdf import Invoice, InvoiceLine
 
     return Invoice(
-        invoice_id=row["invoice_id"],
-        org_id=row["org_id"],
-        org_name=row["org_name"],
-        org_email=row["org_email"],
-        period=row["period"],
-        currency=row["currency"],
-        status=row["status"],
-        base_fee_cents=int(row["base_fee_cents"] or 0),
-        total_cents=int(row["total_cents"]),
-        snapshot_version=row["snapshot_hash"],
+        invoice_id=inv.invoice_id,
+        org_id=inv.org_id,
+        org_name=org_name,
+        org_email=org_email,
+        period=inv.period,
+        currency=inv.currency,
+        status=inv.status,
+        base_fee_cents=int(inv.base_fee_cents or 0),
+        total_cents=int(inv.total_cents),
+        snapshot_version=inv.snapshot_hash,
         lines=tuple(
             InvoiceLine(
-                metric=line["metric"],
-                quantity=Decimal(line["quantity"]),
-                amount_cents=int(line["amount_cents"]),
-                tiers=_tiers(line),
+                metric=line.metric or "",
+                quantity=Decimal(line.quantity),
+                amount_cents=int(line.amount_cents),
+                tiers=_tiers({"tiers": line.tiers}),
             )
-            for line in lines
-            if line["line_type"] != "base_fee"
+            for line in inv.usage_lines
         ),
     )
 
@@ -242,20 +237,10 @@ def safe_filename(invoice_id: str) -> str:
 
 
 # ---------------------------------------------------------------- JSON views
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _invoice_json(row: dict, lines: list[dict] | None = None) -> dict:
+def _summary_json(row: dict) -> dict:
     from billing.pricing import format_money
 
-    out = {
+    return {
         "invoice_id": row["invoice_id"],
         "org_id": row["org_id"],
         "org_name": row["org_name"],
@@ -268,43 +253,57 @@ def _invoice_json(row: dict, lines: list[dict] | None = None) -> dict:
         "snapshot_hash": row["snapshot_hash"],
         "pdf_url": f"/billing/invoices/{row['invoice_id']}/pdf",
     }
-    if lines is not None:
-        out["org_email"] = row["org_email"]
-        out["lines"] = [
-            {
-                "line_type": line["line_type"],
-                "metric": line["metric"],
-                "pricing_mode": line["pricing_mode"],
-                "quantity": line["quantity"],
-                "amount_cents": int(line["amount_cents"]),
-                "tiers": line["tiers"] if not isinstance(line["tiers"], str) else None,
-            }
-            for line in lines
-        ]
-    return _jsonable(out)
+
+
+_stripe_cache: tuple[float, dict | None] = (0.0, None)
+
+
+def _stripe_ttl_s() -> float:
+    return float(os.environ.get("BILLING_STRIPE_STATUS_TTL_S", "5"))
 
 
 def stripe_status() -> dict | None:
-    """Stripe outage status for read-only views, if the Stripe sync module provides it."""
+    """Stripe outage mode for the read-only views, from ``billing.stripe_sync`` when present.
+
+    Cached for a few seconds: the flag lives in Redis, and neither Redis latency nor a Redis
+    outage may slow down or break invoice reads.
+    """
+    global _stripe_cache
+    now = time.monotonic()
+    if _stripe_cache[0] and now - _stripe_cache[0] < _stripe_ttl_s():
+        return _stripe_cache[1]
     try:
         from billing import stripe_sync
     except ImportError:
-        return None
-    probe = getattr(stripe_sync, "read_only_status", None) or getattr(
-        stripe_sync, "is_read_only", None
-    )
+        stripe_sync = None
+    probe = getattr(stripe_sync, "read_only", None)
     if probe is None:
-        return None
-    try:
-        value = probe()
-    except Exception as exc:  # the flag lives in Redis: an outage there must not break reads
-        return {"read_only": None, "error": type(exc).__name__}
-    if isinstance(value, dict):
-        return value
-    return {"read_only": bool(value)}
+        value = None
+    else:
+        try:
+            info = probe()
+            value = {"read_only": info is not None, **(info or {})}
+        except Exception as exc:  # Redis down: report unknown, keep serving
+            value = {"read_only": None, "error": type(exc).__name__}
+    _stripe_cache = (now, value)
+    return value
 
 
 # ---------------------------------------------------------------- the app
+@contextmanager
+def _snapshot():
+    """A read connection; a snapshot dbt has not built yet is a 503, not a 500."""
+    try:
+        with db.connect() as cx:  # tuple rows: billing.invoices expects them
+            yield cx
+    except (errors.UndefinedTable, errors.InvalidSchemaName, ConfigError):
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "invoice snapshot not built yet"
+        ) from None
+    except ServiceError:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable") from None
+
+
 InvoiceId = Annotated[str, Path(pattern=INVOICE_ID_PATTERN, max_length=80)]
 
 
@@ -346,11 +345,12 @@ def create_app() -> FastAPI:
         base = sql.SQL(
             "FROM {inv} AS i LEFT JOIN billing.organizations AS o ON o.org_id = i.org_id"
         ).format(inv=_table("fct_invoices"))
-        with db.connect(row_factory=dict_row) as cx:
-            total = cx.execute(sql.SQL("SELECT count(*) AS n ") + base + cond, params).fetchone()[
+        with _snapshot() as cx:
+            cur = cx.cursor(row_factory=dict_row)
+            total = cur.execute(sql.SQL("SELECT count(*) AS n ") + base + cond, params).fetchone()[
                 "n"
             ]
-            rows = cx.execute(
+            rows = cur.execute(
                 sql.SQL(
                     """SELECT i.invoice_id, i.org_id, i.period, i.currency, i.status,
                               i.base_fee_cents, i.total_cents, i.snapshot_hash,
@@ -365,7 +365,7 @@ def create_app() -> FastAPI:
         _with_status(response)
         nxt = offset + len(rows)
         return {
-            "invoices": [_invoice_json(r) for r in rows],
+            "invoices": [_summary_json(r) for r in rows],
             "total_entries": total,
             "limit": limit,
             "offset": offset,
@@ -375,15 +375,20 @@ def create_app() -> FastAPI:
 
     @app.get("/invoices/{invoice_id}", summary="One invoice with its lines")
     def get_invoice(invoice_id: InvoiceId, response: Response) -> dict:
-        with db.connect(row_factory=dict_row) as cx:
+        with _snapshot() as cx:
             row = _lookup(cx, invoice_id)
-            if row is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, "invoice not found")
-            lines = _lines(cx, invoice_id)
+            inv = invoices.get_invoice(cx, invoice_id) if row else None
+        if inv is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "invoice not found")
         _with_status(response)
-        body = _invoice_json(row, lines)
-        body["etag"] = etag_for(row)
-        body["stripe"] = stripe_status()
+        body = inv.to_dict()
+        body.update(
+            org_name=row["org_name"],
+            org_email=row["org_email"],
+            etag=etag_for(row),
+            pdf_url=f"/billing/invoices/{invoice_id}/pdf",
+            stripe=stripe_status(),
+        )
         return body
 
     @app.get(
@@ -396,7 +401,7 @@ def create_app() -> FastAPI:
         from billing import invoice_pdf
 
         cache: PdfCache = request.app.state.pdf_cache
-        with db.connect(row_factory=dict_row) as cx:
+        with _snapshot() as cx:
             row = _lookup(cx, invoice_id)
             if row is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, "invoice not found")
@@ -405,10 +410,12 @@ def create_app() -> FastAPI:
             if etag_matches(request.headers.get("if-none-match"), etag):
                 return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
             pdf = cache.get(etag)
-            if pdf is None:
-                lines = _lines(cx, invoice_id)
+            inv = invoices.get_invoice(cx, invoice_id) if pdf is None else None
         if pdf is None:
-            pdf = cache.get_or_render(etag, lambda: invoice_pdf.render(to_invoice(row, lines)))
+            if inv is None:  # deleted between the two reads
+                raise HTTPException(status.HTTP_404_NOT_FOUND, "invoice not found")
+            doc = to_pdf_invoice(inv, row["org_name"], row["org_email"])
+            pdf = cache.get_or_render(etag, lambda: invoice_pdf.render(doc))
         headers["Content-Disposition"] = f'inline; filename="{safe_filename(invoice_id)}"'
         headers["X-Content-Type-Options"] = "nosniff"
         return Response(content=pdf, media_type="application/pdf", headers=headers)

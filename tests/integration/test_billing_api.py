@@ -134,6 +134,7 @@ def api_server(stack, tmp_path_factory):
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "NO_PROXY": "127.0.0.1,localhost",
+        "BILLING_STRIPE_STATUS_TTL_S": "0",
     }
     log = (home / "api-server.log").open("wb")
     airflow = str(Path(sys.executable).parent / "airflow")
@@ -314,3 +315,20 @@ def test_malformed_ids_get_422_and_sql_stays_data(client):
             ).fetchone()[0]
             == 1
         )
+
+
+def test_read_only_views_work_during_stripe_outage(client):
+    stripe_sync = pytest.importorskip("billing.stripe_sync")
+    assert client.get(f"/billing/invoices/{INVOICE}").json()["stripe"]["read_only"] is False
+    stripe_sync.set_read_only(True, "api test")
+    try:
+        r = client.get(f"/billing/invoices/{INVOICE}")
+        assert r.status_code == 200
+        assert r.json()["stripe"]["read_only"] is True
+        assert r.json()["stripe"]["reason"] == "api test"
+        assert r.headers["x-billing-stripe-mode"] == "read-only"
+        listed = client.get("/billing/invoices", params={"org_id": ORG})
+        assert listed.status_code == 200 and listed.json()["stripe"]["read_only"] is True
+        assert client.get(pdf_path()).status_code == 200
+    finally:
+        stripe_sync.set_read_only(False)
