@@ -1,19 +1,23 @@
 """Test fixtures: one real local stack per test session.
 
-The stack lives in its own folder (``.local/test-stack``) so tests never touch a
-developer's demo data; connections reach the code through ``AIRFLOW_CONN_*`` env vars,
+Each session's stack lives in its own folder (``.local/tests/session-<pid>``) with its own
+ports, so tests never touch a developer's demo data or another session's; connections reach the code through ``AIRFLOW_CONN_*`` env vars,
 exactly as in production.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_STACK = Path(os.environ.get("BILLING_TEST_STACK_DIR", ROOT / ".local" / "test-stack"))
+# One stack per test session (its own ports and data), so parallel sessions never share state.
+# Set BILLING_TEST_STACK_DIR to reuse a stack between runs while developing.
+_REUSE = os.environ.get("BILLING_TEST_STACK_DIR")
+TEST_STACK = Path(_REUSE or ROOT / ".local" / "tests" / f"session-{os.getpid()}")
 
 
 def pytest_configure(config):
@@ -28,6 +32,11 @@ def pytest_configure(config):
     os.environ.update(stack.env(state))
 
 
+def pytest_unconfigure(config):
+    if not _REUSE:
+        shutil.rmtree(TEST_STACK, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def stack():
     """Start the real services once for the whole session; stop them at the end."""
@@ -36,7 +45,7 @@ def stack():
     s = Stack(TEST_STACK)
     s.up()
     yield s
-    if os.environ.get("BILLING_KEEP_TEST_STACK") != "1":
+    if not _REUSE:
         s.down()
 
 

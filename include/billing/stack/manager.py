@@ -333,7 +333,15 @@ class Stack:
         admin = conns.postgres_dsn(
             conns.Conn(c.conn_id, c.conn_type, c.host, c.port, c.login, c.password, "postgres")
         )
-        with psycopg.connect(admin, autocommit=True) as cx:
+        try:
+            cx = psycopg.connect(admin, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            detail = str(exc).strip().splitlines()[-1]
+            raise ServiceError(
+                f"postgres is running but refuses the stack's credentials ({detail}); "
+                f"if {self.state_file} was reset, run 'billing stack down' and remove {self.root}"
+            ) from None
+        with cx:
             if not cx.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DB,)).fetchone():
                 cx.execute(f'CREATE DATABASE "{PG_DB}"')
 
