@@ -124,6 +124,29 @@ def cmd_demo(args) -> int:
     return demo.run(args.day, orgs=args.orgs, events=args.events, seed=args.seed)
 
 
+def cmd_purge(args) -> int:
+    import uuid
+
+    from billing import analytics, db, purge
+
+    dry_run = args.confirm is None
+    purge.check_confirm(dry_run, args.confirm)
+    as_of = args.as_of or dt.datetime.now(dt.UTC).date()  # a shell command, not a task
+    with db.connect(autocommit=True) as cx:
+        summary = purge.purge(
+            cx,
+            as_of=as_of,
+            days=args.older_than,
+            dry_run=dry_run,
+            confirm=args.confirm,
+            run_id=f"cli__{uuid.uuid4().hex[:12]}",
+            actor=f"cli:{os.environ.get('USER', '?')}",
+            clickhouse=None if args.skip_clickhouse else purge._clickhouse_or_none(analytics),
+        )
+    print(purge.format_report(summary))
+    return 0
+
+
 def cmd_airflow(args) -> int:
     from billing.stack.manager import current
 
@@ -305,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query")
     q.add_argument("--format", choices=["table", "json"], default="table")
     q.set_defaults(func=cmd_sql)
+
+    pu = sub.add_parser(
+        "purge", help="retention purge of old usage partitions (dry run unless --confirm CONFIRM)"
+    )
+    pu.add_argument("--older-than", type=_positive, required=True, metavar="DAYS")
+    pu.add_argument("--as-of", type=_day, default=None, help="count back from this day (UTC)")
+    pu.add_argument("--confirm", default=None, help="type CONFIRM to really delete")
+    pu.add_argument("--skip-clickhouse", action="store_true", help="leave hourly rollups alone")
+    pu.set_defaults(func=cmd_purge)
 
     a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")
     a.set_defaults(func=cmd_airflow)

@@ -180,9 +180,11 @@ def connect(autocommit: bool = False, **kwargs) -> psycopg.Connection:
     except psycopg.OperationalError as exc:
         count_error(exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServiceError(
+        err = ServiceError(
             f"cannot connect to PostgreSQL ({first}); is the stack up? try 'billing stack up'"
-        ) from None
+        )
+        err._billing_counted = True  # counted above as kind=connection
+        raise err from None
     return cx
 
 

@@ -1,0 +1,214 @@
+"""Retention purge: dry runs delete nothing, the CONFIRM gate holds, only billed months go.
+
+Everything runs inside one transaction that is rolled back, so the shared test database
+keeps its partitions and the invoice/reconciliation tables other flows own are untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from billing import purge
+
+AS_OF = dt.date(2026, 3, 1)  # 400 days back: cutoff 2025-01-25, months before 2025-01 may go
+DAYS = 400
+RECONCILED, UNRECONCILED, UNINVOICED, IN_WINDOW = (
+    dt.date(2024, 10, 1),
+    dt.date(2024, 11, 1),
+    dt.date(2024, 12, 1),
+    dt.date(2025, 1, 1),
+)
+
+
+def _event(cx, period: dt.date, org: str, n: int) -> None:
+    cx.execute("SELECT billing.ensure_usage_partition(%s)", (period,))
+    cx.execute(
+        """INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at,
+               billable, arrival_day, file_id, line_no)
+           VALUES (%s, %s, 'api_calls', 1, %s, true, %s, 1, %s)""",
+        (f"e-{period}-{org}-{n}", org, dt.datetime.combine(period, dt.time(12), dt.UTC), period, n),
+    )
+
+
+def _invoice(cx, org: str, period: dt.date) -> None:
+    cx.execute(
+        """INSERT INTO billing.stripe_invoices (org_id, period, stripe_invoice_id, status,
+               finalized_at) VALUES (%s, %s, %s, 'paid', %s)""",
+        (org, period, f"in_{org}_{period:%Y%m}", dt.datetime(2025, 1, 1, tzinfo=dt.UTC)),
+    )
+
+
+def _reconciled(cx, org: str, period: dt.date) -> None:
+    cx.execute(
+        "INSERT INTO billing.billing_audit (org_id, period, status) VALUES (%s, %s, 'ok')",
+        (org, period),
+    )
+
+
+@pytest.fixture
+def months(clean_db, pg):
+    """Four old months in different billing states, in a transaction that is rolled back."""
+    with pg.transaction(force_rollback=True):
+        for (name,) in pg.execute(
+            """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = 'billing.usage_events'::regclass"""
+        ).fetchall():
+            pg.execute(f"DROP TABLE billing.{name}")
+        pg.execute(
+            """CREATE TABLE IF NOT EXISTS billing.billing_audit (
+                   org_id text NOT NULL, period date NOT NULL, status text NOT NULL)"""
+        )
+        for period in (RECONCILED, UNRECONCILED, UNINVOICED, IN_WINDOW):
+            for i, org in enumerate(("acme", "globex")):
+                _event(pg, period, org, i)
+        for org in ("acme", "globex"):
+            _invoice(pg, org, RECONCILED)
+            _reconciled(pg, org, RECONCILED)
+            _invoice(pg, org, UNRECONCILED)
+            _invoice(pg, org, IN_WINDOW)
+            _reconciled(pg, org, IN_WINDOW)
+        _reconciled(pg, "acme", UNRECONCILED)  # globex still unreconciled
+        pg.execute(
+            """INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail,
+                   raw, raw_bytes) VALUES (1, 1, '2024-10-03', 'malformed_json', 'x', '{', 1),
+                                          (1, 2, '2024-12-03', 'malformed_json', 'x', '{', 1)"""
+        )
+        yield pg
+
+
+def _partitions(cx) -> list[str]:
+    return [
+        r[0]
+        for r in cx.execute(
+            """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = 'billing.usage_events'::regclass ORDER BY 1"""
+        ).fetchall()
+    ]
+
+
+ALL = [
+    "usage_events_p202410",
+    "usage_events_p202411",
+    "usage_events_p202412",
+    "usage_events_p202501",
+]
+
+
+def test_eligibility_reasons(months):
+    reasons = {
+        i.object: (i.eligible, i.reason)
+        for i in purge.plan(months, AS_OF, DAYS)
+        if i.target == "postgres_partition"
+    }
+    assert reasons == {
+        "billing.usage_events_p202410": (True, "past retention, invoiced, reconciled"),
+        "billing.usage_events_p202411": (
+            False,
+            "not reconciled: 1 org(s) without a reconciliation result",
+        ),
+        "billing.usage_events_p202412": (
+            False,
+            "not invoiced: 2 org(s) without a finalized invoice",
+        ),
+        "billing.usage_events_p202501": (False, "within retention (keep from 2025-01-01)"),
+    }
+
+
+def test_dry_run_deletes_nothing_and_is_audited(months):
+    summary = purge.purge(months, as_of=AS_OF, days=DAYS, run_id="t-dry", actor="test")
+    assert summary["would_drop"] == ["billing.usage_events_p202410", "billing.usage_quarantine"]
+    assert summary["dropped"] == []
+    assert _partitions(months) == ALL
+    assert months.execute("SELECT count(*) FROM billing.usage_quarantine").fetchone()[0] == 2
+    audit = months.execute(
+        """SELECT object, action, dry_run FROM billing.retention_purge_audit
+            WHERE run_id = 't-dry' ORDER BY object"""
+    ).fetchall()
+    assert audit == [
+        ("billing.usage_events_p202410", "would_drop", True),
+        ("billing.usage_events_p202411", "kept", True),
+        ("billing.usage_events_p202412", "kept", True),
+        ("billing.usage_events_p202501", "kept", True),
+        ("billing.usage_quarantine@2024-10", "would_drop", True),
+        ("billing.usage_quarantine@2024-12", "kept", True),
+    ]
+
+
+@pytest.mark.parametrize("word", [None, "", "confirm", "CONFIRM ", "yes"])
+def test_wrong_confirm_refuses_and_deletes_nothing(months, word):
+    with pytest.raises(purge.PurgeRefused, match="refusing to purge: confirm must be exactly"):
+        purge.purge(
+            months, as_of=AS_OF, days=DAYS, dry_run=False, confirm=word, run_id="t-no", actor="t"
+        )
+    assert _partitions(months) == ALL
+    assert (
+        months.execute(
+            "SELECT count(*) FROM billing.retention_purge_audit WHERE run_id = 't-no'"
+        ).fetchone()[0]
+        == 0
+    )
+
+
+def test_real_purge_drops_only_invoiced_and_reconciled_months(months):
+    summary = purge.purge(
+        months,
+        as_of=AS_OF,
+        days=DAYS,
+        dry_run=False,
+        confirm="CONFIRM",
+        run_id="t-real",
+        actor="test",
+    )
+    assert summary["dropped"] == ["billing.usage_events_p202410", "billing.usage_quarantine"]
+    assert _partitions(months) == ALL[1:]  # invoiced-but-unreconciled 2024-11 stays
+    assert months.execute(
+        "SELECT arrival_day FROM billing.usage_quarantine ORDER BY 1"
+    ).fetchall() == [(dt.date(2024, 12, 3),)]
+    assert (
+        months.execute(
+            "SELECT count(*) FROM billing.usage_events WHERE occurred_at < '2024-11-01'"
+        ).fetchone()[0]
+        == 0
+    )
+    # a retry of the same run changes nothing
+    again = purge.purge(
+        months, as_of=AS_OF, days=DAYS, dry_run=False, confirm="CONFIRM", run_id="t-real", actor="t"
+    )
+    assert again["dropped"] == []
+    assert _partitions(months) == ALL[1:]
+
+
+def test_open_incident_blocks_a_reconciled_month(months):
+    months.execute(
+        """CREATE TABLE IF NOT EXISTS billing.billing_incidents (
+               period date NOT NULL, status text NOT NULL)"""
+    )
+    months.execute(
+        "INSERT INTO billing.billing_incidents (period, status) VALUES ('2024-10-01', 'open')"
+    )
+    (item,) = [i for i in purge.plan(months, AS_OF, DAYS) if i.object.endswith("p202410")]
+    assert (item.eligible, item.reason) == (False, "1 open reconciliation incident(s)")
+
+
+def test_no_invoice_tables_means_nothing_is_eligible(months):
+    months.execute("ALTER TABLE billing.billing_audit RENAME TO billing_audit_hidden")
+    eligible = [i for i in purge.plan(months, AS_OF, DAYS) if i.eligible]
+    assert eligible == []
+    reason = months.execute("SELECT billing.usage_period_purge_blocker('2024-10-01')").fetchone()
+    assert reason == ("no reconciliation table (billing.billing_audit) yet",)
+
+
+def test_cli_wrong_confirm_is_one_line_exit_2(capsys):
+    from billing import cli
+
+    assert cli.main(["purge", "--older-than", "400", "--confirm", "yes"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("billing: error: refusing to purge: confirm must be exactly 'CONFIRM'")
+
+
+def test_cutoff_counts_back_from_as_of():
+    assert purge.cutoff(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 25)
+    assert purge.first_kept_month(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 1)
