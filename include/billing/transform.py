@@ -70,7 +70,9 @@ def dbt_env(target: str) -> dict[str, str]:
                 "BILLING_DBT_CH_PORT": str(ch.port or 8123),
                 "BILLING_DBT_CH_USER": ch.login or "default",
                 "DBT_ENV_SECRET_CH_PASSWORD": ch.password or "",
-                "BILLING_DBT_CH_SECURE": str(bool(ch.extra.get("secure", False))).lower(),
+                "BILLING_DBT_CH_SECURE": str(
+                    str(ch.extra.get("secure", "")).lower() in ("1", "true", "yes")
+                ),
                 "BILLING_DBT_CH_SCHEMA": ch.schema or "analytics",
                 # ClickHouse reads Postgres itself (postgresql() table function); the host it
                 # sees may differ from ours, so the clickhouse connection may override it.
