@@ -1,0 +1,262 @@
+"""Benchmark: invoice PDFs through the real Airflow API server (plugin at /billing).
+
+    .venv/bin/python bench/pdf_api.py [--seconds 30] [--clients 16] [--workers 1] [--invoices 3000]
+
+Brings up its own stack under ``.local/bench-stack`` (so it never touches dev data),
+seeds synthetic snapshot rows (``billing_snapshot.fct_invoices`` / ``fct_invoice_lines``,
+created if dbt has not built them there), starts ``airflow api-server`` with our plugin,
+gets a JWT, then runs three phases with N concurrent clients for S seconds each:
+
+- cold: every request is for an invoice not rendered yet (render + cache store)
+- warm: repeated 200s for already-rendered invoices (cache hits, full body)
+- 304:  the same with ``If-None-Match`` (lookup only, no body)
+
+Prints requests/s, p50/p99 latency and error counts as JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK_DIR = ROOT / ".local" / "bench-stack"
+SCHEMA = "billing_snapshot"
+DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoices (
+    invoice_id text, org_id text, period text, period_start date, period_end date,
+    plan text, currency text, base_fee_cents bigint, usage_cents bigint,
+    total_cents bigint, line_count integer, status text, catalog_version text,
+    snapshot_hash text, as_of_day date);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoice_lines (
+    invoice_line_id text, invoice_id text, line_number integer, org_id text,
+    period_start date, line_type text, metric text, pricing_mode text, quantity numeric,
+    amount_cents bigint, currency text, tiers jsonb, catalog_version text);
+CREATE INDEX IF NOT EXISTS bench_inv_id ON {SCHEMA}.fct_invoices (invoice_id);
+CREATE INDEX IF NOT EXISTS bench_line_inv_id ON {SCHEMA}.fct_invoice_lines (invoice_id);
+"""
+METRICS = ("api_calls", "storage_gb", "compute_minutes", "emails_sent", "seats", "gpu_hours")
+
+
+def seed(n: int) -> list[str]:
+    from billing import db
+
+    ids, inv_rows, line_rows = [], [], []
+    for k in range(n):
+        org = f"bench-{k:05d}"
+        iid = f"inv_{org}_203101"
+        ids.append(iid)
+        inv_rows.append((org, "Bench Org Ωmega", f"{org}@bench.test"))
+        total = 4900
+        line_rows.append((f"{iid}.0", iid, 1, org, "base_fee", None, None, 1, 4900, "[]"))
+        for j, metric in enumerate(METRICS, 2):
+            cents = 1000 + k + j
+            total += cents
+            tiers = [
+                {"from": 0, "up_to": 1000, "unit_price": 0, "quantity": 1000, "amount": 0},
+                {
+                    "from": 1000,
+                    "up_to": None,
+                    "unit_price": "0.001",
+                    "quantity": cents * 10,
+                    "amount": str(cents / 100),
+                },
+            ]
+            line_rows.append(
+                (f"{iid}.{j}", iid, j, org, "usage", metric, "graduated", 1000 + cents * 10, cents,
+                 json.dumps(tiers))
+            )  # fmt: skip
+        inv_rows[-1] += (iid, total)
+    with db.connect(autocommit=True) as cx:
+        cx.execute(DDL)
+        cx.execute(f"DELETE FROM {SCHEMA}.fct_invoice_lines WHERE org_id LIKE 'bench-%%'")
+        cx.execute(f"DELETE FROM {SCHEMA}.fct_invoices WHERE org_id LIKE 'bench-%%'")
+        with cx.cursor() as cur:
+            cur.executemany(
+                """INSERT INTO billing.organizations (org_id, name, email, plan, currency)
+                   VALUES (%s, %s, %s, 'starter', 'usd') ON CONFLICT (org_id) DO NOTHING""",
+                [r[:3] for r in inv_rows],
+            )
+            cur.executemany(
+                f"""INSERT INTO {SCHEMA}.fct_invoices (invoice_id, org_id, period, period_start,
+                       currency, base_fee_cents, usage_cents, total_cents, line_count, status,
+                       catalog_version, snapshot_hash)
+                    VALUES (%s, %s, '2031-01', '2031-01-01', 'usd', 4900, %s, %s, 7, 'final',
+                            'bench', md5(%s))""",
+                [(r[3], r[0], r[4] - 4900, r[4], f"{r[3]}:{r[4]}") for r in inv_rows],
+            )
+            cur.executemany(
+                f"""INSERT INTO {SCHEMA}.fct_invoice_lines (invoice_line_id, invoice_id,
+                       line_number, org_id, period_start, line_type, metric, pricing_mode,
+                       quantity, amount_cents, currency, tiers, catalog_version)
+                    VALUES (%s, %s, %s, %s, '2031-01-01', %s, %s, %s, %s, %s, 'usd', %s,
+                            'bench')""",
+                line_rows,
+            )
+    return ids
+
+
+def start_server(workers: int) -> tuple[subprocess.Popen, str, str, Path]:
+    import httpx
+
+    from billing.stack import process
+
+    home = STACK_DIR / "api-bench"
+    home.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(12)
+    pwfile = home / "passwords.json"
+    pwfile.write_text(json.dumps({"admin": password}))
+    port = process.free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pwfile),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    log_path = home / "api-server.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "airflow"), "api-server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", str(workers)],
+        env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"api-server exited; see {log_path}")
+        try:
+            if httpx.get(f"{base}/api/v2/version", timeout=2).status_code in (200, 401):
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            sys.exit(f"api-server not ready in 120 s; see {log_path}")
+        time.sleep(0.25)
+    r = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password})
+    r.raise_for_status()
+    return proc, base, r.json()["access_token"], log_path
+
+
+async def phase(base, token, clients, seconds, next_request) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    errors = 0
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as c:
+
+        async def worker():
+            nonlocal errors
+            while time.monotonic() < stop:
+                req = next_request()
+                if req is None:
+                    return
+                path, extra, expect = req
+                t0 = time.perf_counter()
+                try:
+                    r = await c.get(path, headers=extra)
+                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                    if r.status_code != expect:
+                        errors += 1
+                except httpx.HTTPError:
+                    errors += 1
+                lat.append(time.perf_counter() - t0)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.monotonic() - t0
+    lat.sort()
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [lat[0]] * 99
+    return {
+        "requests": len(lat),
+        "rps": round(len(lat) / elapsed, 1),
+        "p50_ms": round(q[49] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+        "errors": errors,
+        "status": codes,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=1, help="api-server worker processes")
+    ap.add_argument("--invoices", type=int, default=3000)
+    ap.add_argument("--keep-stack", action="store_true")
+    args = ap.parse_args()
+
+    os.environ["BILLING_LOCAL_DIR"] = str(STACK_DIR)
+    from billing.stack.manager import Stack
+
+    stack = Stack(STACK_DIR)
+    stack.up()
+    os.environ.update(stack.env())
+    ids = seed(args.invoices)
+    proc, base, token, log_path = start_server(args.workers)
+    try:
+        import httpx
+
+        cold = iter(ids)
+        hot = ids[: args.clients * 4]
+        etags: dict[str, str] = {}
+
+        def cold_req():
+            iid = next(cold, None)
+            return None if iid is None else (f"/billing/invoices/{iid}/pdf", {}, 200)
+
+        results = {"cold": asyncio.run(phase(base, token, args.clients, args.seconds, cold_req))}
+        rendered = results["cold"]["requests"]
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c:
+            for iid in hot:  # make sure the hot set is rendered (in every worker, roughly)
+                for _ in range(args.workers):
+                    etags[iid] = c.get(f"/billing/invoices/{iid}/pdf").headers["etag"]
+        counter = iter(range(10**12))
+
+        def warm_req():
+            iid = hot[next(counter) % len(hot)]
+            return (f"/billing/invoices/{iid}/pdf", {}, 200)
+
+        def nm_req():
+            iid = hot[next(counter) % len(hot)]
+            return (f"/billing/invoices/{iid}/pdf", {"If-None-Match": etags[iid]}, 304)
+
+        results["warm_200"] = asyncio.run(phase(base, token, args.clients, args.seconds, warm_req))
+        results["revalidate_304"] = asyncio.run(
+            phase(base, token, args.clients, args.seconds, nm_req)
+        )
+        results["config"] = {
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "api_server_workers": args.workers,
+            "invoices_seeded": len(ids),
+            "cold_rendered": rendered,
+            "cpus": os.cpu_count(),
+        }
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        if not args.keep_stack:
+            stack.down()
+    print(json.dumps(results, indent=2))
+    print("\n| phase | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
+    for name in ("cold", "warm_200", "revalidate_304"):
+        r = results[name]
+        print(f"| {name} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
+
+
+if __name__ == "__main__":
+    main()
