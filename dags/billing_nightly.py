@@ -23,7 +23,7 @@ from billing.orchestration import DEFAULT_ARGS, START_DATE, day_of
 
 with DAG(
     dag_id="billing_nightly",
-    schedule=CronDataIntervalTimetable("0 1 * * *", timezone="UTC"),
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,

@@ -21,7 +21,10 @@ def run_day(day: dt.date, dag_id: str = "billing_nightly", quiet: bool = False) 
         env.update(stack.env())
     env.setdefault("BILLING_RETRY_DELAY_SECONDS", "3")
     airflow = Path(sys.executable).parent / "airflow"
-    cmd = [str(airflow), "dags", "test", dag_id, f"{day.isoformat()}T00:00:00+00:00"]
+    # A manual run's data interval is the one that ends at its logical date, so the run
+    # responsible for arrival day D is the one at D+1 00:00 UTC: interval [D, D+1).
+    run_at = day + dt.timedelta(days=1)
+    cmd = [str(airflow), "dags", "test", dag_id, f"{run_at.isoformat()}T00:00:00+00:00"]
     out = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
     if out.returncode != 0:
         tail = (out.stderr or out.stdout or "").strip().splitlines()[-3:] if quiet else []
