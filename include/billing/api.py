@@ -320,6 +320,9 @@ def create_app() -> FastAPI:
         openapi_url=None,
     )
     app.state.pdf_cache = PdfCache(_cache_bytes())
+    from billing import metrics_export
+
+    metrics_export.instrument(app)  # RED middleware + GET /billing/metrics (same auth)
 
     def _with_status(response: Response) -> None:
         st = stripe_status()

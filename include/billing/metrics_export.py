@@ -194,7 +194,9 @@ def collect_postgres(f: _Families, up: dict[str, int]) -> None:
         up.update({name: 0 for name in PG_SOURCES})
         return
     with cx:
-        cx.execute("SET statement_timeout = %s", (f"{scrape_timeout_ms()}ms",))
+        cx.execute(
+            "SELECT set_config('statement_timeout', %s, false)", (f"{scrape_timeout_ms()}ms",)
+        )
         for name, relations in PG_SOURCES.items():
             present = cx.execute(
                 "SELECT bool_and(to_regclass(r) IS NOT NULL) FROM unnest(%s::text[]) r",
@@ -361,3 +363,33 @@ def register(registry=None) -> None:
 def render() -> tuple[bytes, str]:
     register()
     return generate_latest(obs.SERVER_REGISTRY), CONTENT_TYPE_LATEST
+
+
+def instrument(app) -> None:
+    """Count requests and time them (RED for the billing API) and serve GET /metrics.
+
+    The route inherits the app's dependencies, so scraping needs the same Airflow
+    identity as any other billing route (see docs/OBSERVABILITY.md for the scrape config).
+    """
+    import time
+
+    from fastapi import Response
+
+    @app.middleware("http")
+    async def _red(request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            obs.API_REQUESTS.labels(template, request.method, str(status)).inc()
+            obs.API_LATENCY.labels(template).observe(time.perf_counter() - started)
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    def metrics() -> Response:
+        body, content_type = render()
+        return Response(content=body, media_type=content_type)
