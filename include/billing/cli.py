@@ -112,6 +112,23 @@ def cmd_generate_usage(args) -> int:
     return 0
 
 
+def cmd_ingest_run(args) -> int:
+    from billing import ingest
+
+    run_end = dt.datetime.combine(args.day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    summary = ingest.ingest_day(args.day, run_end)
+    print(json.dumps(summary, indent=2) if args.format == "json" else ingest.format_report(summary))
+    return 0
+
+
+def cmd_ingest_report(args) -> int:
+    from billing import ingest
+
+    rep = ingest.report(args.day)
+    print(json.dumps(rep, indent=2) if args.format == "json" else ingest.format_report(rep))
+    return 0
+
+
 def cmd_run_day(args) -> int:
     from billing import runner
 
@@ -285,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--files", type=_positive, default=1)
     g.add_argument("--gzip", action="store_true")
     g.set_defaults(func=cmd_generate_usage)
+
+    ing = sub.add_parser("ingest", help="usage ingestion: load a day, report on it")
+    ingsub = ing.add_subparsers(dest="ingest_command", required=True, parser_class=_Parser)
+    ir = ingsub.add_parser("run", help="load one arrival day's usage files (run end = next midnight UTC)")
+    ir.add_argument("--day", type=_day, required=True)
+    ir.add_argument("--format", choices=["table", "json"], default="table")
+    ir.set_defaults(func=cmd_ingest_run)
+    irp = ingsub.add_parser("report", help="manifest and quarantine of one arrival day")
+    irp.add_argument("--day", type=_day, required=True)
+    irp.add_argument("--format", choices=["table", "json"], default="table")
+    irp.set_defaults(func=cmd_ingest_report)
 
     r = sub.add_parser("run-day", help="run the nightly DAG for one day without a scheduler")
     r.add_argument("day", type=_day)

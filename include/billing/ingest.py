@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
 from billing import db, settings
@@ -100,9 +100,20 @@ def ingest_day(
         _ensure_partitions(ctx)
 
     def one(path) -> dict:
+        import psycopg
+
         try:
-            with db.connect() as cx:
-                res = _ingest_file(cx, path, ctx)
+            for attempt in range(3):
+                try:
+                    with db.connect() as cx:
+                        cx.execute("SET temp_buffers = '256MB'")  # staging stays in memory
+                        res = _ingest_file(cx, path, ctx)
+                    break
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                    # two files carrying the same event_id, loaded at once: the loser retries
+                    if attempt == 2:
+                        raise
+                    log.warning("usage file %s: deadlock with a concurrent file; retrying", path)
         except Exception as exc:  # reported per file; the run fails at the end
             log.exception("usage file %s failed; rolled back", path)
             return {"path": str(path), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -326,108 +337,123 @@ class _Context:
 
 @dataclass
 class _Stream:
-    """Cheap per-chunk work; lines Python rejects become a NULL placeholder in staging."""
+    """Cheap per-chunk work on clean data; single lines are looked at only in irregular chunks.
+
+    Staging rows are ``raw<TAB>pre``: ``pre`` is NULL for a line SQL must classify, ``blank``
+    for an empty line, or ``reason<US>bytes<US>detail`` for a line Python rejected (its ``raw``
+    then holds the first 4096 characters). Nothing per line is kept in memory.
+    """
 
     write: Callable[[bytes], None]
     max_line: int
     line_no: int = 0
     blank: int = 0
+    rejected: int = 0
     bytes_in: int = 0
-    rejected: list[tuple] = field(default_factory=list)  # (line_no, reason, detail, raw, nbytes)
 
     def feed_lines(self, data: bytes) -> None:
         """``data``: complete lines, each ending in ``\\n``."""
         n = data.count(b"\n")
-        if (
-            data.count(b"}\n") == n  # every line ends in "}" (so: no blank line, no CR)
-            and b"NaN" not in data
-            and b"Infinity" not in data
-            and b"\x00" not in data
-            and self._short_lines(data)
-            and (data.isascii() or _utf8(data))
-        ):
-            self.write(data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t"))
+        odd_utf8 = not (data.isascii() or _utf8(data))
+        odd_tokens = b"NaN" in data or b"Infinity" in data or b"\x00" in data
+        long_lines = not self._short_lines(data)
+        if data.count(b"}\n") == n and not (odd_utf8 or odd_tokens or long_lines):
+            self.write(_escape(data).replace(b"\n", b"\t\\N\n"))
             self.line_no += n
             return
-        out = []
-        for line in data[:-1].split(b"\n"):
-            self.line_no += 1
-            verdict = self._check(line)
+        lines = data.split(b"\n")
+        lines.pop()
+        suspects = {i for i, line in enumerate(lines) if line[-1:] != b"}"}
+        if long_lines:
+            suspects.update(i for i, line in enumerate(lines) if len(line) > self.max_line)
+        if odd_tokens:
+            suspects.update(
+                i
+                for i, line in enumerate(lines)
+                if b"NaN" in line or b"Infinity" in line or b"\x00" in line
+            )
+        if odd_utf8:
+            suspects.update(
+                i for i, line in enumerate(lines) if not (line.isascii() or _utf8(line))
+            )
+        start = 0
+        for i in sorted(suspects):
+            verdict = self._check(lines[i])
             if verdict is None:
-                out.append(_escape(line.removesuffix(b"\r")))
-            else:
-                if verdict != "blank":
-                    self.rejected.append((self.line_no, *verdict, len(line)))
-                out.append(b"\\N")
-        out.append(b"")
-        self.write(b"\n".join(out))
+                continue  # fine after all: stays in the block
+            if i > start:
+                self.write(_escape(b"\n".join(lines[start:i]) + b"\n").replace(b"\n", b"\t\\N\n"))
+            self.write(verdict)
+            start = i + 1
+        if start < len(lines):
+            self.write(_escape(b"\n".join(lines[start:]) + b"\n").replace(b"\n", b"\t\\N\n"))
+        self.line_no += n
 
     def _short_lines(self, data: bytes) -> bool:
         # Every aligned block of half the limit holds a newline <=> no line reaches the limit.
         half = max(1, self.max_line // 2)
-        if len(data) <= half:
-            return True
         return all(data.find(b"\n", i, i + half) >= 0 for i in range(0, len(data) - half, half))
 
-    def _check(self, line: bytes):
-        """None: send to SQL; "blank"; or (reason, detail, raw text)."""
-        line = line.removesuffix(b"\r")
-        if not line.strip():
+    def _check(self, line: bytes) -> bytes | None:
+        """None: a line for SQL; else its staging row (blank, or rejected with a reason)."""
+        body = line.removesuffix(b"\r")
+        if not body.strip():
             self.blank += 1
-            return "blank"
-        if len(line) > self.max_line:
-            return (
+            return b"\tblank\n"
+        if len(body) > self.max_line:
+            return self._reject(
+                body[:RAW_KEEP],
+                len(body),
                 "line_too_long",
-                f"line of {len(line)} bytes exceeds the {self.max_line}-byte limit",
-                _text(line[:RAW_KEEP]),
+                f"line of {len(body)} bytes exceeds the {self.max_line}-byte limit",
             )
         try:
-            text = line.decode("utf-8")
+            text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return (
+            return self._reject(
+                body[:RAW_KEEP],
+                len(body),
                 "not_utf8",
                 f"invalid UTF-8 at byte {exc.start} of the line",
-                _text(line[:RAW_KEEP]),
             )
         if "\x00" in text:
-            return (
-                "malformed_json",
-                "NUL byte in line",
-                text[:RAW_KEEP].replace("\x00", "\\u0000"),
-            )
-        if not line.rstrip().endswith(b"}") or b"NaN" in line or b"Infinity" in line:
-            constants: list[str] = []
-            try:
-                obj = json.loads(text, parse_constant=lambda c: constants.append(c) or float(c))
-            except ValueError as exc:
-                return ("malformed_json", f"not valid JSON: {exc}", text[:RAW_KEEP])
-            if constants:
-                q = obj.get("quantity") if isinstance(obj, dict) else None
-                if isinstance(q, float) and not math.isfinite(q):
-                    return (
-                        "non_finite_quantity",
-                        f"quantity {q} is not a finite number",
-                        text[:RAW_KEEP],
-                    )
-                return (
-                    "malformed_json",
-                    f"not valid JSON: {constants[0]} is not a JSON value",
-                    text[:RAW_KEEP],
+            return self._reject(body, len(body), "malformed_json", "NUL byte in line")
+        if body.rstrip().endswith(b"}") and b"NaN" not in body and b"Infinity" not in body:
+            return None if body is line else _escape(body) + b"\t\\N\n"
+        constants: list[str] = []
+        try:
+            obj = json.loads(text, parse_constant=lambda c: constants.append(c) or float(c))
+        except ValueError as exc:
+            return self._reject(body, len(body), "malformed_json", f"not valid JSON: {exc}")
+        if constants:
+            q = obj.get("quantity") if isinstance(obj, dict) else None
+            if isinstance(q, float) and not math.isfinite(q):
+                return self._reject(
+                    body, len(body), "non_finite_quantity", f"quantity {q} is not a finite number"
                 )
-        return None
+            return self._reject(
+                body,
+                len(body),
+                "malformed_json",
+                f"not valid JSON: {constants[0]} is not a JSON value",
+            )
+        return _escape(body) + b"\t\\N\n"  # valid JSON without a closing brace: SQL says what it is
+
+    def _reject(self, raw: bytes, nbytes: int, reason: str, detail: str) -> bytes:
+        self.rejected += 1
+        pre = f"{reason}\x1f{nbytes}\x1f{detail}".encode()
+        return _escape(_text(raw[:RAW_KEEP]).encode()) + b"\t" + _escape(pre) + b"\n"
 
     def too_long(self, prefix: bytes, nbytes: int) -> None:
         self.line_no += 1
-        self.rejected.append(
-            (
-                self.line_no,
+        self.write(
+            self._reject(
+                prefix,
+                nbytes,
                 "line_too_long",
                 f"line of {nbytes} bytes exceeds the {self.max_line}-byte limit",
-                _text(prefix[:RAW_KEEP]),
-                nbytes,
             )
         )
-        self.write(b"\\N\n")
 
 
 def _utf8(data: bytes) -> bool:
@@ -439,11 +465,13 @@ def _utf8(data: bytes) -> bool:
 
 
 def _text(b: bytes) -> str:
-    return b.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    """Bytes as storable text: invalid UTF-8 as \\x escapes, no NUL, at most RAW_KEEP characters."""
+    return b.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")[:RAW_KEEP]
 
 
-def _escape(line: bytes) -> bytes:
-    return line.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\r", b"\\r")
+def _escape(data: bytes) -> bytes:
+    """COPY text format: escape backslash, tab and CR (newline is the row separator)."""
+    return data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\r", b"\\r")
 
 
 def _pump(fh, st: _Stream) -> None:
@@ -477,18 +505,24 @@ def _pump(fh, st: _Stream) -> None:
 
 # --------------------------------------------------------------------------- SQL
 
-_STAGE = "CREATE TEMP TABLE ingest_stage (line_no bigint GENERATED ALWAYS AS IDENTITY, raw text) ON COMMIT DROP"
+_STAGE = """CREATE TEMP TABLE ingest_stage (line_no bigint GENERATED ALWAYS AS IDENTITY, raw text, pre text)
+            ON COMMIT DROP"""
 
-_RFC3339 = r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)$"
+# RFC 3339 with offset, checked by position (a regex costs more than the whole parse); the
+# cast then rejects any non-digit or out-of-range field.
+_RFC3339 = (
+    "length(f.t_text) BETWEEN 20 AND 35 AND substr(f.t_text, 5, 1) = '-' AND substr(f.t_text, 8, 1) = '-'"
+    " AND substr(f.t_text, 11, 1) IN ('T', 't', ' ') AND substr(f.t_text, 14, 1) = ':'"
+    " AND substr(f.t_text, 17, 1) = ':' AND (right(f.t_text, 1) IN ('Z', 'z')"
+    " OR (substr(f.t_text, length(f.t_text) - 5, 1) IN ('+', '-') AND substr(f.t_text, length(f.t_text) - 2, 1) = ':'))"
+)
 
 # {j_expr} and {ts_expr} are the fast (direct cast) or safe (exception-catching) casts.
 _CLASSIFY = """
 CREATE TEMP TABLE ingest_cls ON COMMIT DROP AS
 SELECT c.line_no, c.reason, c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at,
        c.billable, c.source, c.properties,
-       CASE WHEN c.reason IS NULL THEN md5(jsonb_build_array(
-            c.org_id, c.metric, trim_scale(c.quantity), c.occurred_at, c.billable, c.source,
-            c.properties)::text)::uuid END AS payload_hash,
+       CASE WHEN c.reason IS NULL THEN md5(c.j::text)::uuid END AS payload_hash,
        CASE c.reason
          WHEN 'malformed_json' THEN 'not valid JSON'
          WHEN 'bad_type' THEN concat_ws('; ',
@@ -540,7 +574,7 @@ FROM (
       o.org_id,
       CASE WHEN f.m_text = ANY(%(metrics)s) THEN f.m_text END AS metric,
       CASE WHEN jsonb_typeof(f.q) = 'number' THEN f.q::numeric END AS quantity,
-      CASE WHEN jsonb_typeof(f.t) = 'string' AND f.t_text ~ %(rfc3339)s THEN {ts_expr} END AS occurred_at,
+      CASE WHEN jsonb_typeof(f.t) = 'string' AND {rfc3339} THEN {ts_expr} END AS occurred_at,
       CASE WHEN jsonb_typeof(f.b) = 'boolean' THEN f.b::boolean ELSE true END AS billable,
       CASE WHEN jsonb_typeof(f.src) = 'string' THEN f.src #>> '{{}}' END AS source,
       CASE WHEN jsonb_typeof(f.props) = 'object' THEN f.props END AS properties
@@ -550,7 +584,7 @@ FROM (
              CASE WHEN jsonb_typeof(o) = 'string' THEN o #>> '{{}}' END AS o_text,
              CASE WHEN jsonb_typeof(m) = 'string' THEN m #>> '{{}}' END AS m_text,
              CASE WHEN jsonb_typeof(t) = 'string' THEN t #>> '{{}}' END AS t_text
-      FROM (SELECT line_no, {j_expr} AS j FROM ingest_stage WHERE raw IS NOT NULL OFFSET 0) p,
+      FROM (SELECT line_no, {j_expr} AS j FROM ingest_stage WHERE pre IS NULL OFFSET 0) p,
            LATERAL (SELECT p.j -> 'event_id' AS e, p.j -> 'org_id' AS o, p.j -> 'metric' AS m,
                            p.j -> 'quantity' AS q, p.j -> 'occurred_at' AS t, p.j -> 'billable' AS b,
                            p.j -> 'source' AS src, p.j -> 'properties' AS props) x
@@ -600,6 +634,14 @@ SELECT %(file_id)s, c.line_no, %(day)s, c.reason, c.detail, c.event_id, left(s.r
   FROM ingest_cls c JOIN ingest_stage s USING (line_no) WHERE c.reason IS NOT NULL
 """
 
+# Lines Python rejected while streaming: pre = reason<US>bytes<US>detail, raw = the line's start.
+_QUARANTINE_PRE = """
+INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail, raw, raw_bytes)
+SELECT %(file_id)s, line_no, %(day)s, split_part(pre, E'\\x1f', 1), split_part(pre, E'\\x1f', 3),
+       raw, split_part(pre, E'\\x1f', 2)::bigint
+  FROM ingest_stage WHERE pre IS NOT NULL AND pre <> 'blank'
+"""
+
 _QUARANTINE_CONFLICTS = f"""
 INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail, event_id, raw, raw_bytes)
 SELECT %(file_id)s, x.line_no, %(day)s, 'conflict',
@@ -639,19 +681,23 @@ def _classify(cx, ctx: _Context) -> str:
         "latest": ctx.run_end + FUTURE_SLACK,
         "earliest": ctx.run_end - ctx.lateness,
         "metrics": ctx.metrics,
-        "rfc3339": _RFC3339,
     }
     try:
         with cx.transaction():
             cx.execute(
-                _CLASSIFY.format(j_expr="raw::jsonb", ts_expr="f.t_text::timestamptz"), params
+                _CLASSIFY.format(
+                    j_expr="raw::jsonb", ts_expr="f.t_text::timestamptz", rfc3339=_RFC3339
+                ),
+                params,
             )
         return "fast"
     except psycopg.errors.DataError as exc:
         log.info("fast path failed (%s); classifying with safe casts", str(exc).splitlines()[0])
     cx.execute(
         _CLASSIFY.format(
-            j_expr="billing.try_jsonb(raw)", ts_expr="billing.try_timestamptz(f.t_text)"
+            j_expr="billing.try_jsonb(raw)",
+            ts_expr="billing.try_timestamptz(f.t_text)",
+            rfc3339=_RFC3339,
         ),
         params,
     )
@@ -699,7 +745,7 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
         with path.open("rb") as raw_fh:
             raw = _HashingReader(raw_fh)
             fh = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
-            with cx.cursor().copy("COPY ingest_stage (raw) FROM STDIN") as copy:
+            with cx.cursor().copy("COPY ingest_stage (raw, pre) FROM STDIN") as copy:
                 st = _Stream(copy.write, ctx.max_line)
                 _pump(fh, st)
             raw.drain()  # gzip may stop before trailing bytes; hash the whole file
@@ -725,16 +771,7 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
                 f"{uri}: {valid - new} unregistered lines but {duplicate + conflict} found registered"
             )
         if st.rejected:
-            with cx.cursor() as cur:
-                cur.executemany(
-                    """INSERT INTO billing.usage_quarantine
-                           (file_id, line_no, arrival_day, reason, detail, raw, raw_bytes)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s)""",
-                    [
-                        (file_id, n, ctx.day, reason, detail, text, nbytes)
-                        for n, reason, detail, text, nbytes in st.rejected
-                    ],
-                )
+            cx.execute(_QUARANTINE_PRE, p)
         reasons = dict(
             cx.execute(
                 "SELECT reason, count(*) FROM billing.usage_quarantine WHERE file_id = %s GROUP BY reason ORDER BY reason",

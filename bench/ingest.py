@@ -1,0 +1,162 @@
+"""Benchmark: usage ingest end to end vs raw COPY of the same rows (the physical limit).
+
+    .venv/bin/python bench/ingest.py [--events N] [--files F] [--workers W]
+
+Uses the running dev stack (``billing stack up``). Writes synthetic files for a dedicated
+arrival day under ``.local/bench/``, times ``billing.ingest.ingest_day`` on them, then times a
+single-stream ``COPY`` of the same rows pre-flattened to CSV into a plain (logged) table with
+the same columns. Its own rows are removed afterwards (``--keep`` to keep them).
+Peak memory is the ingest process's max RSS, measured in a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+DAY = dt.date(2031, 1, 15)  # far from real data: its own month partition, dropped afterwards
+RUN_END = dt.datetime(2031, 1, 16, tzinfo=dt.UTC)
+ORGS = 200
+METRICS = ("api_calls", "storage_gb", "compute_minutes", "emails_sent")
+SOURCES = ("api-gateway", "storage-svc", "scheduler", "mailer")
+
+
+def write_files(root: Path, events: int, files: int) -> tuple[list[Path], Path]:
+    """Fast deterministic writer (~1M lines/s): JSONL files and the same rows as one CSV."""
+    day_dir = root / "landing" / "usage" / f"dt={DAY.isoformat()}"
+    shutil.rmtree(root / "landing", ignore_errors=True)
+    day_dir.mkdir(parents=True)
+    csv_path = root / "flat.csv"
+    start = int(dt.datetime.combine(DAY, dt.time(), tzinfo=dt.UTC).timestamp())
+    ns = uuid.UUID(int=2031)
+    paths = []
+    per = -(-events // files)
+    with open(csv_path, "w") as csv:
+        for f in range(files):
+            p = day_dir / f"part-{f:04d}.jsonl"
+            paths.append(p)
+            lines, rows = [], []
+            with open(p, "w") as out:
+                for i in range(f * per, min(events, (f + 1) * per)):
+                    eid = str(uuid.UUID(int=(ns.int + i * 0x9E3779B97F4A7C15) % (1 << 128)))
+                    m = i % 4
+                    org = f"org-{(i * 7919) % ORGS + 1:04d}"
+                    q = f"{(i % 5000) / 100:.2f}" if m == 1 else str(i % 400 + 1)
+                    ts = dt.datetime.fromtimestamp(start + (i * 37) % 86_400, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    billable = "false" if i % 33 == 0 else "true"
+                    lines.append(
+                        f'{{"event_id":"{eid}","org_id":"{org}","metric":"{METRICS[m]}","quantity":{q},'
+                        f'"occurred_at":"{ts}","billable":{billable},"source":"{SOURCES[m]}"}}\n'
+                    )
+                    rows.append(f"{eid},{org},{METRICS[m]},{q},{ts},{billable},{SOURCES[m]},,{DAY},0,{i},{ts}\n")
+                    if len(lines) >= 50_000:
+                        out.writelines(lines)
+                        csv.writelines(rows)
+                        lines, rows = [], []
+                out.writelines(lines)
+                csv.writelines(rows)
+    return paths, csv_path
+
+
+def _ingest_child(landing: str, workers: int, q) -> None:
+    from billing import ingest
+
+    t = time.perf_counter()
+    summary = ingest.ingest_day(DAY, RUN_END, landing_uri=landing, workers_=workers)
+    seconds = time.perf_counter() - t
+    q.put({"seconds": seconds, "summary": summary,
+           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def cleanup(cx) -> None:
+    cx.execute("DROP TABLE IF EXISTS billing.usage_events_p203101")
+    cx.execute("DROP TABLE IF EXISTS public.bench_copy_baseline")
+    ids = [r[0] for r in cx.execute("SELECT file_id FROM billing.usage_files WHERE arrival_day = %s", (DAY,))]
+    if ids:
+        cx.execute("DELETE FROM billing.usage_event_ids WHERE file_id = ANY(%s)", (ids,))
+        cx.execute("DELETE FROM billing.usage_quarantine WHERE file_id = ANY(%s)", (ids,))
+        cx.execute("DELETE FROM billing.usage_files WHERE file_id = ANY(%s)", (ids,))
+
+
+def raw_copy(cx, csv_path: Path) -> float:
+    cx.execute("CREATE TABLE public.bench_copy_baseline (LIKE billing.usage_events INCLUDING DEFAULTS)")
+    cx.execute("CHECKPOINT")
+    t = time.perf_counter()
+    with cx.cursor().copy("COPY public.bench_copy_baseline FROM STDIN (FORMAT csv)") as copy, open(csv_path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            copy.write(block)
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, action="append", help="events (repeatable; default 1M and 5M)")
+    ap.add_argument("--files", type=int, default=0, help="files per run (default: one per 500k events)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args(argv)
+
+    from billing import db, orgs, pricing, settings, usage_gen
+    from billing.stack.manager import activate
+
+    activate()
+    db.migrate()
+    with db.transaction() as cx:
+        orgs.upsert(cx, usage_gen.demo_orgs(ORGS, pricing.load_catalog()))
+    root = settings.local_dir() / "bench"
+    results = []
+    for n in args.events or [1_000_000, 5_000_000]:
+        files = args.files or max(1, n // 500_000)
+        with db.connect(autocommit=True) as cx:
+            cx.execute("SET statement_timeout = 0")
+            cleanup(cx)
+            t = time.perf_counter()
+            paths, csv_path = write_files(root, n, files)
+            print(f"# {n:,} events in {files} file(s): written in {time.perf_counter() - t:.1f}s "
+                  f"({sum(p.stat().st_size for p in paths) / 1e6:.0f} MB)", flush=True)
+            cx.execute("CHECKPOINT")
+        q = mp.get_context("spawn").Queue()
+        child = mp.get_context("spawn").Process(target=_ingest_child, args=((root / "landing").as_uri(), args.workers, q))
+        child.start()
+        res = q.get()
+        child.join()
+        tot = res["summary"]["total"]
+        assert tot["accepted"] + tot["non_billable"] == n, tot
+        with db.connect(autocommit=True) as cx:
+            cx.execute("SET statement_timeout = 0")
+            copy_s = raw_copy(cx, csv_path)
+            if not args.keep:
+                cleanup(cx)
+        row = {
+            "events": n,
+            "files": files,
+            "workers": args.workers,
+            "ingest_s": round(res["seconds"], 2),
+            "ingest_eps": round(n / res["seconds"]),
+            "raw_copy_s": round(copy_s, 2),
+            "raw_copy_eps": round(n / copy_s),
+            "ratio": round(copy_s / res["seconds"], 2),
+            "peak_mb": round(res["peak_mb"]),
+            "file_timings": [f.get("timings") for f in res["summary"]["files"]][:3],
+        }
+        results.append(row)
+        print(f"events={n:,}  ingest {row['ingest_eps']:,} ev/s ({row['ingest_s']}s)  "
+              f"raw COPY {row['raw_copy_eps']:,} rows/s ({row['raw_copy_s']}s)  "
+              f"ratio {row['ratio']}  peak {row['peak_mb']} MB", flush=True)
+        print(json.dumps(row), flush=True)
+        (root / "landing").exists() and shutil.rmtree(root / "landing")
+        csv_path.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
