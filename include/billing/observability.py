@@ -28,6 +28,40 @@ INGEST_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 
+# Stripe sync (billing.stripe_sync). Durable twins live in billing.stripe_outbox
+# (attempts, retries, error_counts, status); see stripe_sync.outbox.counters().
+STRIPE_REQUESTS = Counter(
+    "billing_stripe_requests_total",
+    "Stripe API requests by operation and outcome (ok or error class)",
+    ["op", "outcome"],
+    registry=REGISTRY,
+)
+STRIPE_REQUEST_SECONDS = Histogram(
+    "billing_stripe_request_duration_seconds",
+    "Latency of one Stripe API request",
+    ["op"],
+    registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STRIPE_ERRORS = Counter(
+    "billing_stripe_errors_total",
+    "Failed Stripe requests by error class",
+    ["error_class"],
+    registry=REGISTRY,
+)
+STRIPE_RETRIES = Counter(
+    "billing_stripe_retries_total",
+    "Stripe requests retried after a backoff, by error class",
+    ["error_class"],
+    registry=REGISTRY,
+)
+STRIPE_WRITES = Counter(
+    "billing_stripe_writes_total",
+    "Outbox writes by outcome (sent, adopted, parked, queued, blocked)",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+
 # ---------------------------------------------------------------- exported by the API server
 # Airflow tasks exit before any scrape, so the billing API (GET /billing/metrics) exports
 # SERVER_REGISTRY: in-process metrics of the API server itself plus DurableCollector

@@ -1,0 +1,211 @@
+"""Stripe sync: exactly-once overage pushes through a Postgres outbox.
+
+Playbook flow "Invoice lifecycle -> sync with Stripe (overages)" and the "Stripe API
+errors" / "Stripe outage" failure modes. The nightly DAG calls :func:`push_day` after dbt,
+and at month end :func:`close_period`; :func:`sync_invoices` runs daily for dunning. The
+``billing parked ...`` / ``billing stripe ...`` commands and the ``billing_retry_parked``
+DAG are thin shells over the functions here.
+
+* ``outbox``: every write is a row (idempotency key, payload, status, counters) before any
+  HTTP call; the same key goes to the SDK and into the object's metadata.
+* ``client``: SDK client from ``stripe_default``, retry policy 1/2/4/8/16 s, rate limit.
+* ``engine``: drains the outbox per org, parks failures in Redis, adopts writes Stripe
+  already has once its idempotency window has passed.
+* ``parking``: the Redis side (parked writes, read-only flag).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+
+from billing import db
+from billing.errors import BillingError
+from billing.stripe_sync import outbox, parking, push
+from billing.stripe_sync.client import Gateway, Policy
+from billing.stripe_sync.engine import Engine, upsert_invoice
+
+__all__ = [
+    "Engine",
+    "Gateway",
+    "Policy",
+    "close_period",
+    "counters",
+    "drain",
+    "list_parked",
+    "push_day",
+    "read_only",
+    "retry_parked",
+    "set_read_only",
+    "show_parked",
+    "sync_invoices",
+]
+
+log = logging.getLogger(__name__)
+Sleep = Callable[[float], None]
+
+
+def _engine(engine: Engine | None, sleep: Sleep | None) -> Engine:
+    return engine or Engine(sleep=sleep)
+
+
+def push_day(day: dt.date, *, engine: Engine | None = None, sleep: Sleep | None = None) -> dict:
+    """Plan run day ``day``'s writes into the outbox, then drain it (unless Stripe is read-only).
+
+    Never fails for a write Stripe refuses: that write is parked for manual retry and
+    counted in the summary. Fails (leaving rows queued) when the key is rejected.
+    """
+    with db.transaction() as cx:
+        cx.execute("SELECT pg_advisory_xact_lock(hashtext('billing.stripe_sync.plan'))")
+        writes = push.plan_day(cx, day)
+        inserted = set(outbox.enqueue(cx, writes))
+    planned = [w for w in writes if w.idempotency_key in inserted]
+    amounts: dict[str, int] = {}
+    for w in planned:
+        if w.amount_cents is not None:
+            amounts[w.currency] = amounts.get(w.currency, 0) + w.amount_cents
+    eng = _engine(engine, sleep)
+    result = eng.drain()
+    summary = {
+        "day": day.isoformat(),
+        "period": push.period_of(day).strftime("%Y-%m"),
+        "planned": len(planned),
+        "planned_cents": amounts,
+        **result,
+    }
+    log.info("stripe push %s: %s", day, summary)
+    return summary
+
+
+def drain(*, engine: Engine | None = None, sleep: Sleep | None = None) -> dict:
+    """Send every queued write in order (after an outage or when items were blocked)."""
+    return _engine(engine, sleep).drain()
+
+
+def close_period(
+    period: dt.date, *, engine: Engine | None = None, sleep: Sleep | None = None
+) -> dict:
+    """Month end: one finalized Stripe invoice per org collecting the period's items (idempotent)."""
+    period = push.period_of(period)
+    eng = _engine(engine, sleep)
+    with db.transaction() as cx:
+        cx.execute("SELECT pg_advisory_xact_lock(hashtext('billing.stripe_sync.plan'))")
+        writes, blocked = push.plan_close(cx, period, eng.policy.days_until_due)
+        inserted = outbox.enqueue(cx, writes)
+    result = eng.drain()
+    with db.connect() as cx:
+        invoices = dict(
+            cx.execute(
+                "SELECT org_id, stripe_invoice_id FROM billing.stripe_invoices WHERE period = %s",
+                (period,),
+            ).fetchall()
+        )
+    return {
+        "period": period.strftime("%Y-%m"),
+        "planned": len(inserted),
+        "invoices": invoices,
+        "blocked": blocked,
+        **result,
+    }
+
+
+def sync_invoices(*, engine: Engine | None = None, sleep: Sleep | None = None) -> dict:
+    """Copy each recorded invoice's Stripe status and amounts into billing.stripe_invoices.
+
+    Reads only, so it runs in read-only mode too. Paid and void invoices are final and skipped.
+    """
+    eng = _engine(engine, sleep)
+    with db.connect(autocommit=True) as cx:
+        rows = cx.execute(
+            """SELECT org_id, period, stripe_invoice_id FROM billing.stripe_invoices
+                WHERE status NOT IN ('paid', 'void') ORDER BY period, org_id"""
+        ).fetchall()
+        statuses: dict[str, int] = {}
+        failed = 0
+        for org_id, period, invoice_id in rows:
+            try:
+                inv, _ = eng.gw.call(
+                    "retrieve_invoice", lambda i=invoice_id: eng.gw.v1.invoices.retrieve(i)
+                )
+            except Exception as exc:  # one unreadable invoice must not stop the others
+                log.warning("cannot sync invoice %s: %s", invoice_id, exc)
+                failed += 1
+                continue
+            upsert_invoice(cx, org_id, period, inv)
+            statuses[inv["status"]] = statuses.get(inv["status"], 0) + 1
+    return {"synced": sum(statuses.values()), "failed": failed, "by_status": statuses}
+
+
+# ------------------------------------------------------------------ parked writes
+def list_parked() -> list[dict]:
+    return list(parking.parked(parking.client()).values())
+
+
+def show_parked(key: str) -> dict:
+    record = parking.show(parking.client(), key)
+    with db.connect() as cx:
+        row = outbox.get(cx, key)
+    if record is None and row is None:
+        raise BillingError(f"no parked write with key {key!r}")
+    return {"redis": record, "outbox": row}
+
+
+def retry_parked(
+    keys: Sequence[str] | None = None,
+    *,
+    all: bool = False,
+    engine: Engine | None = None,
+    sleep: Sleep | None = None,
+) -> dict:
+    """Re-send parked writes (``keys`` or ``all``); also sends what they were blocking."""
+    if not keys and not all:
+        raise BillingError("name the parked keys to retry, or retry all")
+    eng = _engine(engine, sleep)
+    if eng.read_only():
+        raise BillingError(
+            "Stripe is read-only ('billing stripe read-only status'); switch it off first"
+        )
+    r = eng.redis
+    wanted = None if all else list(keys or ())
+    with db.transaction() as cx:
+        ids = outbox.requeue(cx, wanted)
+        orgs = [
+            o
+            for (o,) in cx.execute(
+                "SELECT DISTINCT org_id FROM billing.stripe_outbox WHERE outbox_id = ANY(%s)",
+                (ids,),
+            ).fetchall()
+        ]
+        # Redis entries whose outbox row is already sent (a crash between the two writes).
+        stale = [
+            k
+            for k in (parking.parked(r) if all else wanted)
+            if (row := outbox.get(cx, k)) is not None and row["status"] == "sent"
+        ]
+    unknown = [] if all else [k for k in wanted if k not in stale and not _exists(k)]
+    for k in stale:
+        parking.unpark(r, k)
+    result = eng.drain(orgs=orgs) if orgs else {"sent": 0, "adopted": 0, "parked": 0}
+    return {"requeued": len(ids), "cleared_stale": len(stale), "unknown": unknown, **result}
+
+
+def _exists(key: str) -> bool:
+    with db.connect() as cx:
+        return outbox.get(cx, key) is not None
+
+
+# ------------------------------------------------------------------ outage mode
+def read_only() -> dict | None:
+    """The read-only flag's details when on, else None."""
+    return parking.read_only_info(parking.client())
+
+
+def set_read_only(on: bool, reason: str = "") -> None:
+    parking.set_read_only(parking.client(), on, reason)
+
+
+def counters() -> dict:
+    """Durable push counters (from the outbox) for export."""
+    with db.connect() as cx:
+        return outbox.counters(cx)

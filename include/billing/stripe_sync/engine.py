@@ -1,0 +1,381 @@
+"""Draining the outbox into Stripe: in order, per org, with bounded concurrency.
+
+Each org's pending rows are sent one after another (customer first, then items, then its
+invoice), different orgs in parallel up to ``Policy.concurrency`` and ``Policy.max_rps``.
+A write that exhausts the retry policy is parked (outbox status + Redis); an org whose
+customer or invoice is not in Stripe yet keeps its later rows pending ("blocked") for the
+next drain. Before re-sending a write whose first attempt is older than Stripe's
+idempotency window, the write is looked up by the idempotency key in its metadata and
+adopted if Stripe already has it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from billing import db
+from billing import observability as obs
+from billing.stripe_sync import outbox, parking
+from billing.stripe_sync.client import Failure, Gateway, GiveUp, Policy
+
+log = logging.getLogger(__name__)
+
+DRAIN_LOCK = 7_202_612  # advisory lock: one drain at a time across processes
+OUTCOMES = ("sent", "adopted", "parked", "blocked", "queued")
+
+
+class ForeignPendingItems(Exception):
+    """The customer has pending items of a later period: creating the invoice would take them."""
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    """Field of a Stripe object (not a dict in SDK 16) or a dict; ``default`` when absent/null."""
+    try:
+        value = obj[key]
+    except (KeyError, TypeError, IndexError):
+        return default
+    return default if value is None else value
+
+
+def _ts(value: dt.datetime | dt.date | None) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime):
+        value = dt.datetime.combine(value, dt.time(), dt.UTC)
+    return int(value.timestamp())
+
+
+class Engine:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        sleep: Callable[[float], None] | None = None,
+        gateway: Gateway | None = None,
+        redis_client=None,
+    ):
+        self.gw = gateway or Gateway(policy, sleep)
+        self.policy = self.gw.policy
+        self.redis = redis_client or parking.client()
+        self._local = threading.local()
+        self._conns: list[Any] = []
+        self._conns_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plumbing
+    def _cx(self):
+        cx = getattr(self._local, "cx", None)
+        if cx is None or cx.closed:
+            cx = db.connect(autocommit=True)
+            self._local.cx = cx
+            with self._conns_lock:
+                self._conns.append(cx)
+        return cx
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for cx in self._conns:
+                cx.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+    def read_only(self) -> bool:
+        return parking.is_read_only(self.redis)
+
+    # ------------------------------------------------------------------ drain
+    def drain(self, *, ids: Sequence[int] | None = None, orgs: Sequence[str] | None = None) -> dict:
+        """Send pending rows (all, or only ``ids`` / only ``orgs``); return outcome counts."""
+        with db.connect(autocommit=True) as lock_cx:
+            if self.read_only():
+                n = self._queued(lock_cx)
+                return self._read_only_summary(n)
+            lock_cx.execute("SELECT pg_advisory_lock(%s)", (DRAIN_LOCK,))
+            try:
+                rows = outbox.pending(lock_cx, ids=ids)
+                if orgs is not None:
+                    rows = [r for r in rows if r["org_id"] in set(orgs)]
+                rows = self._without_held(lock_cx, rows)
+                groups: OrderedDict[str, list[dict]] = OrderedDict()
+                for row in rows:
+                    groups.setdefault(row["org_id"], []).append(row)
+                totals: Counter = Counter()
+                try:
+                    workers = min(self.policy.concurrency, max(1, len(groups)))
+                    with ThreadPoolExecutor(workers, thread_name_prefix="stripe-drain") as pool:
+                        for result in pool.map(self._drain_group, groups.values()):
+                            totals.update(result)
+                finally:
+                    self.close()
+                still = self._queued(lock_cx)
+            finally:
+                lock_cx.execute("SELECT pg_advisory_unlock(%s)", (DRAIN_LOCK,))
+        summary = {k: totals.get(k, 0) for k in OUTCOMES}
+        summary["still_pending"] = still
+        if summary["queued"]:
+            summary["status"] = "read_only"
+            summary["message"] = f"queued {still} writes (Stripe read-only)"
+        else:
+            summary["status"] = "parked" if summary["parked"] else "ok"
+        return summary
+
+    def _queued(self, cx) -> int:
+        return cx.execute(
+            "SELECT count(*) FROM billing.stripe_outbox WHERE status = 'pending'"
+        ).fetchone()[0]
+
+    def _read_only_summary(self, n: int) -> dict:
+        message = f"queued {n} writes (Stripe read-only)"
+        log.warning(message)
+        obs.STRIPE_WRITES.labels("all", "queued").inc(n)
+        return {
+            **{k: 0 for k in OUTCOMES},
+            "queued": n,
+            "still_pending": n,
+            "status": "read_only",
+            "message": message,
+        }
+
+    def _without_held(self, cx, rows: list[dict]) -> list[dict]:
+        """Hold an org's usage rows queued after its parked invoice: they belong to the next one."""
+        held = dict(
+            cx.execute(
+                """SELECT org_id, min(outbox_id) FROM billing.stripe_outbox
+                WHERE kind = 'invoice' AND status = 'parked' GROUP BY org_id"""
+            ).fetchall()
+        )
+        return [
+            r
+            for r in rows
+            if not (
+                r["org_id"] in held
+                and r["kind"] in ("usage_item", "base_fee")
+                and r["outbox_id"] > held[r["org_id"]]
+            )
+        ]
+
+    def _drain_group(self, rows: list[dict]) -> Counter:
+        cx = self._cx()
+        result: Counter = Counter()
+        if self.read_only():  # switched on mid-drain: leave the rest queued
+            result["queued"] += len(rows)
+            return result
+        org = rows[0]["org_id"]
+        found = cx.execute(
+            "SELECT stripe_customer_id FROM billing.stripe_customers WHERE org_id = %s", (org,)
+        ).fetchone()
+        customer_id = found[0] if found else None
+        failed = False
+        for row in rows:
+            if row["kind"] != "customer" and customer_id is None:
+                outcome = "blocked"
+            elif row["kind"] in ("invoice", "finalize") and failed:
+                outcome = "blocked"
+            else:
+                outcome, object_id = self._send(cx, row, customer_id)
+                if row["kind"] == "customer" and object_id:
+                    customer_id = object_id
+                failed = failed or outcome == "parked"
+            obs.STRIPE_WRITES.labels(row["kind"], outcome).inc()
+            result[outcome] += 1
+        return result
+
+    # ------------------------------------------------------------------ one write
+    def _send(self, cx, row: dict, customer_id: str | None) -> tuple[str, str | None]:
+        oid = row["outbox_id"]
+
+        def on_failure(f: Failure, delay: float | None) -> None:
+            outbox.record_failure(cx, oid, f.error_class, f.message, delay is not None)
+
+        outbox.mark_attempting(cx, [oid])  # before any HTTP: the 24 h clock starts here
+        try:
+            if self._needs_lookup(row):
+                existing, _ = self.gw.call(
+                    "lookup_" + row["kind"],
+                    lambda: self._find_existing(cx, row, customer_id),
+                    on_failure,
+                )
+                if existing:
+                    self._done(cx, row, existing, adopted=True)
+                    log.info("adopted %s %s for %s", row["kind"], existing, row["idempotency_key"])
+                    return "adopted", existing
+            obj, _ = self.gw.call(
+                "create_" + row["kind"], lambda: self._create(cx, row, customer_id), on_failure
+            )
+        except GiveUp as give_up:
+            f = give_up.failure
+            outbox.mark_parked(cx, oid)
+            parking.park(
+                self.redis,
+                {**row, "attempts": row["attempts"] + give_up.attempts},
+                f.message,
+                f.error_class,
+            )
+            log.warning(
+                "parked %s after %d attempt(s): %s",
+                row["idempotency_key"],
+                give_up.attempts,
+                f.message,
+            )
+            return "parked", None
+        except ForeignPendingItems as exc:
+            outbox.record_failure(cx, oid, "foreign_pending_items", str(exc), False)
+            outbox.mark_parked(cx, oid)
+            parking.park(self.redis, row, str(exc), "foreign_pending_items")
+            return "parked", None
+        self._done(cx, row, obj)
+        return "sent", obj["id"]
+
+    def _done(self, cx, row: dict, obj: Any, *, adopted: bool = False) -> None:
+        object_id = obj if isinstance(obj, str) else obj["id"]
+        with cx.transaction():
+            if row["kind"] == "customer":
+                cx.execute(
+                    """INSERT INTO billing.stripe_customers (org_id, stripe_customer_id) VALUES (%s, %s)
+                       ON CONFLICT (org_id) DO NOTHING""",
+                    (row["org_id"], object_id),
+                )
+            elif row["kind"] in ("invoice", "finalize"):
+                invoice = (
+                    obj
+                    if not isinstance(obj, str)
+                    else self.gw.once(
+                        "retrieve_invoice", lambda: self.gw.v1.invoices.retrieve(object_id)
+                    )
+                )
+                upsert_invoice(cx, row["org_id"], row["period"], invoice)
+            outbox.mark_sent(
+                cx, row["outbox_id"], object_id, adopted=adopted, attempted=not adopted
+            )
+        if row.get("parked_at") is not None or row["status"] == "parked":
+            parking.unpark(self.redis, row["idempotency_key"])
+
+    def _needs_lookup(self, row: dict) -> bool:
+        if row["kind"] in ("invoice", "finalize"):
+            return True  # once per org per month, and never two invoices
+        first = row["first_attempt_at"]  # as loaded, before this drain stamped it
+        return (
+            first is not None and dt.datetime.now(dt.UTC) - first >= self.policy.idempotency_window
+        )
+
+    def _create(self, cx, row: dict, customer_id: str | None) -> Any:
+        params = dict(row["payload"])
+        opts = {"idempotency_key": row["idempotency_key"]}
+        v1 = self.gw.v1
+        kind = row["kind"]
+        if kind == "customer":
+            return v1.customers.create(params=params, options=opts)
+        if kind in ("usage_item", "base_fee"):
+            return v1.invoice_items.create(params={**params, "customer": customer_id}, options=opts)
+        if kind == "invoice":
+            self._check_no_foreign_items(row, customer_id)
+            return v1.invoices.create(params={**params, "customer": customer_id}, options=opts)
+        if kind == "finalize":
+            invoice_id = self._invoice_id(cx, row)
+            return v1.invoices.finalize_invoice(invoice_id, params=params, options=opts)
+        raise ValueError(f"unknown outbox kind {kind!r}")
+
+    def _invoice_id(self, cx, row: dict) -> str:
+        found = cx.execute(
+            "SELECT stripe_invoice_id FROM billing.stripe_invoices WHERE org_id = %s AND period = %s",
+            (row["org_id"], row["period"]),
+        ).fetchone()
+        if not found:
+            raise ForeignPendingItems(
+                f"no Stripe invoice recorded for {row['org_id']} {row['period']:%Y-%m}"
+            )
+        return found[0]
+
+    def _check_no_foreign_items(self, row: dict, customer_id: str) -> None:
+        period = row["period"].strftime("%Y-%m")
+        later = [
+            ii["id"]
+            for ii in self._iter_list(
+                lambda p: self.gw.v1.invoice_items.list(params=p),
+                {"customer": customer_id, "pending": True},
+            )
+            if _get(_get(ii, "metadata", {}), "period", "") > period
+        ]
+        if later:
+            raise ForeignPendingItems(
+                f"customer {customer_id} has {len(later)} pending item(s) of a later period than {period}; "
+                "invoice the periods in order"
+            )
+
+    def _iter_list(self, fetch: Callable[[dict], Any], params: dict) -> Iterator[Any]:
+        """Cursor-paginate a list endpoint, each page through the rate limiter."""
+        params = {**params, "limit": 100}
+        while True:
+            page = self.gw.once("list", lambda p=dict(params): fetch(p))
+            data = list(page["data"])
+            yield from data
+            if not page["has_more"] or not data:
+                return
+            params["starting_after"] = data[-1]["id"]
+
+    def _find_existing(self, cx, row: dict, customer_id: str | None) -> str | None:
+        """The Stripe id of an object already carrying this row's idempotency key, if any."""
+        key, kind = row["idempotency_key"], row["kind"]
+        since = row["first_attempt_at"] or row["created_at"]
+        created = {"gte": _ts(since - dt.timedelta(hours=1))}
+        if kind == "customer":
+            res = self.gw.v1.customers.search(
+                params={"query": f"metadata['org_id']:'{row['org_id']}'", "limit": 10}
+            )
+            for c in res["data"]:
+                return c["id"]
+            return None
+        if kind in ("usage_item", "base_fee"):
+            for ii in self._iter_list(
+                lambda p: self.gw.v1.invoice_items.list(params=p),
+                {"customer": customer_id, "created": created},
+            ):
+                if _get(_get(ii, "metadata", {}), "idempotency_key") == key:
+                    return ii["id"]
+            return None
+        if kind == "invoice":
+            for inv in self._iter_list(
+                lambda p: self.gw.v1.invoices.list(params=p),
+                {"customer": customer_id, "created": created},
+            ):
+                if _get(_get(inv, "metadata", {}), "idempotency_key") == key:
+                    return inv["id"]
+            return None
+        if kind == "finalize":
+            inv = self.gw.v1.invoices.retrieve(self._invoice_id(cx, row))
+            return inv["id"] if inv["status"] != "draft" else None
+        raise ValueError(kind)
+
+
+def upsert_invoice(cx, org_id: str, period: dt.date, inv: Any) -> None:
+    """Record a Stripe invoice's status and amounts (dunning reads this table)."""
+    finalized = _get(_get(inv, "status_transitions", {}), "finalized_at")
+    cx.execute(
+        """INSERT INTO billing.stripe_invoices
+               (org_id, period, stripe_invoice_id, status, currency, amount_due_cents,
+                amount_paid_cents, amount_remaining_cents, due_at, finalized_at, synced_at)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), now())
+           ON CONFLICT (org_id, period) DO UPDATE SET
+               stripe_invoice_id = EXCLUDED.stripe_invoice_id, status = EXCLUDED.status,
+               currency = EXCLUDED.currency, amount_due_cents = EXCLUDED.amount_due_cents,
+               amount_paid_cents = EXCLUDED.amount_paid_cents,
+               amount_remaining_cents = EXCLUDED.amount_remaining_cents,
+               due_at = EXCLUDED.due_at,
+               finalized_at = coalesce(EXCLUDED.finalized_at, billing.stripe_invoices.finalized_at),
+               synced_at = now()""",
+        (
+            org_id,
+            period,
+            inv["id"],
+            inv["status"],
+            _get(inv, "currency"),
+            _get(inv, "amount_due"),
+            _get(inv, "amount_paid"),
+            _get(inv, "amount_remaining"),
+            _get(inv, "due_date"),
+            finalized,
+        ),
+    )

@@ -1,0 +1,170 @@
+"""Planning Stripe writes from the invoice snapshot: daily overage items, base fees, invoices.
+
+For run day D of period P, an org's item for a metric is ``C_now(D) - pushed`` where
+``C_now(D)`` is the snapshot's cumulative charge through D (recomputed with every event
+known now) and ``pushed`` is everything already in the outbox for that org/metric/P, sent
+or not. Late events are therefore absorbed in the current day's item; past items are never
+rewritten. A day at or before the last planned day of an org/metric plans nothing, so
+re-runs and backfills are harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+from billing.stripe_sync import snapshot
+from billing.stripe_sync.outbox import Write, key_for
+
+
+def period_of(day: dt.date) -> dt.date:
+    return day.replace(day=1)
+
+
+def _metadata(
+    key: str,
+    kind: str,
+    org_id: str,
+    period: dt.date,
+    day: dt.date | None = None,
+    metric: str | None = None,
+) -> dict[str, str]:
+    meta = {
+        "org_id": org_id,
+        "period": period.strftime("%Y-%m"),
+        "kind": kind,
+        "idempotency_key": key,
+    }
+    if day is not None:
+        meta["day"] = day.isoformat()
+    if metric is not None:
+        meta["metric"] = metric
+    return meta
+
+
+def customer_write(org: dict, period: dt.date) -> Write:
+    key = f"billing:customer:{org['org_id']}"
+    payload = {
+        "metadata": {"org_id": org["org_id"], "idempotency_key": key},
+        **({"name": org["name"]} if org.get("name") else {}),
+        **({"email": org["email"]} if org.get("email") else {}),
+    }
+    return Write(key, "customer", org["org_id"], period, payload)
+
+
+def plan_customers(cx, org_ids: set[str], period: dt.date) -> list[Write]:
+    """Customer writes for orgs without a Stripe customer (created on first need)."""
+    if not org_ids:
+        return []
+    rows = cx.execute(
+        """SELECT o.org_id, g.name, g.email FROM unnest(%s::text[]) AS o(org_id)
+             LEFT JOIN billing.organizations g USING (org_id)
+            WHERE NOT EXISTS (SELECT 1 FROM billing.stripe_customers c WHERE c.org_id = o.org_id)
+            ORDER BY o.org_id""",
+        (sorted(org_ids),),
+    ).fetchall()
+    return [customer_write({"org_id": r[0], "name": r[1], "email": r[2]}, period) for r in rows]
+
+
+def plan_day(cx, day: dt.date) -> list[Write]:
+    """The writes run day ``day`` adds: customers first, then base fees, then usage items."""
+    period = period_of(day)
+    pushed: dict[tuple[str, str], tuple[int, dt.date]] = {
+        (org, metric): (int(total), last)
+        for org, metric, total, last in cx.execute(
+            """SELECT org_id, metric, sum(amount_cents), max(day) FROM billing.stripe_outbox
+                WHERE kind = 'usage_item' AND period = %s AND status <> 'cancelled'
+                GROUP BY org_id, metric""",
+            (period,),
+        ).fetchall()
+    }
+    items: list[Write] = []
+    for c in snapshot.cumulative_through(cx, period, day):
+        total, last = pushed.get((c.org_id, c.metric), (0, None))
+        if last is not None and last >= day:
+            continue
+        amount = c.cumulative_charge_cents - total
+        if amount == 0:
+            continue
+        key = key_for("usage", c.org_id, period, day, c.metric)
+        items.append(
+            Write(
+                key,
+                "usage_item",
+                c.org_id,
+                period,
+                {
+                    "amount": amount,
+                    "currency": c.currency,
+                    "description": f"{c.metric} usage {day.isoformat()}",
+                    "metadata": _metadata(key, "usage_item", c.org_id, period, day, c.metric),
+                },
+                day=day,
+                metric=c.metric,
+                amount_cents=amount,
+                currency=c.currency,
+            )
+        )
+    fees: list[Write] = []
+    for b in snapshot.base_fees(cx, period):
+        if b.base_fee_cents <= 0:
+            continue
+        key = key_for("base", b.org_id, period)
+        fees.append(
+            Write(
+                key,
+                "base_fee",
+                b.org_id,
+                period,
+                {
+                    "amount": b.base_fee_cents,
+                    "currency": b.currency,
+                    "description": f"{b.plan} base fee {period:%Y-%m}",
+                    "metadata": _metadata(key, "base_fee", b.org_id, period),
+                },
+                amount_cents=b.base_fee_cents,
+                currency=b.currency,
+            )
+        )
+    orgs = {w.org_id for w in items} | {w.org_id for w in fees}
+    return plan_customers(cx, orgs, period) + fees + items
+
+
+def plan_close(cx, period: dt.date, days_until_due: int) -> tuple[list[Write], dict[str, str]]:
+    """Invoice + finalize writes for orgs whose period's items are all in Stripe.
+
+    Returns the writes and, per org left out, why (its items are still queued or parked).
+    """
+    states: dict[str, set[str]] = defaultdict(set)
+    for org, status in cx.execute(
+        """SELECT DISTINCT org_id, status FROM billing.stripe_outbox
+            WHERE period = %s AND kind IN ('usage_item', 'base_fee') AND status <> 'cancelled'""",
+        (period,),
+    ).fetchall():
+        states[org].add(status)
+    writes: list[Write] = []
+    blocked: dict[str, str] = {}
+    for org in sorted(states):
+        open_states = states[org] - {"sent"}
+        if open_states:
+            blocked[org] = f"items still {', '.join(sorted(open_states))}"
+            continue
+        key = key_for("invoice", org, period)
+        writes.append(
+            Write(
+                key,
+                "invoice",
+                org,
+                period,
+                {
+                    "collection_method": "send_invoice",
+                    "days_until_due": days_until_due,
+                    "auto_advance": False,
+                    "pending_invoice_items_behavior": "include",
+                    "description": f"Usage and subscription {period:%Y-%m}",
+                    "metadata": _metadata(key, "invoice", org, period),
+                },
+            )
+        )
+        writes.append(Write(key_for("finalize", org, period), "finalize", org, period, {}))
+    return writes, blocked

@@ -1,0 +1,67 @@
+"""What the invoice snapshot (dbt, Postgres) says we should have charged: the only reads
+the push makes of it, so the relation names live in one place.
+
+``BILLING_SNAPSHOT_SCHEMA`` (default ``billing_snapshot``, dbt's postgres target schema)
+names the schema holding ``fct_daily_charges`` and ``fct_invoices``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+from psycopg import sql
+
+
+def schema() -> str:
+    return os.environ.get("BILLING_SNAPSHOT_SCHEMA", "billing_snapshot")
+
+
+def _rel(name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema()), sql.Identifier(name))
+
+
+@dataclass(frozen=True)
+class Cumulative:
+    org_id: str
+    metric: str
+    currency: str
+    cumulative_charge_cents: int  # C_now(day): recomputed with every event known now
+
+
+@dataclass(frozen=True)
+class BaseFee:
+    org_id: str
+    currency: str
+    plan: str
+    base_fee_cents: int
+
+
+def cumulative_through(cx, period: dt.date, day: dt.date) -> list[Cumulative]:
+    """C_now(day) per org and metric: the latest usage day's cumulative charge up to ``day``."""
+    q = sql.SQL(
+        """SELECT DISTINCT ON (org_id, metric) org_id, metric, lower(currency),
+                  cumulative_charge_cents
+             FROM {t}
+            WHERE period_start = %s AND usage_date <= %s
+            ORDER BY org_id, metric, usage_date DESC"""
+    ).format(t=_rel("fct_daily_charges"))
+    return [Cumulative(*r) for r in cx.execute(q, (period, day)).fetchall()]
+
+
+def base_fees(cx, period: dt.date) -> list[BaseFee]:
+    """The base fee of every org the snapshot invoices for ``period``."""
+    q = sql.SQL(
+        """SELECT org_id, lower(currency), plan, base_fee_cents FROM {t}
+            WHERE period_start = %s ORDER BY org_id"""
+    ).format(t=_rel("fct_invoices"))
+    return [BaseFee(*r) for r in cx.execute(q, (period,)).fetchall()]
+
+
+def invoice_totals(cx, period: dt.date) -> dict[str, int]:
+    """total_cents per org for ``period`` (what Stripe's items must add up to)."""
+    q = sql.SQL("SELECT org_id, total_cents FROM {t} WHERE period_start = %s").format(
+        t=_rel("fct_invoices")
+    )
+    return dict(cx.execute(q, (period,)).fetchall())

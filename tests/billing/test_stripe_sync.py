@@ -1,0 +1,307 @@
+"""Stripe sync end to end: real Postgres, Redis and the Stripe emulator, behind a fault proxy.
+
+No mocks on the main path: the SDK talks HTTP to the emulator through ``tests/faultproxy.py``.
+Backoff sleeps are recorded instead of slept (the schedule is asserted from the record).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+import pytest
+from faultproxy import FaultProxy
+from stripe_support import (
+    PERIOD,
+    customers,
+    direct_client,
+    emulator_url,
+    env_for_tests,
+    outbox_rows,
+    point_stripe_at,
+    random_snapshot,
+    reset_state,
+    stripe_items,
+)
+
+from billing import stripe_sync
+from billing.stripe_sync import Engine, parking
+
+pytestmark = pytest.mark.integration
+
+DAYS = [PERIOD.replace(day=d) for d in range(1, 5)]
+
+
+@pytest.fixture
+def env(stack, clean_db, monkeypatch):
+    env_for_tests(monkeypatch)
+    reset_state()
+    yield monkeypatch
+
+
+@pytest.fixture
+def proxy(env):
+    p = FaultProxy(emulator_url(), seed=7).start()
+    point_stripe_at(env, p.url)
+    yield p
+    p.stop()
+
+
+def _engine(delays: list[float]) -> Engine:
+    return Engine(sleep=delays.append)
+
+
+def _assert_stripe_matches(snap, through: dt.date) -> None:
+    client = direct_client()
+    cus = customers()
+    sent = {
+        r["idempotency_key"]: r for r in outbox_rows() if r["kind"] in ("usage_item", "base_fee")
+    }
+    assert all(r["status"] == "sent" for r in sent.values())
+    for org in snap.orgs:
+        items = stripe_items(client, cus[org])
+        keys = Counter(ii["metadata"]["idempotency_key"] for ii in items)
+        assert all(n == 1 for n in keys.values()), f"duplicate charge for {org}: {keys}"
+        assert set(keys) == {k for k, r in sent.items() if r["org_id"] == org}
+        assert sum(ii["amount"] for ii in items) == snap.expected_total(org, through), org
+        assert {ii["id"] for ii in items} == {
+            r["stripe_object_id"] for r in sent.values() if r["org_id"] == org
+        }
+
+
+def test_faults_exactly_once_and_totals(proxy):
+    snap = random_snapshot(n_orgs=6, n_days=4, seed=3)
+    snap.save()
+    proxy.rates = {
+        "500": 0.08,
+        "429": 0.05,
+        "409": 0.04,
+        "reset": 0.05,
+        "timeout": 0.02,
+        "lost": 0.1,
+    }
+    proxy.sticky_rate = 0.06
+    delays: list[float] = []
+    eng = _engine(delays)
+    summaries = [
+        stripe_sync.push_day(DAYS[0], engine=eng),
+        stripe_sync.push_day(DAYS[1], engine=eng),
+    ]
+    # Late events for day 1 arrive with day 3: C_now(day 1..4) all move up; past items stay.
+    late_org = next(iter(snap.orgs))
+    for day in DAYS:
+        snap.set(late_org, "storage_gb", day, snap.c_now(late_org, "storage_gb", day) + 777)
+    snap.save()
+    summaries += [stripe_sync.push_day(d, engine=eng) for d in DAYS[2:]]
+    assert all(s["status"] in ("ok", "parked") for s in summaries)
+    parked_before = stripe_sync.list_parked()
+    assert parked_before, "the seed should park some writes"
+    assert all(
+        r["status"] == "parked"
+        for r in outbox_rows()
+        if r["idempotency_key"] in {p["idempotency_key"] for p in parked_before}
+    )
+    assert set(proxy.injected) >= {"500", "429", "409", "reset", "timeout", "lost", "sticky"}, (
+        proxy.injected
+    )
+
+    proxy.sticky_rate = 0.0  # the outage for those keys is over; random faults continue
+    result = stripe_sync.retry_parked(all=True, engine=eng)
+    assert result["parked"] == 0, result
+    assert stripe_sync.list_parked() == []
+    assert {r["status"] for r in outbox_rows()} == {"sent"}
+    _assert_stripe_matches(snap, DAYS[-1])
+    # The late org's day-4 item absorbed the late events; its day-1 item is unchanged.
+    late_items = {
+        r["day"]: r["amount_cents"]
+        for r in outbox_rows()
+        if r["org_id"] == late_org and r["metric"] == "storage_gb"
+    }
+    assert sum(late_items.values()) == snap.c_now(late_org, "storage_gb", DAYS[-1])
+
+    # Re-running the same days pushes nothing new and sends nothing.
+    forwarded = proxy.forwarded
+    for day in DAYS:
+        again = stripe_sync.push_day(day, engine=eng)
+        assert again["planned"] == 0 and again["sent"] == 0, again
+    assert proxy.forwarded == forwarded
+
+    # Month end: one finalized invoice per org whose amount is the snapshot total.
+    closed = stripe_sync.close_period(PERIOD, engine=eng)
+    closed = (
+        closed
+        if not closed["parked"]
+        else {**closed, **stripe_sync.retry_parked(all=True, engine=eng)}
+    )
+    client = direct_client()
+    with_invoice = stripe_sync.close_period(PERIOD, engine=eng)["invoices"]
+    assert set(with_invoice) == set(snap.orgs)
+    for org, invoice_id in with_invoice.items():
+        inv = client.v1.invoices.retrieve(invoice_id)
+        assert inv["status"] == "open"
+        assert inv["amount_due"] == snap.expected_total(org, DAYS[-1])
+        assert len(client.v1.invoices.list(params={"customer": customers()[org]})["data"]) == 1
+    counters = stripe_sync.counters()
+    assert counters["retries"] > 0 and counters["errors_by_class"]
+
+
+def test_backoff_schedule_is_exact_then_parks(proxy, env):
+    env.setenv("BILLING_STRIPE_CONCURRENCY", "1")
+    snap = random_snapshot(n_orgs=1, n_days=1, seed=1)
+    snap.save()
+    proxy.sticky_rate = 1.0  # every write answers 503
+    delays: list[float] = []
+    summary = stripe_sync.push_day(DAYS[0], engine=_engine(delays))
+    assert delays == [1, 2, 4, 8, 16]
+    assert summary["parked"] == 1 and summary["blocked"] >= 1  # customer parked, items wait
+    (row,) = [r for r in outbox_rows() if r["kind"] == "customer"]
+    assert (row["status"], row["attempts"], row["retries"]) == ("parked", 6, 5)
+    assert row["error_counts"] == {"server": 6}
+    parked = stripe_sync.show_parked(row["idempotency_key"])
+    assert (
+        parked["redis"]["error_class"] == "server"
+        and "sticky fault" in parked["redis"]["last_error"]
+    )
+    assert parked["redis"]["payload"]["metadata"]["org_id"] == row["org_id"]
+
+
+def test_retry_after_is_honoured_when_longer(proxy, env):
+    env.setenv("BILLING_STRIPE_CONCURRENCY", "1")
+    snap = random_snapshot(n_orgs=1, n_days=1, seed=1)
+    snap.save()
+    proxy.rates, proxy.retry_after = {"429": 1.0}, 3
+    delays: list[float] = []
+    stripe_sync.push_day(DAYS[0], engine=_engine(delays))
+    assert delays == [3, 3, 4, 8, 16]
+
+
+def test_base_delay_from_env(proxy, env):
+    env.setenv("BILLING_STRIPE_BACKOFF_BASE_SECONDS", "0.01")
+    proxy.sticky_rate = 1.0
+    random_snapshot(n_orgs=1, n_days=1, seed=1).save()
+    delays: list[float] = []
+    stripe_sync.push_day(DAYS[0], engine=_engine(delays))
+    assert delays == [0.01, 0.02, 0.04, 0.08, 0.16]
+
+
+def test_non_retryable_parks_immediately(proxy):
+    snap = random_snapshot(n_orgs=1, n_days=1, seed=1)
+    snap.save()
+    (org,) = snap.orgs
+    from billing import db
+
+    with db.transaction() as cx:  # a customer Stripe does not know: every item is a 404
+        cx.execute("INSERT INTO billing.stripe_customers VALUES (%s, 'cus_doesnotexist')", (org,))
+    delays: list[float] = []
+    summary = stripe_sync.push_day(DAYS[0], engine=_engine(delays))
+    assert delays == []
+    rows = [r for r in outbox_rows() if r["kind"] != "customer"]
+    assert summary["parked"] == len(rows) > 0
+    assert all(r["status"] == "parked" and r["attempts"] == 1 for r in rows)
+    assert {p["error_class"] for p in stripe_sync.list_parked()} == {"not_found"}
+
+
+def test_adopts_writes_stripe_has_after_the_idempotency_window(proxy):
+    """Responses lost after commit, retried more than 24 h later: found by metadata, not re-sent."""
+    from billing import db
+
+    snap = random_snapshot(n_orgs=2, n_days=1, seed=5)
+    snap.save()
+
+    def age_attempts() -> None:
+        with db.transaction() as cx:
+            cx.execute(
+                """UPDATE billing.stripe_outbox SET first_attempt_at = now() - interval '25 hours'
+                    WHERE first_attempt_at IS NOT NULL"""
+            )
+
+    def posts(before: Counter) -> Counter:
+        return Counter(proxy.forwarded_paths) - before
+
+    # 1. Customers are created but every response is lost: parked, their items wait.
+    proxy.rates, proxy.fault_paths = {"lost": 1.0}, ("/v1/customers",)
+    stripe_sync.push_day(DAYS[0], engine=_engine([]))
+    assert {r["kind"] for r in outbox_rows() if r["status"] == "parked"} == {"customer"}
+    age_attempts()
+    # 2. A day later: customers adopted (search by metadata.org_id); items created, responses lost.
+    proxy.fault_paths = ("/v1/invoiceitems",)
+    before = Counter(proxy.forwarded_paths)
+    stripe_sync.retry_parked(all=True, engine=_engine([]))
+    assert posts(before)["POST /v1/customers"] == 0
+    assert all(r["is_adopted"] for r in outbox_rows() if r["kind"] == "customer")
+    parked_items = [r for r in outbox_rows() if r["status"] == "parked"]
+    assert parked_items and {r["kind"] for r in parked_items} <= {"usage_item", "base_fee"}
+    age_attempts()
+    # 3. Another day later, no faults: items adopted by metadata.idempotency_key, none re-sent.
+    proxy.rates = {}
+    before = Counter(proxy.forwarded_paths)
+    result = stripe_sync.retry_parked(all=True, engine=_engine([]))
+    assert result["parked"] == 0 and result["adopted"] == len(parked_items)
+    assert posts(before)["POST /v1/invoiceitems"] == 0
+    assert all(r["status"] == "sent" and r["is_adopted"] for r in outbox_rows())
+    assert stripe_sync.list_parked() == []
+    _assert_stripe_matches(snap, DAYS[0])
+
+
+def test_outage_mode_queues_then_drains(proxy):
+    snap = random_snapshot(n_orgs=3, n_days=2, seed=9)
+    snap.save()
+    eng = _engine([])
+    stripe_sync.set_read_only(True, "test outage")
+    assert stripe_sync.read_only()["reason"] == "test outage"
+    results = [stripe_sync.push_day(d, engine=eng) for d in DAYS[:2]]
+    assert proxy.forwarded == 0
+    n = len(outbox_rows())
+    assert results[-1]["status"] == "read_only"
+    assert results[-1]["message"] == f"queued {n} writes (Stripe read-only)"
+    assert {r["status"] for r in outbox_rows()} == {"pending"}
+    assert stripe_sync.sync_invoices(engine=eng)["failed"] == 0  # reads keep working
+    stripe_sync.set_read_only(False)
+    assert stripe_sync.read_only() is None
+    drained = stripe_sync.drain(engine=eng)
+    assert drained["sent"] == n and drained["still_pending"] == 0
+    order = [r["outbox_id"] for r in sorted(outbox_rows(), key=lambda r: r["sent_at"])]
+    by_org: dict[str, list[int]] = {}
+    for r in sorted(outbox_rows(), key=lambda r: r["sent_at"]):
+        by_org.setdefault(r["org_id"], []).append(r["outbox_id"])
+    assert all(ids == sorted(ids) for ids in by_org.values()), order  # in order per org
+    _assert_stripe_matches(snap, DAYS[1])
+
+
+def test_sync_invoices_tracks_status(proxy):
+    snap = random_snapshot(n_orgs=2, n_days=1, seed=11)
+    snap.save()
+    eng = _engine([])
+    stripe_sync.push_day(DAYS[0], engine=eng)
+    invoices = stripe_sync.close_period(PERIOD, engine=eng)["invoices"]
+    paid_org, open_org = sorted(invoices)
+    client = direct_client()
+    client.v1.invoices.pay(invoices[paid_org], params={"paid_out_of_band": True})
+    client.v1.invoices.void_invoice(invoices[open_org])
+    result = stripe_sync.sync_invoices(engine=eng)
+    assert result["by_status"] == {"paid": 1, "void": 1}
+    from billing import db
+
+    with db.connect() as cx:
+        rows = {
+            r[0]: r[1:]
+            for r in cx.execute(
+                "SELECT org_id, status, amount_due_cents, amount_paid_cents FROM billing.stripe_invoices"
+            ).fetchall()
+        }
+    total = snap.expected_total(paid_org, DAYS[0])
+    assert rows[paid_org] == ("paid", total, total)
+    assert rows[open_org][0] == "void"
+
+
+def test_key_is_never_logged_or_stored(proxy, caplog):
+    from billing import connections
+
+    key = connections.get(connections.STRIPE).password
+    random_snapshot(n_orgs=1, n_days=1, seed=1).save()
+    proxy.sticky_rate = 1.0
+    caplog.set_level("DEBUG")
+    stripe_sync.push_day(DAYS[0], engine=_engine([]))
+    assert key not in caplog.text
+    assert key not in str(outbox_rows()) and key not in str(stripe_sync.list_parked())
+    assert parking.READ_ONLY  # flag key is namespaced
