@@ -16,12 +16,14 @@
     {%- endif -%}
 {%- endmacro %}
 
-{#- Usage dates touched by the run: days having events that arrived in the window. Bounded
+{#- Usage dates touched by the run: days having billable events that arrived in the window
+    (non-billable ones change no charge). Bounded
     by the lateness limit so Postgres prunes month partitions instead of scanning history. -#}
 {% macro affected_usage_dates_sql(events_relation) -%}
     select distinct (occurred_at at time zone 'UTC')::date as usage_date
     from {{ events_relation }}
     where arrival_day between {{ window_since() }} and {{ run_day() }}
+      and is_billable
       and occurred_at >= ({{ window_since() }} - {{ var("lateness_days") | int }} - 1)::timestamp at time zone 'UTC'
 {%- endmacro %}
 
