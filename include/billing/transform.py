@@ -126,13 +126,14 @@ def run_dbt(
     check: bool = True,
     timeout: float | None = None,
 ) -> DbtResult:
-    """Run one dbt command against ``target`` in a child process and return its results.
+    """Run one dbt command (``"build"``, ``"docs generate"``) against ``target`` in a child
+    process and return its results.
 
     ``check``: raise :class:`TransformError` naming the failed nodes when dbt fails.
     """
     import time
 
-    argv = [command, "--target", target]
+    argv = [*command.split(), "--target", target]
     argv += ["--project-dir", str(settings.dbt_project_dir())]
     argv += ["--profiles-dir", str(settings.dbt_project_dir())]
     argv += ["--target-path", str(target_path(target))]
@@ -183,8 +184,27 @@ def _describe_failure(result: DbtResult) -> str:
 
 
 def parse(target: str) -> Path:
-    """Write ``target/<target>/manifest.json`` so Cosmos can render the DAG without dbt."""
-    run_dbt(target, "parse", vars={"day": "2026-01-01"})
+    """Write ``target/<target>/manifest.json`` so Cosmos renders the DAG without running dbt.
+
+    Parsing connects to nothing, so it works without connections (placeholders are used).
+    """
+    argv = ["parse", "--target", target, "--project-dir", str(settings.dbt_project_dir())]
+    argv += ["--profiles-dir", str(settings.dbt_project_dir())]
+    argv += ["--target-path", str(target_path(target)), "--vars", '{"day": "2026-01-01"}']
+    proc = subprocess.run(
+        [sys.executable, "-m", "billing.transform", *argv],
+        env={
+            **os.environ,
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+            "DBT_LOG_PATH": str(target_path(target) / "logs"),
+        },
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise TransformError(
+            f"dbt parse on {target} failed: {proc.stdout[-500:]}{proc.stderr[-500:]}"
+        )
     return manifest_path(target)
 
 
@@ -269,6 +289,8 @@ def dbt_task_group(
     if target not in TARGETS:
         raise ConfigError(f"unknown dbt target {target!r}")
     project_dir = settings.dbt_project_dir()
+    if not manifest_path(target).exists():  # normally built by `billing transform --parse`
+        parse(target)
     profile_config = ProfileConfig(
         profile_name="billing",
         target_name=target,
@@ -295,13 +317,17 @@ def dbt_task_group(
 
         args.setdefault("pool", CLICKHOUSE_POOL)
         args.setdefault("max_active_tis_per_dagrun", 1)
+    project_config = ProjectConfig(
+        dbt_project_path=project_dir,
+        manifest_path=manifest_path(target),
+        project_name="billing",
+    )
+    # A local file: plain pathlib reads it without ObjectStoragePath, whose lineage hook
+    # loads every Airflow plugin and would cost a second at each DAG parse.
+    project_config.manifest_path = manifest_path(target)
     return DbtTaskGroup(
         group_id=group_id or f"dbt_{'snapshot' if target == 'postgres' else 'rollups'}",
-        project_config=ProjectConfig(
-            dbt_project_path=project_dir,
-            manifest_path=manifest_path(target),
-            project_name="billing",
-        ),
+        project_config=project_config,
         profile_config=profile_config,
         execution_config=ExecutionConfig(
             dbt_executable_path=str(project_dir / "scripts" / "dbt"),
@@ -314,8 +340,8 @@ def dbt_task_group(
             enable_mock_profile=True,
         ),
         operator_args=args,
-        dag=dag,
-        parent_group=task_group,
+        **({"dag": dag} if dag is not None else {}),
+        **({"parent_group": task_group} if task_group is not None else {}),
         **kwargs,
     )
 
