@@ -1,8 +1,10 @@
 """A fault-injecting HTTP proxy for tests: sits on 127.0.0.1 in front of the Stripe emulator.
 
-Deterministic for a seed: whether a request is faulted depends only on (seed, method,
-path, Idempotency-Key or body hash, how many times that request was seen), never on
-timing or thread interleaving. Faults:
+Deterministic for a seed: whether a write is faulted depends only on (seed, method, path,
+Idempotency-Key, how many times that write was seen), never on timing or thread
+interleaving (reads without a key are told apart by body hash and count, so with
+concurrent clients their order matters). ``forced`` faults go to the first keyed requests,
+so every kind is exercised whatever the seed. Faults:
 
 * ``500``      -- a Stripe-shaped 500 ``api_error`` (not forwarded)
 * ``429``      -- rate limited with ``Retry-After`` (not forwarded)
@@ -38,12 +40,19 @@ class FaultProxy:
         rates: dict[str, float] | None = None,
         sticky_rate: float = 0.0,
         fault_paths: tuple[str, ...] | None = None,
+        forced: tuple[str, ...] = (),
+        normalize=None,
         hold_seconds: float = 1.0,
         retry_after: int = 3,
     ):
         self.upstream = upstream.rstrip("/")
         self.seed = seed
         self.fault_paths = fault_paths  # None: every path; else only paths with these prefixes
+        # Faults given to the first keyed first attempts, so each kind is seen at least once.
+        self.forced = list(forced)
+        # Maps ids that differ between runs (e.g. random org ids) to stable names, so the
+        # same seed faults the same writes every run.
+        self.normalize = normalize or (lambda text: text)
         self.rates = dict(rates or {})
         self.sticky_rate = sticky_rate
         self.hold_seconds = hold_seconds
@@ -93,7 +102,7 @@ class FaultProxy:
     # ------------------------------------------------------------ decisions
     def decide(self, method: str, path: str, headers: dict[str, str], body: bytes) -> str | None:
         ident = headers.get("idempotency-key") or hashlib.sha256(body).hexdigest()[:16]
-        request_id = f"{method} {path.split('?')[0]} {ident}"
+        request_id = self.normalize(f"{method} {path.split('?')[0]} {ident}")
         with self._lock:
             n = self.seen[request_id]
             self.seen[request_id] += 1
@@ -101,8 +110,15 @@ class FaultProxy:
             return None
         key = headers.get("idempotency-key")
         if key and self.sticky_rate > 0:
-            if random.Random(f"{self.seed}:sticky:{key}").random() < self.sticky_rate:
+            if (
+                random.Random(f"{self.seed}:sticky:{self.normalize(key)}").random()
+                < self.sticky_rate
+            ):
                 return "sticky"
+        if key and n == 0 and self.forced:
+            with self._lock:
+                if self.forced:
+                    return self.forced.pop(0)
         r = random.Random(f"{self.seed}:{request_id}:{n}").random()
         acc = 0.0
         for fault in FAULTS:

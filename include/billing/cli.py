@@ -268,6 +268,69 @@ def cmd_sql(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- stripe sync
+def _month(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value + "-01") if len(value) == 7 else _day(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"invalid period {value!r}: expected YYYY-MM") from None
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str, sort_keys=True))
+
+
+def cmd_parked(args) -> int:
+    from billing import stripe_sync
+
+    if args.parked_command == "list":
+        parked = stripe_sync.list_parked()
+        for p in parked:
+            amount = "" if p.get("amount_cents") is None else f"{p['amount_cents']} {p['currency']}"
+            print(
+                f"{p['idempotency_key']:<60} {p['kind']:<10} {amount:>14}  "
+                f"{p['error_class']}: {p['last_error'][:80]}"
+            )
+        print(f"{len(parked)} parked write(s)")
+    elif args.parked_command == "show":
+        _print_json(stripe_sync.show_parked(args.key))
+    else:
+        result = stripe_sync.retry_parked(args.keys, all=args.all)
+        _print_json(result)
+        return 1 if result.get("parked") else 0
+    return 0
+
+
+def cmd_stripe(args) -> int:
+    from billing import stripe_sync
+
+    c = args.stripe_command
+    if c == "read-only":
+        if args.state in ("on", "off"):
+            stripe_sync.set_read_only(args.state == "on", args.reason or "")
+        info = stripe_sync.read_only()
+        print(
+            f"Stripe read-only: on since {info['since']} ({info.get('reason') or 'no reason'})"
+            if info
+            else "Stripe read-only: off (writes are sent)"
+        )
+        return 0
+    if c == "drain":
+        result = stripe_sync.drain()
+    elif c == "push":
+        result = stripe_sync.push_day(args.day)
+    elif c == "close-period":
+        result = stripe_sync.close_period(args.period)
+    elif c == "sync-invoices":
+        result = stripe_sync.sync_invoices()
+    else:
+        result = stripe_sync.counters()
+    if isinstance(result, dict) and result.get("message"):
+        print(result["message"], file=sys.stderr)
+    _print_json(result)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
@@ -368,6 +431,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")
     a.set_defaults(func=cmd_airflow)
+
+    pk = sub.add_parser("parked", help="Stripe writes parked after failed retries (Redis)")
+    pksub = pk.add_subparsers(dest="parked_command", required=True, parser_class=_Parser)
+    pksub.add_parser("list", help="list parked writes").set_defaults(func=cmd_parked)
+    pks = pksub.add_parser("show", help="one parked write: Redis record and outbox row")
+    pks.add_argument("key")
+    pks.set_defaults(func=cmd_parked)
+    pkr = pksub.add_parser("retry", help="re-send parked writes (adopts what Stripe already has)")
+    pkr.add_argument("keys", nargs="*", metavar="KEY")
+    pkr.add_argument("--all", action="store_true", help="retry every parked write")
+    pkr.set_defaults(func=cmd_parked)
+
+    st = sub.add_parser("stripe", help="Stripe sync: outage mode, drain, push, month end")
+    stsub = st.add_subparsers(dest="stripe_command", required=True, parser_class=_Parser)
+    sro = stsub.add_parser("read-only", help="outage mode: queue every Stripe write in the outbox")
+    sro.add_argument("state", choices=["on", "off", "status"])
+    sro.add_argument("--reason", default=None)
+    sro.set_defaults(func=cmd_stripe)
+    stsub.add_parser("drain", help="send queued writes in order").set_defaults(func=cmd_stripe)
+    sp = stsub.add_parser("push", help="push one run day's overage items")
+    sp.add_argument("--day", type=_day, required=True)
+    sp.set_defaults(func=cmd_stripe)
+    sc = stsub.add_parser("close-period", help="create and finalize the period's invoices")
+    sc.add_argument("period", type=_month, metavar="YYYY-MM")
+    sc.set_defaults(func=cmd_stripe)
+    stsub.add_parser("sync-invoices", help="copy invoice status from Stripe").set_defaults(
+        func=cmd_stripe
+    )
+    stsub.add_parser("counters", help="durable push counters").set_defaults(func=cmd_stripe)
     return p
 
 
