@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import multiprocessing as mp
-import os
 import resource
 import shutil
 import sys
@@ -51,13 +50,17 @@ def write_files(root: Path, events: int, files: int) -> tuple[list[Path], Path]:
                     m = i % 4
                     org = f"org-{(i * 7919) % ORGS + 1:04d}"
                     q = f"{(i % 5000) / 100:.2f}" if m == 1 else str(i % 400 + 1)
-                    ts = dt.datetime.fromtimestamp(start + (i * 37) % 86_400, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    ts = dt.datetime.fromtimestamp(start + (i * 37) % 86_400, dt.UTC).strftime(
+                        "%Y-%m-%dT%H:%M:%SZ"
+                    )
                     billable = "false" if i % 33 == 0 else "true"
                     lines.append(
                         f'{{"event_id":"{eid}","org_id":"{org}","metric":"{METRICS[m]}","quantity":{q},'
                         f'"occurred_at":"{ts}","billable":{billable},"source":"{SOURCES[m]}"}}\n'
                     )
-                    rows.append(f"{eid},{org},{METRICS[m]},{q},{ts},{billable},{SOURCES[m]},,{DAY},0,{i},{ts}\n")
+                    rows.append(
+                        f"{eid},{org},{METRICS[m]},{q},{ts},{billable},{SOURCES[m]},,{DAY},0,{i},{ts}\n"
+                    )
                     if len(lines) >= 50_000:
                         out.writelines(lines)
                         csv.writelines(rows)
@@ -73,14 +76,24 @@ def _ingest_child(landing: str, workers: int, q) -> None:
     t = time.perf_counter()
     summary = ingest.ingest_day(DAY, RUN_END, landing_uri=landing, workers_=workers)
     seconds = time.perf_counter() - t
-    q.put({"seconds": seconds, "summary": summary,
-           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    q.put(
+        {
+            "seconds": seconds,
+            "summary": summary,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
 
 
 def cleanup(cx) -> None:
     cx.execute("DROP TABLE IF EXISTS billing.usage_events_p203101")
     cx.execute("DROP TABLE IF EXISTS public.bench_copy_baseline")
-    ids = [r[0] for r in cx.execute("SELECT file_id FROM billing.usage_files WHERE arrival_day = %s", (DAY,))]
+    ids = [
+        r[0]
+        for r in cx.execute(
+            "SELECT file_id FROM billing.usage_files WHERE arrival_day = %s", (DAY,)
+        )
+    ]
     if ids:
         cx.execute("DELETE FROM billing.usage_event_ids WHERE file_id = ANY(%s)", (ids,))
         cx.execute("DELETE FROM billing.usage_quarantine WHERE file_id = ANY(%s)", (ids,))
@@ -88,10 +101,15 @@ def cleanup(cx) -> None:
 
 
 def raw_copy(cx, csv_path: Path) -> float:
-    cx.execute("CREATE TABLE public.bench_copy_baseline (LIKE billing.usage_events INCLUDING DEFAULTS)")
+    cx.execute(
+        "CREATE TABLE public.bench_copy_baseline (LIKE billing.usage_events INCLUDING DEFAULTS)"
+    )
     cx.execute("CHECKPOINT")
     t = time.perf_counter()
-    with cx.cursor().copy("COPY public.bench_copy_baseline FROM STDIN (FORMAT csv)") as copy, open(csv_path, "rb") as fh:
+    with (
+        cx.cursor().copy("COPY public.bench_copy_baseline FROM STDIN (FORMAT csv)") as copy,
+        open(csv_path, "rb") as fh,
+    ):
         while block := fh.read(1 << 20):
             copy.write(block)
     return time.perf_counter() - t
@@ -99,8 +117,12 @@ def raw_copy(cx, csv_path: Path) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, action="append", help="events (repeatable; default 1M and 5M)")
-    ap.add_argument("--files", type=int, default=0, help="files per run (default: one per 500k events)")
+    ap.add_argument(
+        "--events", type=int, action="append", help="events (repeatable; default 1M and 5M)"
+    )
+    ap.add_argument(
+        "--files", type=int, default=0, help="files per run (default: one per 500k events)"
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
@@ -121,11 +143,16 @@ def main(argv=None) -> int:
             cleanup(cx)
             t = time.perf_counter()
             paths, csv_path = write_files(root, n, files)
-            print(f"# {n:,} events in {files} file(s): written in {time.perf_counter() - t:.1f}s "
-                  f"({sum(p.stat().st_size for p in paths) / 1e6:.0f} MB)", flush=True)
+            print(
+                f"# {n:,} events in {files} file(s): written in {time.perf_counter() - t:.1f}s "
+                f"({sum(p.stat().st_size for p in paths) / 1e6:.0f} MB)",
+                flush=True,
+            )
             cx.execute("CHECKPOINT")
         q = mp.get_context("spawn").Queue()
-        child = mp.get_context("spawn").Process(target=_ingest_child, args=((root / "landing").as_uri(), args.workers, q))
+        child = mp.get_context("spawn").Process(
+            target=_ingest_child, args=((root / "landing").as_uri(), args.workers, q)
+        )
         child.start()
         res = q.get()
         child.join()
@@ -149,9 +176,12 @@ def main(argv=None) -> int:
             "file_timings": [f.get("timings") for f in res["summary"]["files"]][:3],
         }
         results.append(row)
-        print(f"events={n:,}  ingest {row['ingest_eps']:,} ev/s ({row['ingest_s']}s)  "
-              f"raw COPY {row['raw_copy_eps']:,} rows/s ({row['raw_copy_s']}s)  "
-              f"ratio {row['ratio']}  peak {row['peak_mb']} MB", flush=True)
+        print(
+            f"events={n:,}  ingest {row['ingest_eps']:,} ev/s ({row['ingest_s']}s)  "
+            f"raw COPY {row['raw_copy_eps']:,} rows/s ({row['raw_copy_s']}s)  "
+            f"ratio {row['ratio']}  peak {row['peak_mb']} MB",
+            flush=True,
+        )
         print(json.dumps(row), flush=True)
         (root / "landing").exists() and shutil.rmtree(root / "landing")
         csv_path.unlink(missing_ok=True)
