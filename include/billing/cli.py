@@ -242,7 +242,14 @@ def cmd_invoices_show(args) -> int:
 
 def cmd_transform(args) -> int:
     from billing import transform
+    from billing.errors import ConfigError
 
+    if args.parse:
+        for target in args.target or transform.TARGETS:
+            print(transform.parse(target))
+        return 0
+    if args.day is None:
+        raise ConfigError("transform needs --day YYYY-MM-DD (or --parse)")
     results = transform.run_day(
         args.day,
         args.since,
@@ -404,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "transform", help="sync the catalog and run dbt (snapshot + rollups) for a day"
     )
-    t.add_argument("--day", type=_day, required=True, help="run day (arrival day), YYYY-MM-DD")
+    t.add_argument("--day", type=_day, help="run day (arrival day), YYYY-MM-DD (required)")
     t.add_argument("--since", type=_day, help="first arrival day of the window (default: --day)")
     t.add_argument(
         "--target",
@@ -413,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this dbt target (repeatable; default: both)",
     )
     t.add_argument("--full-refresh", action="store_true", help="rebuild every model from scratch")
+    t.add_argument(
+        "--parse", action="store_true", help="only write the manifests Cosmos renders the DAG from"
+    )
     t.set_defaults(func=cmd_transform)
 
     q = sub.add_parser("sql", help="read-only query on the analytics store (ClickHouse)")
