@@ -338,6 +338,27 @@ def cmd_stripe(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- dunning
+def cmd_dunning(args) -> int:
+    from billing import dunning
+
+    if args.dunning_command == "run":
+        summary = dunning.run(
+            args.as_of, dry_run=args.dry_run, actor=f"cli:{os.environ.get('USER', '?')}"
+        )
+        print(json.dumps(summary, indent=2, default=str))
+        if summary.get("failed"):
+            print(
+                f"billing: {summary['failed']} notice(s) failed; they are retried on the next run",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    as_of = args.as_of or dt.datetime.now(dt.UTC).date()  # a shell command, not a task
+    print(json.dumps(dunning.status(args.org, as_of), indent=2, default=str))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
@@ -470,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_stripe
     )
     stsub.add_parser("counters", help="durable push counters").set_defaults(func=cmd_stripe)
+
+    dn = sub.add_parser("dunning", help="staged notices for overdue invoices (docs/DUNNING.md)")
+    dnsub = dn.add_subparsers(dest="dunning_command", required=True, parser_class=_Parser)
+    dr = dnsub.add_parser("run", help="send the notices due as of a day (exactly once)")
+    dr.add_argument("--as-of", type=_day, required=True, help="run day, YYYY-MM-DD (UTC)")
+    dr.add_argument("--dry-run", action="store_true", help="show what would happen; change nothing")
+    dr.set_defaults(func=cmd_dunning)
+    ds = dnsub.add_parser("status", help="service levels, notices and overdue invoices")
+    ds.add_argument("--org", default=None, help="only this org_id")
+    ds.add_argument("--as-of", type=_day, default=None, help="overdue as of (default: today UTC)")
+    ds.set_defaults(func=cmd_dunning)
     return p
 
 

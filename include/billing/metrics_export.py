@@ -32,7 +32,7 @@ PG_SOURCES: dict[str, tuple[str, ...]] = {
     "stripe_outbox": ("billing.stripe_outbox",),
     "reconcile": ("billing.billing_audit",),
     "incidents": ("billing.billing_incidents",),
-    "dunning": ("billing.dunning_notices",),
+    "dunning": ("billing.dunning_notices", "billing.org_service_levels"),
     "purge": ("billing.retention_purge_audit",),
 }
 
@@ -158,6 +158,15 @@ def _dunning(cx, f: _Families) -> None:
             GROUP BY 1, 2 ORDER BY 1, 2"""
     ):
         f.add("billing_dunning_notices_total", n, stage, status)
+    for stage, n in cx.execute(
+        """SELECT stage, sum(failures) FROM billing.dunning_notices
+            GROUP BY 1 HAVING sum(failures) > 0 ORDER BY 1"""
+    ):
+        f.add("billing_dunning_send_failures_total", n, stage)
+    (degraded,) = cx.execute(
+        "SELECT count(*) FROM billing.org_service_levels WHERE service_level = 'degraded'"
+    ).fetchone()
+    f.add("billing_dunning_degraded_orgs", degraded)
 
 
 def _purge(cx, f: _Families) -> None:

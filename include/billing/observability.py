@@ -62,6 +62,14 @@ STRIPE_WRITES = Counter(
     registry=REGISTRY,
 )
 
+# Dunning (billing.dunning). Durable twin: billing.dunning_notices (status, failures).
+DUNNING_NOTICES = Counter(
+    "billing_dunning_notices_total",
+    "Dunning notice send attempts in this process by stage and outcome (sent, failed)",
+    ["stage", "status"],
+    registry=REGISTRY,
+)
+
 # ---------------------------------------------------------------- exported by the API server
 # Airflow tasks exit before any scrape, so the billing API (GET /billing/metrics) exports
 # SERVER_REGISTRY: in-process metrics of the API server itself plus DurableCollector
@@ -131,6 +139,8 @@ DURABLE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "billing_reconcile_open_incidents": ("gauge", "Open reconciliation incidents", ()),
     # dunning (billing.dunning_notices)
     "billing_dunning_notices_total": ("counter", "Dunning notices by stage and status (sent, failed)", ("stage", "status")),
+    "billing_dunning_send_failures_total": ("counter", "Failed dunning send attempts (refused recipient, SMTP error), by stage", ("stage",)),
+    "billing_dunning_degraded_orgs": ("gauge", "Organisations whose service level is degraded by dunning", ()),
     # database faults, counted durably in Redis by every process (billing.db)
     "billing_db_errors_total": ("counter", "PostgreSQL errors by kind, all processes", ("kind",)),
     "billing_db_retries_total": ("counter", "Idempotent database operations retried, all processes", ("operation",)),
