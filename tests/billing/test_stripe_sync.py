@@ -119,6 +119,8 @@ def test_faults_exactly_once_and_totals(proxy):
     assert result["parked"] == 0, result
     assert stripe_sync.list_parked() == []
     assert {r["status"] for r in outbox_rows()} == {"sent"}
+    amounts = [r["amount_cents"] for r in outbox_rows() if r["kind"] == "usage_item"]
+    assert 0 not in amounts and min(amounts) < 0  # zero never pushed; volume drop pushed negative
     _assert_stripe_matches(snap, DAYS[-1])
     # The late org's day-4 item absorbed the late events; its day-1 item is unchanged.
     late_items = {
@@ -314,3 +316,23 @@ def test_key_is_never_logged_or_stored(proxy, caplog):
     assert key not in caplog.text
     assert key not in str(outbox_rows()) and key not in str(stripe_sync.list_parked())
     assert parking.READ_ONLY  # flag key is namespaced
+
+
+def test_rejected_key_fails_the_run_and_parks_nothing(env):
+    """401 is not parked: the task fails (alert), rows stay queued for the fixed key."""
+    from billing.stripe_sync.client import StripeAuthError
+
+    point_stripe_at(env, emulator_url())
+    from billing import connections
+
+    conn = connections.get(connections.STRIPE)
+    bad = connections.Conn(
+        conn.conn_id, conn.conn_type, conn.host, None, None, "not_a_key_123", None
+    )
+    env.setenv(connections.env_var(conn.conn_id), bad.to_json())
+    random_snapshot(n_orgs=1, n_days=1, seed=1).save()
+    with pytest.raises(StripeAuthError) as err:
+        stripe_sync.push_day(DAYS[0], engine=_engine([]))
+    assert "not_a_key_123" not in str(err.value)
+    assert {r["status"] for r in outbox_rows()} == {"pending"}
+    assert stripe_sync.list_parked() == []
