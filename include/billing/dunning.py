@@ -51,7 +51,11 @@ def policy_path() -> Path:
 
 
 def templates_dir() -> Path:
-    return settings.PROJECT_DIR / "include" / "templates" / "dunning"
+    return Path(
+        os.environ.get(
+            "BILLING_DUNNING_TEMPLATES", settings.PROJECT_DIR / "include" / "templates" / "dunning"
+        )
+    )
 
 
 # ---------------------------------------------------------------- policy
