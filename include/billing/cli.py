@@ -359,6 +359,27 @@ def cmd_dunning(args) -> int:
     return 0
 
 
+def cmd_reconcile(args) -> int:
+    from billing import reconcile
+
+    try:
+        payload = reconcile.reconcile(args.period, args.org or None, args.idempotency_key)
+    except reconcile.ReconcileMismatch as exc:
+        if args.json:
+            _print_json(exc.payload)
+        raise
+    if args.json:
+        _print_json(payload)
+    else:
+        c = payload["counts"]
+        print(
+            f"reconcile {payload['period']}: {payload['status']}, {c['orgs']} org(s), "
+            f"{c['discrepancies']} discrepancy(ies), max relative diff "
+            f"{payload['max_relative_diff']} (key {payload['idempotency_key']})"
+        )
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
@@ -491,6 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_stripe
     )
     stsub.add_parser("counters", help="durable push counters").set_defaults(func=cmd_stripe)
+
+    rc = sub.add_parser(
+        "reconcile", help="compare the invoice snapshot with Stripe (fails above tolerance)"
+    )
+    rc.add_argument("--period", type=_period_arg, required=True, help="YYYY-MM")
+    rc.add_argument("--org", action="append", metavar="ID", help="only this org_id (repeatable)")
+    rc.add_argument("--idempotency-key", default=None, help="same key = same stored result")
+    rc.add_argument("--json", action="store_true", help="print the payload as JSON")
+    rc.set_defaults(func=cmd_reconcile)
 
     dn = sub.add_parser("dunning", help="staged notices for overdue invoices (docs/DUNNING.md)")
     dnsub = dn.add_subparsers(dest="dunning_command", required=True, parser_class=_Parser)

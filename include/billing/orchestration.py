@@ -10,6 +10,8 @@ import datetime as dt
 import logging
 import os
 
+from airflow.sdk import Asset
+
 log = logging.getLogger(__name__)
 
 OWNER = "platform"
@@ -17,6 +19,9 @@ START_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # Pools keep outside rate limits and the single-writer embedded ClickHouse safe.
 CLICKHOUSE_POOL = "billing_clickhouse"
 STRIPE_POOL = "billing_stripe"
+# Updated by billing_nightly's Stripe push (outlets=[STRIPE_PUSHED]); schedules
+# billing_reconcile. Events may carry extra {"day": "YYYY-MM-DD"}, the pushed run day.
+STRIPE_PUSHED = Asset("billing://stripe/pushed")
 
 
 def alert_on_failure(context) -> None:
