@@ -40,10 +40,19 @@ def _invoice(cx, org: str, period: dt.date) -> None:
     )
 
 
-def _reconciled(cx, org: str, period: dt.date) -> None:
+def _reconciled(cx, org: str, period: dt.date, status: str = "match") -> None:
+    key = f"test-{period:%Y%m}-{org}-{status}"
     cx.execute(
-        "INSERT INTO billing.billing_audit (org_id, period, status) VALUES (%s, %s, 'ok')",
-        (org, period),
+        """INSERT INTO billing.reconcile_runs (idempotency_key, run_id, period, tolerance, status,
+               orgs_checked, discrepancies, above_tolerance, max_rel_diff, payload)
+           VALUES (%s, 'test', %s, 0.005, 'passed', 1, 0, 0, 0, '{}')""",
+        (key, period),
+    )
+    cx.execute(
+        """INSERT INTO billing.billing_audit (idempotency_key, run_id, period, org_id, status,
+               is_above_tolerance, abs_diff_cents, rel_diff, stripe_source)
+           VALUES (%s, 'test', %s, %s, %s, %s, 0, 0, 'invoice')""",
+        (key, period, org, status, status == "mismatch"),
     )
 
 
@@ -56,10 +65,6 @@ def months(clean_db, pg):
                 WHERE i.inhparent = 'billing.usage_events'::regclass"""
         ).fetchall():
             pg.execute(f"DROP TABLE billing.{name}")
-        pg.execute(
-            """CREATE TABLE IF NOT EXISTS billing.billing_audit (
-                   org_id text NOT NULL, period date NOT NULL, status text NOT NULL)"""
-        )
         for period in (RECONCILED, UNRECONCILED, UNINVOICED, IN_WINDOW):
             for i, org in enumerate(("acme", "globex")):
                 _event(pg, period, org, i)
@@ -106,7 +111,7 @@ def test_eligibility_reasons(months):
         "billing.usage_events_p202410": (True, "past retention, invoiced, reconciled"),
         "billing.usage_events_p202411": (
             False,
-            "not reconciled: 1 org(s) without a reconciliation result",
+            "not reconciled: 1 org(s) without a matching reconciliation result",
         ),
         "billing.usage_events_p202412": (
             False,
@@ -182,14 +187,25 @@ def test_real_purge_drops_only_invoiced_and_reconciled_months(months):
 
 def test_open_incident_blocks_a_reconciled_month(months):
     months.execute(
-        """CREATE TABLE IF NOT EXISTS billing.billing_incidents (
-               period date NOT NULL, status text NOT NULL)"""
-    )
-    months.execute(
-        "INSERT INTO billing.billing_incidents (period, status) VALUES ('2024-10-01', 'open')"
+        """INSERT INTO billing.billing_incidents (idempotency_key, period, org_ids, summary,
+               max_rel_diff, message_id, email_to)
+           VALUES ('test-202410-acme-match', '2024-10-01', '{acme}', 'x', 0.01, 'm1', '{a@b.c}')"""
     )
     (item,) = [i for i in purge.plan(months, AS_OF, DAYS) if i.object.endswith("p202410")]
     assert (item.eligible, item.reason) == (False, "1 open reconciliation incident(s)")
+
+
+def test_latest_result_mismatch_blocks_a_month(months):
+    _reconciled(months, "acme", RECONCILED, status="mismatch")
+    months.execute(
+        "UPDATE billing.billing_audit SET checked_at = checked_at + interval '1 hour' "
+        "WHERE status = 'mismatch'"
+    )
+    (item,) = [i for i in purge.plan(months, AS_OF, DAYS) if i.object.endswith("p202410")]
+    assert (item.eligible, item.reason) == (
+        False,
+        "not reconciled: 1 org(s) without a matching reconciliation result",
+    )
 
 
 def test_no_invoice_tables_means_nothing_is_eligible(months):
