@@ -101,6 +101,7 @@ def scenario(history_days: int, new_day: dt.date, per_day: int, n_orgs: int, roo
         "history_days": history_days,
         "seconds": round(total, 2),
         **{f"{t}_seconds": round(r.seconds, 2) for t, r in results.items()},
+        **{f"{t}_dbt_seconds": round(r.dbt_seconds or 0, 2) for t, r in results.items()},
     }
 
 
@@ -116,7 +117,8 @@ def main() -> None:
     for r in rows:
         print(
             f"history {r['history_days']:>2} day(s): nightly build {r['seconds']:.2f}s "
-            f"(postgres {r['postgres_seconds']:.2f}s, clickhouse {r['clickhouse_seconds']:.2f}s)"
+            f"(postgres {r['postgres_seconds']:.2f}s, clickhouse {r['clickhouse_seconds']:.2f}s; "
+            f"inside dbt: {r['postgres_dbt_seconds']:.2f}s + {r['clickhouse_dbt_seconds']:.2f}s)"
         )
     ratio = rows[1]["seconds"] / rows[0]["seconds"]
     print(

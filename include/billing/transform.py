@@ -42,6 +42,7 @@ class DbtResult:
     returncode: int
     seconds: float
     results: list[dict[str, Any]] = field(default_factory=list)
+    dbt_seconds: float | None = None  # dbt's own elapsed time (without start-up and parse)
     output: str = ""
 
     @property
@@ -164,7 +165,9 @@ def run_dbt(
     result = DbtResult(target, argv, proc.returncode, time.perf_counter() - start)
     result.output = proc.stdout + proc.stderr
     if run_results.exists():
-        result.results = json.loads(run_results.read_text()).get("results", [])
+        body = json.loads(run_results.read_text())
+        result.results = body.get("results", [])
+        result.dbt_seconds = body.get("elapsed_time")
     if check and proc.returncode != 0:
         raise TransformError(_describe_failure(result))
     return result
@@ -370,9 +373,27 @@ def _profile_mapping(target: str):
         }
 
         def _set_default_param(self, profile_dict):
-            profile_dict.setdefault("driver", "http")
-            profile_dict.setdefault("user", "default")
+            profile_dict["driver"] = profile_dict.get("driver") or "http"
+            profile_dict["user"] = profile_dict.get("user") or "default"
             return super()._set_default_param(profile_dict)
+
+        @property
+        def env_vars(self):
+            # Embedded chDB has no password: a secret field may then be empty (not missing).
+            if self.get_dbt_value("password") is None:
+                saved, self.secret_fields = self.secret_fields, []
+                try:
+                    return super().env_vars
+                finally:
+                    self.secret_fields = saved
+            return super().env_vars
+
+        @property
+        def profile(self):
+            profile = super().profile
+            if self.get_dbt_value("password") is None:
+                profile["password"] = ""
+            return profile
 
     return BillingClickhouseProfileMapping(conn_id=conns.CLICKHOUSE)
 
