@@ -94,6 +94,21 @@ def manifest_path(target: str) -> Path:
     return target_path(target) / "manifest.json"
 
 
+def cosmos_manifest_path(target: str) -> Path:
+    """The manifest without macros and docs (two thirds of it): what Cosmos reads at parse."""
+    return target_path(target) / "cosmos_manifest.json"
+
+
+def _write_cosmos_manifest(target: str) -> Path:
+    full = json.loads(manifest_path(target).read_text())
+    slim = {k: v for k, v in full.items() if k not in ("macros", "docs")}
+    out = cosmos_manifest_path(target)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(slim, separators=(",", ":")))
+    tmp.replace(out)
+    return out
+
+
 def run_vars(
     day: dt.date,
     since: dt.date | None = None,
@@ -208,7 +223,7 @@ def parse(target: str) -> Path:
         raise TransformError(
             f"dbt parse on {target} failed: {proc.stdout[-500:]}{proc.stderr[-500:]}"
         )
-    return manifest_path(target)
+    return _write_cosmos_manifest(target)
 
 
 # ---------------------------------------------------------------- nightly
@@ -239,6 +254,14 @@ def prepare(cx, catalog=None) -> str:
     version = catalog_sync.sync(cx, catalog)
     cx.commit()
     return version
+
+
+def sync_catalog() -> str:
+    """The nightly task before dbt: :func:`prepare` on its own connection."""
+    from billing import db
+
+    with db.connect() as cx:
+        return prepare(cx)
 
 
 def run_day(
@@ -292,7 +315,8 @@ def dbt_task_group(
     if target not in TARGETS:
         raise ConfigError(f"unknown dbt target {target!r}")
     project_dir = settings.dbt_project_dir()
-    if not manifest_path(target).exists():  # normally built by `billing transform --parse`
+    manifest = cosmos_manifest_path(target)
+    if not manifest.exists():  # normally built by `billing transform --parse`
         parse(target)
     profile_config = ProfileConfig(
         profile_name="billing",
@@ -322,12 +346,12 @@ def dbt_task_group(
         args.setdefault("max_active_tis_per_dagrun", 1)
     project_config = ProjectConfig(
         dbt_project_path=project_dir,
-        manifest_path=manifest_path(target),
+        manifest_path=manifest,
         project_name="billing",
     )
     # A local file: plain pathlib reads it without ObjectStoragePath, whose lineage hook
     # loads every Airflow plugin and would cost a second at each DAG parse.
-    project_config.manifest_path = manifest_path(target)
+    project_config.manifest_path = manifest
     return DbtTaskGroup(
         group_id=group_id or f"dbt_{'snapshot' if target == 'postgres' else 'rollups'}",
         project_config=project_config,
