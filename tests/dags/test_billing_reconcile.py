@@ -71,10 +71,10 @@ def test_scheduled_by_the_stripe_push_asset(dag):
     assert set(dag.tags) == {"billing", "reconcile"}
 
 
-def _dags_test(conf: dict) -> subprocess.CompletedProcess:
+def _dags_test(conf: dict, *logical_date: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BILLING_RETRY_DELAY_SECONDS": "1"}
     return subprocess.run(
-        [str(AIRFLOW), "dags", "test", "billing_reconcile", "-c", json.dumps(conf)],
+        [str(AIRFLOW), "dags", "test", "billing_reconcile", *logical_date, "-c", json.dumps(conf)],
         env=env,
         capture_output=True,
         text=True,
@@ -86,7 +86,8 @@ def _dags_test(conf: dict) -> subprocess.CompletedProcess:
 def test_dag_end_to_end_pass_then_mismatch(period):
     p = f"{period:%Y-%m}"
     good = org_in_both(period, {"base_fee": 4200, "api_calls": 58})
-    out = _dags_test({"period": p, "org_ids": [good]})
+    # No period param: the period of the run's logical date / data interval.
+    out = _dags_test({"org_ids": [good]}, period.replace(day=3).isoformat())
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert count("SELECT count(*) FROM billing.billing_audit WHERE org_id = %s", good) == 1
     derived = "SELECT count(*) FROM billing.reconcile_runs WHERE idempotency_key LIKE %s"
