@@ -380,6 +380,19 @@ def cmd_reconcile(args) -> int:
     return 0
 
 
+def cmd_incidents(args) -> int:
+    from billing import reconcile
+
+    if args.incidents_command == "resolve":
+        _print_json(reconcile.resolve_incident(args.incident_id, args.note))
+        return 0
+    found = reconcile.open_incidents()
+    for i in found:
+        print(f"#{i['incident_id']:<5} {i['period']}  max {i['max_rel_diff']:<10} {i['summary']}")
+    print(f"{len(found)} open reconciliation incident(s)")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
@@ -521,6 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--idempotency-key", default=None, help="same key = same stored result")
     rc.add_argument("--json", action="store_true", help="print the payload as JSON")
     rc.set_defaults(func=cmd_reconcile)
+
+    inc = sub.add_parser("incidents", help="reconciliation incidents (Engineering + Finance)")
+    incsub = inc.add_subparsers(dest="incidents_command", required=True, parser_class=_Parser)
+    incsub.add_parser("list", help="open incidents").set_defaults(func=cmd_incidents)
+    incr = incsub.add_parser("resolve", help="close an incident after the fix is reconciled")
+    incr.add_argument("incident_id", type=_positive)
+    incr.add_argument("--note", required=True, help="what was wrong and how it was fixed")
+    incr.set_defaults(func=cmd_incidents)
 
     dn = sub.add_parser("dunning", help="staged notices for overdue invoices (docs/DUNNING.md)")
     dnsub = dn.add_subparsers(dest="dunning_command", required=True, parser_class=_Parser)

@@ -691,3 +691,41 @@ def run_task(params: dict, run_id: str, days: Iterable[Any]) -> dict:
             raise failures[0]
         raise ReconcileMismatch("; ".join(str(e) for e in failures), {"runs": payloads})
     return payloads[0] if len(payloads) == 1 else {"runs": payloads}
+
+
+# ---------------------------------------------------------------- incidents
+def open_incidents() -> list[dict]:
+    from psycopg.rows import dict_row
+
+    with db.connect() as cx, cx.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            """SELECT incident_id, to_char(period, 'YYYY-MM') AS period, org_ids, assignees,
+                      summary, max_rel_diff::text AS max_rel_diff, idempotency_key,
+                      created_at, email_sent_at
+                 FROM billing.billing_incidents WHERE status = 'open' ORDER BY incident_id"""
+        ).fetchall()
+
+
+def resolve_incident(incident_id: int, resolution: str) -> dict:
+    """Close an incident once Engineering + Finance agree it is fixed (re-reconciled)."""
+    if not (resolution or "").strip():
+        raise ConfigError("say how the incident was resolved (--note)")
+    with db.transaction() as cx:
+        row = cx.execute(
+            """UPDATE billing.billing_incidents
+                  SET status = 'resolved', resolved_at = now(), resolution = %s
+                WHERE incident_id = %s AND status = 'open'
+            RETURNING incident_id, to_char(period, 'YYYY-MM'), resolved_at""",
+            (resolution.strip(), incident_id),
+        ).fetchone()
+        if row is None:
+            found = cx.execute(
+                "SELECT status FROM billing.billing_incidents WHERE incident_id = %s",
+                (incident_id,),
+            ).fetchone()
+            raise ConfigError(
+                f"incident #{incident_id} is already {found[0]}"
+                if found
+                else f"no reconciliation incident #{incident_id}"
+            )
+    return {"incident_id": row[0], "period": row[1], "status": "resolved", "resolved_at": row[2]}

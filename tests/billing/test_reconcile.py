@@ -177,6 +177,22 @@ def test_051_percent_fails_opens_one_incident_and_emails_once(period):
     assert count("SELECT count(*) FROM billing.billing_incidents") == 1
     assert len(mails_with(message_id)) == 1
 
+    # Fixed in Stripe (a credit item), re-reconciled under a new key, then resolved.
+    with db.connect() as cx:
+        (customer,) = cx.execute(
+            "SELECT stripe_customer_id FROM billing.stripe_customers WHERE org_id = %s", (bad,)
+        ).fetchone()
+    stripe_items(customer, bad, period, {"api_calls": -510})
+    assert reconcile.reconcile(period, idempotency_key=f"{key}-fixed")["status"] == "passed"
+    f, up = metrics_export._Families(), {}
+    metrics_export.collect_postgres(f, up)
+    assert f.out["billing_reconcile_max_relative_diff"].samples[0].value == 0
+    assert [i["incident_id"] for i in reconcile.open_incidents()] == [incident_id]
+    assert reconcile.resolve_incident(incident_id, "credit item in Stripe")["status"] == "resolved"
+    assert reconcile.open_incidents() == []
+    with pytest.raises(reconcile.ConfigError, match="already resolved"):
+        reconcile.resolve_incident(incident_id, "again")
+
 
 def test_one_sided_orgs_and_currency_mismatch_are_discrepancies(period):
     only_internal = _org()
