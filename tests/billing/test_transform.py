@@ -187,7 +187,7 @@ def _scenario(draw):
 
 # ---------------------------------------------------------------- property test
 @settings(
-    max_examples=int(os.environ.get("BILLING_TRANSFORM_EXAMPLES", "3")),
+    max_examples=int(os.environ.get("BILLING_TRANSFORM_EXAMPLES", "2")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
