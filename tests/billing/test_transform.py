@@ -456,3 +456,36 @@ def test_sql_rejects_writes(stack):
         text=True,
     )
     assert out.returncode == 2 and "read-only" in out.stderr
+
+
+def test_cosmos_task_groups_render_from_manifest(stack):
+    """What the nightly DAG wires in: both groups, rendered without running dbt."""
+    from airflow.sdk import DAG
+
+    from billing import transform
+    from billing.orchestration import CLICKHOUSE_POOL
+
+    with DAG(
+        "render_check", schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    ) as dag:
+        snapshot = transform.dbt_task_group("postgres")
+        rollups = transform.dbt_task_group("clickhouse")
+        snapshot >> rollups
+    ids = set(dag.task_ids)
+
+    def task_for(group: str, model: str):
+        # Task ids depend on the Cosmos test behaviour (`<m>.run` or `<m>_model_build`).
+        [tid] = [
+            i
+            for i in ids
+            if i.startswith(f"{group}.{model}") and "test" not in i[len(group) + len(model) + 1 :]
+        ]
+        return dag.get_task(tid)
+
+    for model in ("int_orgs_priced", "fct_daily_charges", "fct_invoice_lines", "fct_invoices"):
+        assert task_for("dbt_snapshot", model)
+    hourly = task_for("dbt_rollups", "fct_usage_hourly")
+    assert task_for("dbt_rollups", "fct_usage_monthly")
+    assert hourly.pool == CLICKHOUSE_POOL
+    assert hourly.vars["day"] == "{{ data_interval_start.strftime('%Y-%m-%d') }}"
+    assert not any(i.startswith("dbt_snapshot") and "usage_hourly" in i for i in ids)
