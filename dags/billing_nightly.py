@@ -1,16 +1,28 @@
 """
 ### billing_nightly
 
-The nightly billing cycle for one **arrival day** (the run's data interval, UTC):
-ingest the day's usage files from the landing zone into Postgres, exactly once.
-Later stages (dbt snapshot and rollups, Stripe push, reconciliation) chain after ingest.
+The nightly billing cycle for one **arrival day** (the run's data interval, UTC day D):
+
+1. `ingest`: the day's usage files from the landing zone into Postgres, exactly once.
+2. `prepare_pricing`: load the pricing catalog, check every org's plan and currency.
+3. `dbt_snapshot` (Cosmos): daily charges and the invoice snapshot in Postgres.
+4. `dbt_rollups` (Cosmos): hourly/daily/monthly usage rollups in ClickHouse.
+5. `stripe_push`: the day's overage items through the outbox (updates the
+   `billing://stripe/pushed` asset, which schedules `billing_reconcile`).
+6. `stripe_close_period`: on the last day of a month, finalize each org's invoice.
+7. `stripe_sync_invoices`: invoice status back into Postgres for dunning.
 
 **Triage notes**
-- Every task works on the run's data interval and writes with upserts or claims:
-  clearing a failed task, re-running a day or backfilling is always safe.
-- `ingest` failed: read the log's per-file summary. A file that failed is rolled back
-  whole; fix the cause (often the database) and clear the task. Bad lines never fail
-  the task: they are quarantined with a reason (`billing ingest report --day D`).
+- Every task works on the run's data interval and writes with upserts, claims or the
+  outbox: clearing a failed task, re-running a day or backfilling is always safe.
+- `ingest` failed: read the log's per-file summary. A failed file is rolled back whole;
+  fix the cause (often the database) and clear the task. Bad lines never fail the task:
+  they are quarantined with a reason (`billing ingest report --day D`).
+- `prepare_pricing` failed: the message names the catalog field, or the org on an
+  unknown plan / with the wrong currency. Fix the catalog or the org, then clear.
+- `dbt_*` failed: a dbt test names the broken rule; nothing partial reaches the marts.
+- `stripe_push` succeeded with `parked > 0`: see `billing parked list` and the
+  `billing_retry_parked` DAG. With Stripe read-only on, writes stay queued in the outbox.
 - Re-run one day from a shell: `billing run-day YYYY-MM-DD`.
 """
 
@@ -19,7 +31,8 @@ from __future__ import annotations
 from airflow.sdk import DAG, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from billing.orchestration import DEFAULT_ARGS, START_DATE, day_of
+from billing.orchestration import DEFAULT_ARGS, START_DATE, STRIPE_POOL, STRIPE_PUSHED, day_of
+from billing.transform import dbt_task_group
 
 with DAG(
     dag_id="billing_nightly",
@@ -39,7 +52,40 @@ with DAG(
 
         return ingest_day(day_of(data_interval_start), data_interval_end)
 
-    ingest()
+    @task
+    def prepare_pricing() -> str:
+        """Sync the catalog into Postgres and check orgs against it; returns its version."""
+        from billing import db, transform
+
+        with db.connect() as cx:
+            return transform.prepare(cx)
+
+    @task(pool=STRIPE_POOL, outlets=[STRIPE_PUSHED])
+    def stripe_push(data_interval_start=None) -> dict:
+        """Push day D's overage items (C_now(D) minus what was pushed) via the outbox."""
+        from billing.stripe_sync import push_day
+
+        return push_day(day_of(data_interval_start))
+
+    @task(pool=STRIPE_POOL)
+    def stripe_close_period(data_interval_start=None) -> dict:
+        """On a month's last day, create and finalize each org's Stripe invoice."""
+        from billing.stripe_sync import close_period_if_month_end
+
+        return close_period_if_month_end(day_of(data_interval_start))
+
+    @task(pool=STRIPE_POOL)
+    def stripe_sync_invoices() -> dict:
+        """Copy Stripe invoice status (open/paid/void/uncollectible, due date) into Postgres."""
+        from billing.stripe_sync import sync_invoices
+
+        return sync_invoices()
+
+    snapshot = dbt_task_group("postgres")
+    rollups = dbt_task_group("clickhouse")
+    push = stripe_push()
+    ingest() >> prepare_pricing() >> snapshot >> [rollups, push]
+    push >> stripe_close_period() >> stripe_sync_invoices()
 
 
 if __name__ == "__main__":

@@ -363,7 +363,9 @@ def dbt_task_group(
         render_config=RenderConfig(
             load_method=LoadMode.DBT_MANIFEST,
             select=[f"tag:{'snapshot' if target == 'postgres' else 'rollups'}"],
-            test_behavior=TestBehavior.AFTER_EACH,
+            test_behavior=TestBehavior.BUILD,  # one `dbt build` per model: run + its tests
+            # Tests spanning models (relationships) run once all their parents are built.
+            should_detach_multiple_parents_tests=True,
             enable_mock_profile=True,
         ),
         operator_args=args,

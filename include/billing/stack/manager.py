@@ -19,12 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from billing import connections as conns
-from billing import settings
+from billing import orchestration, settings
 from billing.errors import ServiceError
 from billing.stack import process
 
 SERVICES = ("postgres", "clickhouse", "redis", "stripe", "smtp", "airflow")
 DAEMONS = ("postgres", "redis", "stripe", "smtp")
+# Pools for outside rate limits and the single-writer embedded ClickHouse (chDB).
+POOLS = {
+    orchestration.CLICKHOUSE_POOL: {
+        "slots": 1,
+        "description": "chDB: one process per data path",
+        "include_deferred": False,
+    },
+    orchestration.STRIPE_POOL: {
+        "slots": 2,
+        "description": "Stripe API writes (rate limited)",
+        "include_deferred": False,
+    },
+}
 PG_USER = "billing"
 PG_DB = "billing"
 
@@ -177,6 +190,10 @@ class Stack:
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
             "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR": "False",
             "NO_PROXY": "127.0.0.1,localhost",
+            # No network here but package registries: keep tools from phoning home.
+            "DO_NOT_TRACK": "1",
+            "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
         }
         for conn in self.connections(state).values():
@@ -447,19 +464,20 @@ class Stack:
                 json.dumps({"admin": self.load_state()["secrets"]["airflow_password"]})
             )
             os.chmod(pwfile, 0o600)
-        marker = home / ".migrated"
+        marker = home / ".migrated-v2"
         if marker.exists() and (home / "airflow.db").exists():
             return "metadata DB ready"
-        r = subprocess.run(
-            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode != 0:
-            raise ServiceError(f"airflow db migrate failed: {r.stderr.strip().splitlines()[-1:]}")
+        airflow = str(Path(sys.executable).parent / "airflow")
+        pools = home / "pools.json"
+        pools.write_text(json.dumps(POOLS, indent=2))
+        for argv in ([airflow, "db", "migrate"], [airflow, "pools", "import", str(pools)]):
+            r = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise ServiceError(
+                    f"{' '.join(argv[1:3])} failed: {r.stderr.strip().splitlines()[-1:]}"
+                )
         marker.touch()
-        return "metadata DB migrated"
+        return "metadata DB migrated, pools created"
 
     # ---------- public operations ----------
     def up(self) -> dict[str, str]:

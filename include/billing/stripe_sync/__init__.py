@@ -110,6 +110,13 @@ def close_period(
     }
 
 
+def close_period_if_month_end(day: dt.date, **kwargs) -> dict:
+    """The nightly month-end step: close ``day``'s period only when ``day`` is its last day."""
+    if (day + dt.timedelta(days=1)).day != 1:
+        return {"status": "skipped", "reason": f"{day} is not the last day of its month"}
+    return close_period(day.replace(day=1), **kwargs)
+
+
 def sync_invoices(*, engine: Engine | None = None, sleep: Sleep | None = None) -> dict:
     """Copy each recorded invoice's Stripe status and amounts into billing.stripe_invoices.
 
