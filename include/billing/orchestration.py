@@ -10,8 +10,6 @@ import datetime as dt
 import logging
 import os
 
-from airflow.sdk import Asset
-
 log = logging.getLogger(__name__)
 
 OWNER = "platform"
@@ -19,9 +17,20 @@ START_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # Pools keep outside rate limits and the single-writer embedded ClickHouse safe.
 CLICKHOUSE_POOL = "billing_clickhouse"
 STRIPE_POOL = "billing_stripe"
-# Updated by billing_nightly's Stripe push (outlets=[STRIPE_PUSHED]); schedules
+# billing_nightly's Stripe push updates this Asset (outlets=[STRIPE_PUSHED]); it schedules
 # billing_reconcile. Events may carry extra {"day": "YYYY-MM-DD"}, the pushed run day.
-STRIPE_PUSHED = Asset("billing://stripe/pushed")
+STRIPE_PUSHED_URI = "billing://stripe/pushed"
+
+
+def __getattr__(name: str):
+    """``STRIPE_PUSHED`` is built on first use: importing Airflow here would make it read
+    its config before the CLI or test fixtures set AIRFLOW_HOME (billing.stack imports us)."""
+    if name == "STRIPE_PUSHED":
+        from airflow.sdk import Asset
+
+        globals()[name] = asset = Asset(STRIPE_PUSHED_URI)
+        return asset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def alert_on_failure(context) -> None:
