@@ -8,6 +8,12 @@ that is irregular. Lines are COPYed raw into a temp staging table and set-based 
 validates, dedupes and inserts. One transaction per file: the manifest row, the events and
 the quarantined lines commit together, so a file is either fully loaded or not at all.
 
+SQL per file: one statement keeps the valid lines, typed, in ``ingest_ok`` (no per-line
+detail is computed for them); the registry insert (keyed on ``md5(event_id)::uuid``, in key
+order) then tells which are new; when every valid line registered, the events are inserted
+from ``ingest_ok`` with no join. Only files with bad lines classify those lines again with
+details, and only files with duplicates look their lines up in the registry.
+
 The SQL first runs a fast path that casts JSON and timestamps directly; an unexpected cast
 error (a line malformed in the middle, an impossible date) rolls back to a savepoint and the
 file is classified again with exception-safe casts. Correctness never depends on the fast path.
@@ -517,41 +523,10 @@ _RFC3339 = (
     " OR (substr(f.t_text, length(f.t_text) - 5, 1) IN ('+', '-') AND substr(f.t_text, length(f.t_text) - 2, 1) = ':'))"
 )
 
-# {j_expr} and {ts_expr} are the fast (direct cast) or safe (exception-catching) casts.
-_CLASSIFY = """
-CREATE TEMP TABLE ingest_cls ON COMMIT DROP AS
-SELECT c.line_no, c.reason, c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at,
-       c.billable, c.source, c.properties,
-       CASE WHEN c.reason IS NULL THEN md5(c.j::text)::uuid END AS payload_hash,
-       CASE c.reason
-         WHEN 'malformed_json' THEN 'not valid JSON'
-         WHEN 'bad_type' THEN concat_ws('; ',
-              CASE WHEN jsonb_typeof(c.j) <> 'object' THEN 'line must be a JSON object, got ' || jsonb_typeof(c.j) END,
-              CASE WHEN jsonb_typeof(c.e) <> 'string' THEN 'event_id must be a string, got ' || jsonb_typeof(c.e) END,
-              CASE WHEN jsonb_typeof(c.o) <> 'string' THEN 'org_id must be a string, got ' || jsonb_typeof(c.o) END,
-              CASE WHEN jsonb_typeof(c.m) <> 'string' THEN 'metric must be a string, got ' || jsonb_typeof(c.m) END,
-              CASE WHEN jsonb_typeof(c.q) <> 'number' THEN 'quantity must be a number, got ' || jsonb_typeof(c.q) END,
-              CASE WHEN jsonb_typeof(c.t) <> 'string' THEN 'occurred_at must be a string, got ' || jsonb_typeof(c.t) END,
-              CASE WHEN jsonb_typeof(c.b) NOT IN ('boolean', 'null') THEN 'billable must be a boolean, got ' || jsonb_typeof(c.b) END,
-              CASE WHEN jsonb_typeof(c.src) NOT IN ('string', 'null') THEN 'source must be a string, got ' || jsonb_typeof(c.src) END,
-              CASE WHEN jsonb_typeof(c.props) NOT IN ('object', 'null') THEN 'properties must be an object, got ' || jsonb_typeof(c.props) END)
-         WHEN 'missing_field' THEN 'missing required field(s): ' || concat_ws(', ',
-              CASE WHEN coalesce(c.e_text, '') = '' THEN 'event_id' END,
-              CASE WHEN coalesce(c.o_text, '') = '' THEN 'org_id' END,
-              CASE WHEN coalesce(c.m_text, '') = '' THEN 'metric' END,
-              CASE WHEN coalesce(jsonb_typeof(c.q), 'null') = 'null' THEN 'quantity' END,
-              CASE WHEN coalesce(c.t_text, '') = '' THEN 'occurred_at' END)
-         WHEN 'negative_quantity' THEN format('quantity %%s is negative', c.quantity)
-         WHEN 'bad_timestamp' THEN format('occurred_at %%s is not an RFC 3339 timestamp with offset', c.q_t)
-         WHEN 'future_event' THEN format('occurred_at %%s is more than 5 minutes after the run end %%s',
-                                         c.q_t, %(run_end)s::timestamptz)
-         WHEN 'too_late' THEN format('occurred_at %%s is older than the lateness window (before %%s)',
-                                     c.q_t, %(earliest)s::timestamptz)
-         WHEN 'unknown_metric' THEN format('metric %%s is not in the pricing catalog', c.m_text)
-         WHEN 'unknown_org' THEN format('org_id %%s is not in billing.organizations', c.o_text)
-       END AS detail
-FROM (
-  SELECT g.*, g.t_text AS q_t,
+# The per-line parse and reason (first that applies); reason IS NULL means valid. {j_expr} and
+# {ts_expr} are the fast (direct cast) or safe (exception-catching) casts; {rows} the staged lines.
+_PARSE = """
+  SELECT g.*,
     CASE
       WHEN g.j IS NULL THEN 'malformed_json'
       WHEN jsonb_typeof(g.j) <> 'object' THEN 'bad_type'
@@ -584,7 +559,7 @@ FROM (
              CASE WHEN jsonb_typeof(o) = 'string' THEN o #>> '{{}}' END AS o_text,
              CASE WHEN jsonb_typeof(m) = 'string' THEN m #>> '{{}}' END AS m_text,
              CASE WHEN jsonb_typeof(t) = 'string' THEN t #>> '{{}}' END AS t_text
-      FROM (SELECT line_no, {j_expr} AS j FROM ingest_stage WHERE pre IS NULL OFFSET 0) p,
+      FROM (SELECT s.line_no, {j_expr} AS j FROM {rows} OFFSET 0) p,
            LATERAL (SELECT p.j -> 'event_id' AS e, p.j -> 'org_id' AS o, p.j -> 'metric' AS m,
                            p.j -> 'quantity' AS q, p.j -> 'occurred_at' AS t, p.j -> 'billable' AS b,
                            p.j -> 'source' AS src, p.j -> 'properties' AS props) x
@@ -594,44 +569,94 @@ FROM (
     OFFSET 0
   ) g
   OFFSET 0
-) c
 """
 
+# Valid lines, typed, with their registry key and payload hash: everything the writes need.
+# Nothing is computed or stored per line for detail messages (only bad lines need them).
+_OK = """
+CREATE TEMP TABLE ingest_ok ON COMMIT DROP AS
+SELECT c.line_no, md5(c.event_id)::uuid AS event_key, c.event_id, c.org_id, c.metric, c.quantity,
+       c.occurred_at, c.billable, c.source, c.properties, md5(c.j::text)::uuid AS payload_hash
+  FROM ({parse}) c
+ WHERE c.reason IS NULL
+"""
+
+# Staged lines for SQL that did not make it into ingest_ok: classified again (safe casts) with
+# the human detail. Runs only when a file has such lines.
+_BAD_ROWS = """ingest_stage s WHERE s.pre IS NULL
+               AND NOT EXISTS (SELECT 1 FROM ingest_ok k WHERE k.line_no = s.line_no)"""
+_CLASSIFY_BAD = """
+CREATE TEMP TABLE ingest_cls ON COMMIT DROP AS
+SELECT c.line_no, c.reason, c.event_id,
+       CASE c.reason
+         WHEN 'malformed_json' THEN 'not valid JSON'
+         WHEN 'bad_type' THEN concat_ws('; ',
+              CASE WHEN jsonb_typeof(c.j) <> 'object' THEN 'line must be a JSON object, got ' || jsonb_typeof(c.j) END,
+              CASE WHEN jsonb_typeof(c.e) <> 'string' THEN 'event_id must be a string, got ' || jsonb_typeof(c.e) END,
+              CASE WHEN jsonb_typeof(c.o) <> 'string' THEN 'org_id must be a string, got ' || jsonb_typeof(c.o) END,
+              CASE WHEN jsonb_typeof(c.m) <> 'string' THEN 'metric must be a string, got ' || jsonb_typeof(c.m) END,
+              CASE WHEN jsonb_typeof(c.q) <> 'number' THEN 'quantity must be a number, got ' || jsonb_typeof(c.q) END,
+              CASE WHEN jsonb_typeof(c.t) <> 'string' THEN 'occurred_at must be a string, got ' || jsonb_typeof(c.t) END,
+              CASE WHEN jsonb_typeof(c.b) NOT IN ('boolean', 'null') THEN 'billable must be a boolean, got ' || jsonb_typeof(c.b) END,
+              CASE WHEN jsonb_typeof(c.src) NOT IN ('string', 'null') THEN 'source must be a string, got ' || jsonb_typeof(c.src) END,
+              CASE WHEN jsonb_typeof(c.props) NOT IN ('object', 'null') THEN 'properties must be an object, got ' || jsonb_typeof(c.props) END)
+         WHEN 'missing_field' THEN 'missing required field(s): ' || concat_ws(', ',
+              CASE WHEN coalesce(c.e_text, '') = '' THEN 'event_id' END,
+              CASE WHEN coalesce(c.o_text, '') = '' THEN 'org_id' END,
+              CASE WHEN coalesce(c.m_text, '') = '' THEN 'metric' END,
+              CASE WHEN coalesce(jsonb_typeof(c.q), 'null') = 'null' THEN 'quantity' END,
+              CASE WHEN coalesce(c.t_text, '') = '' THEN 'occurred_at' END)
+         WHEN 'negative_quantity' THEN format('quantity %%s is negative', c.quantity)
+         WHEN 'bad_timestamp' THEN format('occurred_at %%s is not an RFC 3339 timestamp with offset', c.t_text)
+         WHEN 'future_event' THEN format('occurred_at %%s is more than 5 minutes after the run end %%s',
+                                         c.t_text, %(run_end)s::timestamptz)
+         WHEN 'too_late' THEN format('occurred_at %%s is older than the lateness window (before %%s)',
+                                     c.t_text, %(earliest)s::timestamptz)
+         WHEN 'unknown_metric' THEN format('metric %%s is not in the pricing catalog', c.m_text)
+         WHEN 'unknown_org' THEN format('org_id %%s is not in billing.organizations', c.o_text)
+       END AS detail
+  FROM ({parse}) c
+"""
+
+# ORDER BY event_key, line_no: within a file the first line of an event_id wins (later ones
+# conflict with it), and inserting in key order walks the primary-key index from left to right
+# instead of at random (about a third cheaper per row than line order, measured).
 _REGISTER = """
-WITH ins AS (
-    INSERT INTO billing.usage_event_ids (event_id, payload_hash, occurred_at, file_id, line_no)
-    SELECT event_id, payload_hash, occurred_at, %(file_id)s, line_no
-      FROM ingest_cls WHERE reason IS NULL ORDER BY line_no
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING line_no)
-INSERT INTO ingest_new SELECT line_no FROM ins
+INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id, line_no)
+SELECT event_key, payload_hash, occurred_at, %(file_id)s, line_no FROM ingest_ok
+ ORDER BY event_key, line_no
+ON CONFLICT (event_key) DO NOTHING
 """
 
+# Valid lines whose event_id is registered by another line (earlier in this file, an earlier file
+# or run, or a concurrent file that committed first): duplicate (same payload) or conflict.
+# Only run when the registry insert skipped some lines.
+_SEEN = """
+CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
+SELECT o.line_no, o.event_id, r.payload_hash = o.payload_hash AS same, f.path AS first_path, r.line_no AS first_line
+  FROM ingest_ok o
+  JOIN billing.usage_event_ids r USING (event_key)
+  LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
+ WHERE r.file_id <> %(file_id)s OR r.line_no <> o.line_no
+"""
+
+# {where}: empty when every valid line registered (no join at all), else skips ingest_seen.
 _INSERT_EVENTS = """
 WITH ev AS (
 INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at, billable, source,
                                   properties, arrival_day, file_id, line_no)
-SELECT c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at, c.billable, c.source, c.properties,
-       %(day)s, %(file_id)s, c.line_no
-  FROM ingest_cls c JOIN ingest_new n USING (line_no)
+SELECT o.event_id, o.org_id, o.metric, o.quantity, o.occurred_at, o.billable, o.source, o.properties,
+       %(day)s, %(file_id)s, o.line_no
+  FROM ingest_ok o {where}
 RETURNING billable)
-SELECT count(*) FILTER (WHERE NOT billable) FROM ev
+SELECT count(*), count(*) FILTER (WHERE NOT billable) FROM ev
 """
-
-# Valid lines that did not register: seen before (this file or earlier) -> duplicate or conflict.
-_SEEN = """
-CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
-SELECT c.line_no, c.event_id, r.payload_hash = c.payload_hash AS same, f.path AS first_path, r.line_no AS first_line
-  FROM ingest_cls c
-  JOIN billing.usage_event_ids r USING (event_id)
-  LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
- WHERE c.reason IS NULL AND NOT EXISTS (SELECT 1 FROM ingest_new n WHERE n.line_no = c.line_no)
-"""
+_NOT_SEEN = "WHERE NOT EXISTS (SELECT 1 FROM ingest_seen x WHERE x.line_no = o.line_no)"
 
 _QUARANTINE = f"""
 INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail, event_id, raw, raw_bytes)
 SELECT %(file_id)s, c.line_no, %(day)s, c.reason, c.detail, c.event_id, left(s.raw, {RAW_KEEP}), octet_length(s.raw)
-  FROM ingest_cls c JOIN ingest_stage s USING (line_no) WHERE c.reason IS NOT NULL
+  FROM ingest_cls c JOIN ingest_stage s USING (line_no)
 """
 
 # Lines Python rejected while streaming: pre = reason<US>bytes<US>detail, raw = the line's start.
@@ -672,36 +697,37 @@ def _lock_key(uri: str) -> int:
     )
 
 
-def _classify(cx, ctx: _Context) -> str:
-    """Parse and classify the staged lines into ingest_cls; returns the mode that succeeded."""
-    import psycopg
-
-    params = {
+def _params(ctx: _Context) -> dict:
+    return {
         "run_end": ctx.run_end,
         "latest": ctx.run_end + FUTURE_SLACK,
         "earliest": ctx.run_end - ctx.lateness,
         "metrics": ctx.metrics,
     }
+
+
+def _parse_sql(safe: bool, rows: str = "ingest_stage s WHERE s.pre IS NULL") -> str:
+    return _PARSE.format(
+        j_expr="billing.try_jsonb(s.raw)" if safe else "s.raw::jsonb",
+        ts_expr="billing.try_timestamptz(f.t_text)" if safe else "f.t_text::timestamptz",
+        rfc3339=_RFC3339,
+        rows=rows,
+    )
+
+
+def _classify(cx, ctx: _Context) -> tuple[str, int]:
+    """Parse the staged lines and keep the valid ones in ingest_ok; returns (mode, valid lines)."""
+    import psycopg
+
+    params = _params(ctx)
     try:
         with cx.transaction():
-            cx.execute(
-                _CLASSIFY.format(
-                    j_expr="raw::jsonb", ts_expr="f.t_text::timestamptz", rfc3339=_RFC3339
-                ),
-                params,
-            )
-        return "fast"
+            valid = cx.execute(_OK.format(parse=_parse_sql(safe=False)), params).rowcount
+        return "fast", valid
     except psycopg.errors.DataError as exc:
         log.info("fast path failed (%s); classifying with safe casts", str(exc).splitlines()[0])
-    cx.execute(
-        _CLASSIFY.format(
-            j_expr="billing.try_jsonb(raw)",
-            ts_expr="billing.try_timestamptz(f.t_text)",
-            rfc3339=_RFC3339,
-        ),
-        params,
-    )
-    return "safe"
+    valid = cx.execute(_OK.format(parse=_parse_sql(safe=True)), params).rowcount
+    return "safe", valid
 
 
 def _ingest_file(cx, path, ctx: _Context) -> dict:
@@ -741,7 +767,6 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
             "SELECT nextval(pg_get_serial_sequence('billing.usage_files', 'file_id'))"
         ).fetchone()[0]
         cx.execute(_STAGE)
-        cx.execute("CREATE TEMP TABLE ingest_new (line_no bigint) ON COMMIT DROP")
         with path.open("rb") as raw_fh:
             raw = _HashingReader(raw_fh)
             fh = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
@@ -750,26 +775,41 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
                 _pump(fh, st)
             raw.drain()  # gzip may stop before trailing bytes; hash the whole file
         t_copy = time.perf_counter()
-        mode = _classify(cx, ctx)
+        mode, valid = _classify(cx, ctx)
         t_cls = time.perf_counter()
 
         p = {"file_id": file_id, "day": ctx.day}
-        valid = cx.execute("SELECT count(*) FROM ingest_cls WHERE reason IS NULL").fetchone()[0]
+        candidates = st.line_no - st.blank - st.rejected  # lines staged for SQL to judge
+        if valid != candidates:  # some are bad: classify just those, with details
+            cx.execute(
+                _CLASSIFY_BAD.format(parse=_parse_sql(safe=True, rows=_BAD_ROWS)), _params(ctx)
+            )
         new = cx.execute(_REGISTER, p).rowcount
-        cx.execute("ANALYZE ingest_new")
-        non_billable = cx.execute(_INSERT_EVENTS, p).fetchone()[0]
-        cx.execute(_QUARANTINE, p)
+        t_reg = time.perf_counter()
         duplicate = conflict = 0
         if new != valid:
-            cx.execute(_SEEN)
+            cx.execute("ANALYZE ingest_ok")  # row estimates for the registry join
+            cx.execute(_SEEN, p)
             duplicate, conflict = cx.execute(
                 "SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE NOT same) FROM ingest_seen"
             ).fetchone()
-            cx.execute(_QUARANTINE_CONFLICTS, p)
         if duplicate + conflict != valid - new:  # an event_id registered and purged in between
             raise RuntimeError(
                 f"{uri}: {valid - new} unregistered lines but {duplicate + conflict} found registered"
             )
+        stored, non_billable = cx.execute(
+            _INSERT_EVENTS.format(where=_NOT_SEEN if new != valid else ""), p
+        ).fetchone()
+        if stored != new:
+            raise RuntimeError(f"{uri}: {new} events registered but {stored} stored")
+        if valid != candidates:
+            bad = cx.execute(_QUARANTINE, p).rowcount
+            if bad != candidates - valid:
+                raise RuntimeError(
+                    f"{uri}: {candidates - valid} invalid lines but {bad} classified"
+                )
+        if conflict:
+            cx.execute(_QUARANTINE_CONFLICTS, p)
         if st.rejected:
             cx.execute(_QUARANTINE_PRE, p)
         reasons = dict(
@@ -797,7 +837,8 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
         result["timings"] = {
             "copy": round(t_copy - started, 3),
             "classify": round(t_cls - t_copy, 3),
-            "write": round(time.perf_counter() - t_cls, 3),
+            "register": round(t_reg - t_cls, 3),
+            "write": round(time.perf_counter() - t_reg, 3),
         }
         cx.execute(
             """INSERT INTO billing.usage_files (file_id, path, arrival_day, size_bytes, checksum, lines, blank,
