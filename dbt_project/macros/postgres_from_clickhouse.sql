@@ -37,7 +37,10 @@
           and occurred_at >= '{{ floor }} 00:00:00+00'
         order by usage_date
     {%- endset -%}
-    {{ return(run_query(query).columns[0].values() | list) }}
+    {%- set result = run_query(query) -%}
+    {#- An empty result over chDB comes back without columns: no arrivals, no dates. -#}
+    {%- if result.columns | length == 0 -%}{{ return([]) }}{%- endif -%}
+    {{ return(result.columns[0].values() | list) }}
 {%- endmacro %}
 
 {% macro ch_on_utc_dates(column, dates) -%}
