@@ -3,61 +3,102 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 from billing import settings
 
 
 def run(day: dt.date, orgs: int = 8, events: int = 20_000, seed: int = 42) -> int:
-    from billing import db, pricing, runner, usage_gen
+    from billing import db, pricing, reconcile, runner, usage_gen
     from billing import orgs as orgs_mod
     from billing.stack.manager import activate, current
 
     stack = current()
-    print("1/4 starting the local stack ...", flush=True)
+    print("1/6 starting the local stack ...", flush=True)
     stack.up()
     activate()
     catalog = pricing.load_catalog()
 
-    print(f"2/4 importing {orgs} demo organisations ...", flush=True)
+    print(f"2/6 importing {orgs} demo organisations ...", flush=True)
     csv_path = orgs_mod.write_csv(
         stack.root / "demo" / "orgs.csv", usage_gen.demo_orgs(orgs, catalog)
     )
     with db.transaction() as cx:
         orgs_mod.upsert(cx, orgs_mod.parse_csv(csv_path, catalog))
 
-    print(
-        f"3/4 writing {events} usage events for {day} (with duplicates and bad lines) ...",
-        flush=True,
-    )
+    print(f"3/6 writing {events} usage events for {day} (with duplicates and bad lines) ...")
     spec = usage_gen.UsageSpec(
         day, orgs, events, seed, bad_ratio=0.01, dup_ratio=0.01, late_ratio=0.02
     )
     usage_gen.write_day(spec, sorted(catalog.metrics), settings.landing_uri(), files=2)
 
-    print(f"4/4 running billing_nightly for {day} ...", flush=True)
+    print(f"4/6 running billing_nightly for {day} (airflow dags test; ~2 min) ...", flush=True)
     runner.run_day(day, quiet=True)
+
+    print("5/6 reconciling the period with Stripe ...", flush=True)
+    try:
+        recon = reconcile.reconcile(day.replace(day=1), idempotency_key=f"demo:{day.isoformat()}")
+    except reconcile.ReconcileMismatch as exc:  # reported in the summary; incident is open
+        recon = exc.payload
+
+    print("6/6 rendering invoice PDFs ...", flush=True)
+    pdf_dir = write_pdfs(day, stack.root / "demo" / "invoices")
     print()
-    print(summary(day))
+    print(summary(day, recon, pdf_dir))
     return 0
 
 
-def summary(day: dt.date) -> str:
-    from billing import ingest
+def write_pdfs(day: dt.date, out: Path) -> Path:
+    from billing import api, db, invoice_pdf, invoices
+
+    out.mkdir(parents=True, exist_ok=True)
+    with db.connect() as cx:
+        names = dict(
+            (r[0], (r[1], r[2]))
+            for r in cx.execute("SELECT org_id, name, email FROM billing.organizations")
+        )
+        for inv in invoices.list_invoices(cx, day.strftime("%Y-%m")):
+            name, email = names.get(inv.org_id, (inv.org_id, ""))
+            pdf = invoice_pdf.render(api.to_pdf_invoice(inv, name, email))
+            (out / f"{inv.invoice_id}.pdf").write_bytes(pdf)
+    return out
+
+
+def summary(day: dt.date, recon: dict, pdf_dir: Path) -> str:
+    from billing import db, ingest, invoices, pricing
 
     rep = ingest.report(day)
     total = rep["total"]
+    with db.connect() as cx:
+        invs = invoices.list_invoices(cx, day.strftime("%Y-%m"))
+        pushed = cx.execute(
+            """SELECT count(*), coalesce(sum(amount_cents), 0) FROM billing.stripe_outbox
+               WHERE status = 'sent' AND kind IN ('usage_item', 'base_fee')"""
+        ).fetchone()
+        parked = cx.execute(
+            "SELECT count(*) FROM billing.stripe_outbox WHERE status = 'parked'"
+        ).fetchone()[0]
+    by_currency: dict[str, int] = {}
+    for inv in invs:
+        by_currency[inv.currency] = by_currency.get(inv.currency, 0) + inv.total_cents
+    totals = ", ".join(pricing.format_money(v, c) for c, v in sorted(by_currency.items()))
+    quarantined = ", ".join(f"{k}={v}" for k, v in sorted(total["quarantined"].items()))
+    mails = len(list(settings.mail_dir().glob("*.eml")))
     lines = [
         f"Billing run for {day}: done.",
-        f"  usage files       {len(rep['files'])}",
-        f"  events accepted   {total['accepted']}",
-        f"  duplicates        {total['duplicate']}",
-        f"  non-billable      {total['non_billable']}",
-        f"  quarantined       {sum(total['quarantined'].values())} "
-        + "("
-        + ", ".join(f"{k}={v}" for k, v in sorted(total["quarantined"].items()))
-        + ")",
-        f"  landing zone      {settings.landing_uri()}",
-        f"  mail (sink)       {settings.mail_dir()}",
-        "  details           billing ingest report --day " + day.isoformat(),
+        f"  usage files        {len(rep['files'])}",
+        f"  events accepted    {total['accepted']}",
+        f"  duplicates         {total['duplicate']}",
+        f"  non-billable       {total['non_billable']}",
+        f"  quarantined        {sum(total['quarantined'].values())} ({quarantined})",
+        f"  invoices (draft)   {len(invs)} for {day:%Y-%m}, month to date {totals}",
+        f"  Stripe items sent  {pushed[0]} ({parked} parked)",
+        f"  reconciliation     {recon.get('status')}: {len(recon.get('discrepancies', []))} "
+        "discrepancies above 0",
+        f"  invoice PDFs       {pdf_dir}",
+        f"  emails (sink)      {mails} in {settings.mail_dir()}",
+        f"  landing zone       {settings.landing_uri()}",
+        "  next               billing invoices list --period "
+        f"{day:%Y-%m}; billing ingest report --day {day}; make airflow",
     ]
     return "\n".join(lines)
