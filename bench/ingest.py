@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import sys
@@ -173,13 +174,14 @@ def main(argv=None) -> int:
             "raw_copy_eps": round(n / copy_s),
             "ratio": round(copy_s / res["seconds"], 2),
             "peak_mb": round(res["peak_mb"]),
+            "loadavg_1m": round(os.getloadavg()[0], 2),  # the box may be shared: compare ratios
             "file_timings": [f.get("timings") for f in res["summary"]["files"]][:3],
         }
         results.append(row)
         print(
             f"events={n:,}  ingest {row['ingest_eps']:,} ev/s ({row['ingest_s']}s)  "
             f"raw COPY {row['raw_copy_eps']:,} rows/s ({row['raw_copy_s']}s)  "
-            f"ratio {row['ratio']}  peak {row['peak_mb']} MB",
+            f"ratio {row['ratio']}  peak {row['peak_mb']} MB  load {row['loadavg_1m']}",
             flush=True,
         )
         print(json.dumps(row), flush=True)
