@@ -1,4 +1,5 @@
-"""Airflow plugin: the Billing API (``billing.api``) mounted at ``/billing``.
+"""Airflow plugin: the Billing API (``billing.api``) mounted at ``/billing``, and the
+Billing page (Admin → Billing) it serves at ``/billing/ui``.
 
 A thin shell: routes, auth and caching live in ``include/billing/api.py``.
 """
@@ -13,3 +14,13 @@ from billing.api import app
 class BillingPlugin(AirflowPlugin):
     name = "billing"
     fastapi_apps = [{"app": app, "url_prefix": "/billing", "name": "Billing API"}]
+    # Admin → Billing in the Airflow UI: an iframe on the authenticated page above.
+    external_views = [
+        {
+            "name": "Billing",
+            "href": "/billing/ui",
+            "destination": "nav",
+            "category": "admin",
+            "url_route": "billing",
+        }
+    ]

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # System tools the test suite needs beyond Python wheels: promtool (Debian package
-# `prometheus`) for the alert-rule tests. Idempotent; called by .ci/run before `make test`.
+# `prometheus`) for the alert-rule tests, and Chromium (Debian package `chromium`) for the
+# Billing page browser test (Playwright drives /usr/bin/chromium; its own browser download
+# is not used). Idempotent; called by .ci/run before `make test`.
 set -euo pipefail
 
-if command -v promtool >/dev/null 2>&1; then
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+{ [ -x /usr/bin/chromium ] || [ -n "${BILLING_CHROMIUM:-}" ]; } || missing+=(chromium)
+if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    # The package starts a Prometheus server where systemd runs; CI only needs the binary.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The prometheus package starts a server where systemd runs; CI only needs the binary.
     command -v promtool >/dev/null
+    [ -x /usr/bin/chromium ] || [ -n "${BILLING_CHROMIUM:-}" ]
     exit 0
 fi
-echo "install-system-deps: promtool is missing; install it with" >&2
-echo "  sudo apt-get install --no-install-recommends prometheus   (Debian/Ubuntu)" >&2
-echo "or put a promtool binary from https://prometheus.io/download/ on PATH" >&2
+echo "install-system-deps: missing ${missing[*]}; install with" >&2
+echo "  sudo apt-get install --no-install-recommends ${missing[*]}   (Debian/Ubuntu)" >&2
+echo "(promtool: or a binary from https://prometheus.io/download/ on PATH;" >&2
+echo " chromium: or set BILLING_CHROMIUM to a Chromium/Chrome executable)" >&2
 exit 1

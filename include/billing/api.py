@@ -323,6 +323,9 @@ def create_app() -> FastAPI:
     from billing import metrics_export
 
     metrics_export.instrument(app)  # RED middleware + GET /billing/metrics (same auth)
+    from billing import billing_page
+
+    billing_page.install(app)  # the Billing page (GET /billing/ui) and its actions
 
     def _with_status(response: Response) -> None:
         st = stripe_status()
