@@ -141,6 +141,12 @@ def cmd_demo(args) -> int:
     return demo.run(args.day, orgs=args.orgs, events=args.events, seed=args.seed)
 
 
+def cmd_simulate(args) -> int:
+    from billing import simulate
+
+    return simulate.main(args)
+
+
 def cmd_purge(args) -> int:
     import uuid
 
@@ -493,6 +499,23 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--confirm", default=None, help="type CONFIRM to really delete")
     pu.add_argument("--skip-clickhouse", action="store_true", help="leave hourly rollups alone")
     pu.set_defaults(func=cmd_purge)
+
+    sim = sub.add_parser(
+        "simulate", help="a month of nightly runs under faults on a private stack, then invariants"
+    )
+    sim.add_argument("--days", type=_positive, default=35)
+    sim.add_argument("--orgs", type=_positive, default=5)
+    sim.add_argument("--events-per-day", type=_positive, default=2000)
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--start", type=_day, default=None, help="first day (default: near month end)")
+    sim.add_argument("--faults", choices=("none", "stripe", "all"), default="all")
+    sim.add_argument("--stack-dir", default=None, help="private stack (default .local/simulate)")
+    sim.add_argument("--keep-stack", action="store_true", help="leave the stack running")
+    sim.add_argument("--dunning-step", type=_positive, default=None)
+    sim.add_argument("--no-dag", action="store_true", help="skip the real-DAG day")
+    sim.add_argument("--report", default=None, help="also write the JSON report here")
+    sim.add_argument("--json", action="store_true", help="print the JSON report only")
+    sim.set_defaults(func=cmd_simulate)
 
     a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")
     a.set_defaults(func=cmd_airflow)
