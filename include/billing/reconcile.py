@@ -31,6 +31,7 @@ from typing import Any
 
 from billing import db
 from billing.errors import BillingError, ConfigError
+from billing.stripe_sync.engine import field as _field
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,6 @@ def _internal(cx, period: dt.date, org_ids: Sequence[str] | None) -> dict[str, S
     return out
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    try:
-        value = obj[key]
-    except (KeyError, TypeError, IndexError):
-        return default
-    return default if value is None else value
-
-
 class StripeReader:
     """Reads the period from Stripe through the sync package's gateway (rate limit + retries)."""
 
@@ -152,7 +145,7 @@ class StripeReader:
             for c in self._pages(
                 "list_customers", lambda p: self.gw.v1.customers.list(params=p), {}
             ):
-                org = _get(_get(c, "metadata", {}), "org_id")
+                org = _field(_field(c, "metadata", {}), "org_id")
                 if org and org not in found:
                     found[org] = c["id"]
             return found
@@ -185,7 +178,7 @@ class StripeReader:
                 lambda p: self.gw.v1.invoice_items.list(params=p),
                 {"customer": customer_id},
             )
-            if _item_period(ii) == key and _get(ii, "invoice") not in void
+            if _item_period(ii) == key and _field(ii, "invoice") not in void
         ]
         if not items and not finalized:
             return None
@@ -193,12 +186,12 @@ class StripeReader:
         currencies: set[str] = set()
         extra = 0  # period items not on the finalized invoice (charged on another one)
         for ii in items:
-            meta = _get(ii, "metadata", {})
-            kind = _get(meta, "kind")
-            line = "base_fee" if kind == "base_fee" else _get(meta, "metric", "unattributed")
+            meta = _field(ii, "metadata", {})
+            kind = _field(meta, "kind")
+            line = "base_fee" if kind == "base_fee" else _field(meta, "metric", "unattributed")
             lines[line] += int(ii["amount"])
             currencies.add(str(ii["currency"]).lower())
-            if not finalized or _get(ii, "invoice") != invoice_id:
+            if not finalized or _field(ii, "invoice") != invoice_id:
                 extra += int(ii["amount"])
         if finalized:
             currencies.add(str(invoice["currency"]).lower())
@@ -209,10 +202,10 @@ class StripeReader:
 
 
 def _item_period(ii: Any) -> str | None:
-    meta = _get(ii, "metadata", {})
-    if _get(meta, "period"):
+    meta = _field(ii, "metadata", {})
+    if _field(meta, "period"):
         return str(meta["period"])
-    start = _get(_get(ii, "period", {}), "start")
+    start = _field(_field(ii, "period", {}), "start")
     if start is None:
         return None
     return dt.datetime.fromtimestamp(int(start), dt.UTC).strftime("%Y-%m")

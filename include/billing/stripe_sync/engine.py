@@ -34,7 +34,7 @@ class ForeignPendingItems(Exception):
     """The customer has pending items of a later period: creating the invoice would take them."""
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
+def field(obj: Any, key: str, default: Any = None) -> Any:
     """Field of a Stripe object (not a dict in SDK 16) or a dict; ``default`` when absent/null."""
     try:
         value = obj[key]
@@ -297,7 +297,7 @@ class Engine:
                 lambda p: self.gw.v1.invoice_items.list(params=p),
                 {"customer": customer_id, "pending": True},
             )
-            if _get(_get(ii, "metadata", {}), "period", "") > period
+            if field(field(ii, "metadata", {}), "period", "") > period
         ]
         if later:
             raise ForeignPendingItems(
@@ -333,7 +333,7 @@ class Engine:
                 lambda p: self.gw.v1.invoice_items.list(params=p),
                 {"customer": customer_id, "created": created},
             ):
-                if _get(_get(ii, "metadata", {}), "idempotency_key") == key:
+                if field(field(ii, "metadata", {}), "idempotency_key") == key:
                     return ii["id"]
             return None
         if kind == "invoice":
@@ -341,7 +341,7 @@ class Engine:
                 lambda p: self.gw.v1.invoices.list(params=p),
                 {"customer": customer_id, "created": created},
             ):
-                if _get(_get(inv, "metadata", {}), "idempotency_key") == key:
+                if field(field(inv, "metadata", {}), "idempotency_key") == key:
                     return inv["id"]
             return None
         if kind == "finalize":
@@ -352,7 +352,7 @@ class Engine:
 
 def upsert_invoice(cx, org_id: str, period: dt.date, inv: Any) -> None:
     """Record a Stripe invoice's status and amounts (dunning reads this table)."""
-    finalized = _get(_get(inv, "status_transitions", {}), "finalized_at")
+    finalized = field(field(inv, "status_transitions", {}), "finalized_at")
     cx.execute(
         """INSERT INTO billing.stripe_invoices
                (org_id, period, stripe_invoice_id, status, currency, amount_due_cents,
@@ -371,11 +371,11 @@ def upsert_invoice(cx, org_id: str, period: dt.date, inv: Any) -> None:
             period,
             inv["id"],
             inv["status"],
-            _get(inv, "currency"),
-            _get(inv, "amount_due"),
-            _get(inv, "amount_paid"),
-            _get(inv, "amount_remaining"),
-            _get(inv, "due_date"),
+            field(inv, "currency"),
+            field(inv, "amount_due"),
+            field(inv, "amount_paid"),
+            field(inv, "amount_remaining"),
+            field(inv, "due_date"),
             finalized,
         ),
     )

@@ -8,18 +8,11 @@ names the schema holding ``fct_daily_charges`` and ``fct_invoices``.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 
 from psycopg import sql
 
-
-def schema() -> str:
-    return os.environ.get("BILLING_SNAPSHOT_SCHEMA", "billing_snapshot")
-
-
-def _rel(name: str) -> sql.Composed:
-    return sql.SQL("{}.{}").format(sql.Identifier(schema()), sql.Identifier(name))
+from billing.invoices import _rel, schema  # noqa: E402,F401 - one place names the snapshot schema
 
 
 @dataclass(frozen=True)
