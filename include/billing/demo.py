@@ -84,6 +84,7 @@ def summary(day: dt.date, recon: dict, pdf_dir: Path) -> str:
     totals = ", ".join(pricing.format_money(v, c) for c, v in sorted(by_currency.items()))
     quarantined = ", ".join(f"{k}={v}" for k, v in sorted(total["quarantined"].items()))
     mails = len(list(settings.mail_dir().glob("*.eml")))
+    c = recon.get("counts", {})
     lines = [
         f"Billing run for {day}: done.",
         f"  usage files        {len(rep['files'])}",
@@ -93,8 +94,8 @@ def summary(day: dt.date, recon: dict, pdf_dir: Path) -> str:
         f"  quarantined        {sum(total['quarantined'].values())} ({quarantined})",
         f"  invoices (draft)   {len(invs)} for {day:%Y-%m}, month to date {totals}",
         f"  Stripe items sent  {pushed[0]} ({parked} parked)",
-        f"  reconciliation     {recon.get('status')}: {len(recon.get('discrepancies', []))} "
-        "discrepancies above 0",
+        f"  reconciliation     {recon.get('status')}: {c.get('orgs', 0)} orgs compared, "
+        f"{c.get('discrepancies', 0)} discrepancies, {c.get('above_tolerance', 0)} above tolerance",
         f"  invoice PDFs       {pdf_dir}",
         f"  emails (sink)      {mails} in {settings.mail_dir()}",
         f"  landing zone       {settings.landing_uri()}",

@@ -13,6 +13,7 @@ font has is replaced by ``?`` so a name never makes rendering fail.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ SELLER_DEFAULT = (
     "Example City",
     "billing@example.test",
 )
+
+# fontTools logs every font subsetting step at INFO; keep task logs readable.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
