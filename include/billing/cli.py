@@ -515,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-dag", action="store_true", help="skip the real-DAG day")
     sim.add_argument("--report", default=None, help="also write the JSON report here")
     sim.add_argument("--json", action="store_true", help="print the JSON report only")
+    sim.add_argument("--verbose", action="store_true", help="keep the steps' INFO logs")
     sim.set_defaults(func=cmd_simulate)
 
     a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")

@@ -1,0 +1,140 @@
+"""CI-sized month-boundary simulation: 3 orgs, 200 events/day, 9 days, every fault.
+
+Runs ``billing simulate`` once (its own private stack, so counts are exact) and asserts
+each invariant of its report, plus that every fault really happened. A few minutes: one
+day goes through the real DAG (``airflow dags test``) and one task is killed under Airflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DAYS = 9
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("simulate")
+    out = base / "report.json"
+    billing = Path(sys.executable).parent / "billing"
+    cmd = [str(billing), "simulate", "--days", str(DAYS), "--orgs", "3"]
+    cmd += ["--events-per-day", "200", "--seed", "11", "--faults", "all"]
+    cmd += ["--stack-dir", str(base / "stack"), "--report", str(out), "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    if not out.exists():
+        pytest.fail(
+            f"billing simulate wrote no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    rep = json.loads(out.read_text())
+    rep["_exit"] = proc.returncode
+    return rep
+
+
+def inv(report, name) -> dict:
+    return report["invariants"][name]
+
+
+def test_runs_across_a_month_boundary(report):
+    days = report["days"]
+    assert len(days) == DAYS
+    assert len({d[:7] for d in days}) == 2
+
+
+def test_every_accepted_event_counted_once(report):
+    v = inv(report, "events_counted_once")
+    assert v["ok"], v
+    n = v["expected_unique_valid"]
+    assert n > 0
+    assert v["usage_events"] == v["distinct_event_ids"] == v["registry"] == n
+    assert v["manifest_accepted"] == n
+    assert v["duplicates"] == v["expected_duplicates"] > 0
+
+
+def test_every_quarantined_line_has_a_reason(report):
+    v = inv(report, "quarantine_has_reasons")
+    assert v["ok"], v
+    assert v["quarantined"] == v["expected_bad_lines"] > 0
+    assert v["without_reason"] == 0
+
+
+def test_stripe_equals_snapshot_to_the_cent(report):
+    v = inv(report, "stripe_equals_snapshot")
+    assert v["ok"], v
+    assert v["differences"] == [] and v["idempotency_keys_doubled"] == {}
+    assert v["closed_invoices"] == 3
+
+
+def test_every_invoice_reconciled_or_incident(report):
+    v = inv(report, "reconciled_or_incident")
+    assert v["ok"], v
+    assert v["never_reconciled"] == [] and v["above_tolerance_without_incident"] == []
+    # the outage and the parked writes leave Stripe behind for a while: incidents were filed
+    assert v["incidents"] >= 1
+
+
+def test_dunning_each_stage_at_most_once(report):
+    v = inv(report, "dunning_once_per_stage")
+    assert v["ok"], v
+    assert v["sent_twice"] == [] and v["unpaid_missing_stages"] == {}
+    assert v["emails"] == v["notices_sent"] > 0
+    statuses = sorted(i["status"] for i in v["invoices"].values())
+    assert statuses == ["open", "paid", "paid"]  # one never pays, one at once, one after 2nd
+
+
+def test_parked_queue_empty_after_retries(report):
+    v = inv(report, "parked_queue_empty")
+    assert v["ok"], v
+
+
+def test_no_orphan_outbox_rows(report):
+    v = inv(report, "no_orphan_outbox_rows")
+    assert v["ok"], v
+    assert set(v["by_status"]) <= {"sent", "cancelled"}
+
+
+def test_rerun_twice_changes_nothing(report):
+    v = inv(report, "rerun_changes_nothing")
+    assert v["ok"], v
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: late events for a period whose Stripe invoice is already finalized "
+    "are never pushed (stripe_sync.push plans only the run day's period)",
+)
+def test_no_usage_lost_after_close(report):
+    v = inv(report, "no_usage_after_close")
+    assert v["ok"], v
+
+
+def test_every_fault_happened(report):
+    events = {e["event"]: e for e in report["faults"]["events"]}
+    assert events["postgres_stopped_mid_ingest"]["error"] == "IngestError"
+    assert events["ingest_resumed"].get("skipped", 0) >= 1
+    assert events["stripe_push_killed"]["pending_rows_left"] > 0
+    assert events["stripe_push_rerun"]["pending_rows_left"] == 0
+    assert events["stripe_outage_off"]["drained"] > 0
+    assert events["parked_after_push"]["parked"] > 0
+    assert events["retry_parked_all"]["sent"] >= 0
+    assert events["day_rerun_twice"]["unchanged"] is True
+    assert "backfill" in events
+    assert "billing_nightly_dags_test" in events
+    injected = report["faults"]["stripe_injected"]
+    for kind in ("500", "429", "409", "reset", "timeout", "lost", "sticky"):
+        assert injected.get(kind, 0) >= 1, injected
+
+
+def test_exit_code_says_which_invariants_failed(report):
+    failing = [k for k, v in report["invariants"].items() if not v["ok"]]
+    assert report["ok"] is (not failing)
+    assert report["_exit"] == (0 if not failing else 1)
