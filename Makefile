@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast lint format stack-up stack-down stack-status airflow bench clean lock
+.PHONY: help setup demo test test-fast lint format stack-up stack-down stack-status airflow bench clean lock simulate
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ lint: setup ## ruff check + format check
 format: setup ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix include dags plugins tests bench
 	$(BIN)/ruff format include dags plugins tests bench
+
+SIMULATE_ARGS ?= --days 35 --orgs 5 --events-per-day 2000 --seed 7 --faults all
+simulate: setup ## A month of nightly runs under faults on a private stack; invariant report (SIMULATE_ARGS=...)
+	$(BIN)/billing simulate $(SIMULATE_ARGS)
 
 stack-up: setup ## Start the local services
 	$(BIN)/billing stack up
