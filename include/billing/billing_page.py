@@ -68,7 +68,7 @@ def window_days() -> int:
 
 
 def airflow_timeout_s() -> float:
-    return float(os.environ.get("BILLING_PAGE_AIRFLOW_TIMEOUT_S", "10"))
+    return float(os.environ.get("BILLING_PAGE_AIRFLOW_TIMEOUT_S", "30"))
 
 
 # ---------------------------------------------------------------- Airflow REST API
@@ -460,7 +460,9 @@ def trigger_reconcile(af: Airflow, key: str, period: str, user_name: str) -> tup
             "note": f"Reconcile now (Billing page, {user_name})",
         },
     )
-    if r.status_code == status.HTTP_409_CONFLICT:  # a concurrent request with the same key won
+    if r.status_code not in (200, 201):
+        # A concurrent request with the same key won the insert: Airflow answers 409 (or, on
+        # SQLite, may fail the losing insert with a 500). Either way the key's run exists.
         found = existing()
         if found:
             return found

@@ -1,0 +1,160 @@
+"""A real ``airflow api-server`` (UI + REST API + the billing plugin) on the test stack.
+
+Shared by the Billing page tests (HTTP and browser): one server per session, on the
+stack's own Airflow home and metadata DB, logging in as ``admin`` with the password the
+stack writes to ``$AIRFLOW_HOME/passwords.json``. The DAGs are serialized into the metadata
+DB first (``airflow dags reserialize``) so that the REST API can trigger them; no
+scheduler runs, so triggered runs stay ``queued``.
+
+The server runs with a ``sitecustomize`` that records every import of chDB or dbt in
+``imports.log``: web processes must never load them (ClickHouse work stays in workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from billing.stack import process
+
+FORBIDDEN_IN_WEB = ("chdb", "dbt")
+
+_SITECUSTOMIZE = '''
+import os, sys
+
+_LOG = os.environ["BILLING_TEST_IMPORT_LOG"]
+_WATCH = tuple(os.environ["BILLING_TEST_FORBIDDEN_IMPORTS"].split(","))
+
+
+class _Recorder:
+    """Records (never blocks) imports of the watched top-level packages."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in _WATCH:
+            with open(_LOG, "a") as f:
+                f.write(f"{os.getpid()} {name}\\n")
+        return None
+
+
+sys.meta_path.insert(0, _Recorder())
+'''
+
+
+@dataclass
+class AirflowServer:
+    base: str
+    password: str
+    home: Path
+    pid: int
+
+    @property
+    def log(self) -> Path:
+        return self.home / "api-server.log"
+
+    @property
+    def imports_log(self) -> Path:
+        return self.home / "imports.log"
+
+    def token(self) -> str:
+        r = httpx.post(
+            f"{self.base}/auth/token",
+            json={"username": "admin", "password": self.password},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        return r.json()["access_token"]
+
+    def forbidden_imports(self) -> list[str]:
+        if not self.imports_log.exists():
+            return []
+        return sorted(set(self.imports_log.read_text().split("\n")) - {""})
+
+
+@contextmanager
+def run_api_server(home: Path, env_extra: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """Start ``airflow api-server`` on a free port; yield (base URL, pid); stop it after."""
+    port = process.free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "AIRFLOW__API__BASE_URL": base,
+        "NO_PROXY": "127.0.0.1,localhost",
+        **env_extra,
+    }
+    log = (home / "api-server.log").open("wb")
+    airflow = str(Path(sys.executable).parent / "airflow")
+    proc = subprocess.Popen(
+        [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"api-server exited: {(home / 'api-server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/api/v2/version", timeout=2).status_code in (200, 401):
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"api-server not ready in 90 s: {(home / 'api-server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.25)
+        yield base, proc.pid
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_server(stack, tmp_path_factory) -> Iterator[AirflowServer]:
+    """The api-server on the stack's Airflow home, with every DAG serialized."""
+    home = tmp_path_factory.mktemp("airflow-server")
+    password = json.loads((stack.airflow_home / "passwords.json").read_text())["admin"]
+    airflow = str(Path(sys.executable).parent / "airflow")
+    r = subprocess.run(
+        [airflow, "dags", "reserialize"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    site = home / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    env = {
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "BILLING_STRIPE_STATUS_TTL_S": "0",
+        "BILLING_TEST_IMPORT_LOG": str(home / "imports.log"),
+        "BILLING_TEST_FORBIDDEN_IMPORTS": ",".join(FORBIDDEN_IN_WEB),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    }
+    with run_api_server(home, env) as (base, pid):
+        yield AirflowServer(base, password, home, pid)
+
+
+@pytest.fixture(scope="session")
+def airflow_client(airflow_server) -> Iterator[httpx.Client]:
+    """Authenticated as admin (bearer JWT from POST /auth/token)."""
+    token = airflow_server.token()
+    with httpx.Client(
+        base_url=airflow_server.base, headers={"Authorization": f"Bearer {token}"}, timeout=60
+    ) as c:
+        yield c
