@@ -12,12 +12,14 @@ The server runs with a ``sitecustomize`` that records every import of chDB or db
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import secrets
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -158,3 +160,66 @@ def airflow_client(airflow_server) -> Iterator[httpx.Client]:
         base_url=airflow_server.base, headers={"Authorization": f"Bearer {token}"}, timeout=60
     ) as c:
         yield c
+
+
+@pytest.fixture
+def latest_reconciliation(airflow_server):
+    """A newest reconcile run with two discrepancies (one with markup in its org id)."""
+    from billing import db
+
+    key = f"page-test-{uuid.uuid4()}"
+    with db.connect(autocommit=True) as cx:
+        cx.execute(
+            """INSERT INTO billing.reconcile_runs (idempotency_key, run_id, period, tolerance,
+                   status, orgs_checked, discrepancies, above_tolerance, max_rel_diff, payload,
+                   created_at)
+               VALUES (%s, 'manual__page_test', '2031-07-01', 0.005, 'failed', 3, 2, 1, 0.25,
+                       '{}', now() + interval '1 day')""",
+            (key,),
+        )
+        for org, status, above, i_cents, s_cents, rel in (
+            ("<b>evil</b>", "mismatch", True, 1000, 1250, "0.25"),
+            ("page-org-2", "within_tolerance", False, 100000, 100100, "0.001"),
+            ("page-org-3", "match", False, 500, 500, "0"),
+        ):
+            cx.execute(
+                """INSERT INTO billing.billing_audit (idempotency_key, run_id, period, org_id,
+                       status, is_above_tolerance, internal_cents, stripe_cents,
+                       internal_currency, stripe_currency, abs_diff_cents, rel_diff,
+                       stripe_source)
+                   VALUES (%s, 'manual__page_test', '2031-07-01', %s, %s, %s, %s, %s, 'usd',
+                           'usd', %s, %s, 'items')""",
+                (key, org, status, above, i_cents, s_cents, abs(s_cents - i_cents), rel),
+            )
+    yield key
+    with db.connect(autocommit=True) as cx:
+        cx.execute("DELETE FROM billing.billing_audit WHERE idempotency_key = %s", (key,))
+        cx.execute("DELETE FROM billing.reconcile_runs WHERE idempotency_key = %s", (key,))
+
+
+@pytest.fixture
+def parked_customer(airflow_server):
+    """A parked customer write for a fresh org (Stripe accepts it on retry)."""
+    from billing import db
+    from billing.stripe_sync import outbox, parking, push
+
+    org = f"page-{uuid.uuid4().hex[:10]}"
+    write = push.customer_write({"org_id": org, "name": "Page Test"}, dt.date(2026, 1, 1))
+    with db.transaction() as cx:
+        outbox.enqueue(cx, [write])
+        row = outbox.get(cx, write.idempotency_key)
+        cx.execute(
+            "UPDATE billing.stripe_outbox SET attempts = 1 WHERE outbox_id = %s",
+            (row["outbox_id"],),
+        )
+        outbox.mark_parked(cx, row["outbox_id"])  # as the engine parks a refused write
+        row = outbox.get(cx, write.idempotency_key)
+    parking.park(parking.client(), row, "injected by the page test", "api_connection")
+    yield write.idempotency_key
+    parking.unpark(parking.client(), write.idempotency_key)  # leave no parked write behind
+    with db.transaction() as cx:
+        cx.execute(
+            """UPDATE billing.stripe_outbox SET status = 'cancelled'
+                WHERE idempotency_key = %s AND status <> 'sent'""",
+            (write.idempotency_key,),
+        )

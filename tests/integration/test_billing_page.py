@@ -7,7 +7,6 @@ The server and its admin client come from ``tests/integration/conftest.py``.
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,41 +42,6 @@ def reconcile_now(client: httpx.Client, key: str, period: str = "2026-01") -> ht
     return client.post(
         "/billing/reconcile/runs", json={"period": period}, headers={"Idempotency-Key": key}
     )
-
-
-@pytest.fixture
-def latest_reconciliation(airflow_server):
-    """A newest reconcile run with two discrepancies (one with markup in its org id)."""
-    from billing import db
-
-    key = f"page-test-{uuid.uuid4()}"
-    with db.connect(autocommit=True) as cx:
-        cx.execute(
-            """INSERT INTO billing.reconcile_runs (idempotency_key, run_id, period, tolerance,
-                   status, orgs_checked, discrepancies, above_tolerance, max_rel_diff, payload,
-                   created_at)
-               VALUES (%s, 'manual__page_test', '2031-07-01', 0.005, 'failed', 3, 2, 1, 0.25,
-                       '{}', now() + interval '1 day')""",
-            (key,),
-        )
-        for org, status, above, i_cents, s_cents, rel in (
-            ("<b>evil</b>", "mismatch", True, 1000, 1250, "0.25"),
-            ("page-org-2", "within_tolerance", False, 100000, 100100, "0.001"),
-            ("page-org-3", "match", False, 500, 500, "0"),
-        ):
-            cx.execute(
-                """INSERT INTO billing.billing_audit (idempotency_key, run_id, period, org_id,
-                       status, is_above_tolerance, internal_cents, stripe_cents,
-                       internal_currency, stripe_currency, abs_diff_cents, rel_diff,
-                       stripe_source)
-                   VALUES (%s, 'manual__page_test', '2031-07-01', %s, %s, %s, %s, %s, 'usd',
-                           'usd', %s, %s, 'items')""",
-                (key, org, status, above, i_cents, s_cents, abs(s_cents - i_cents), rel),
-            )
-    yield key
-    with db.connect(autocommit=True) as cx:
-        cx.execute("DELETE FROM billing.billing_audit WHERE idempotency_key = %s", (key,))
-        cx.execute("DELETE FROM billing.reconcile_runs WHERE idempotency_key = %s", (key,))
 
 
 def test_page_and_actions_require_authentication(anon):
@@ -195,27 +159,6 @@ def test_reconcile_now_validates_its_input(airflow_client):
         headers={"Idempotency-Key": str(uuid.uuid4()), "Content-Type": "text/plain"},
     )
     assert form.status_code in (415, 422)
-
-
-@pytest.fixture
-def parked_customer(airflow_server):
-    """A parked customer write for a fresh org (Stripe accepts it on retry)."""
-    from billing import db
-    from billing.stripe_sync import outbox, parking, push
-
-    org = f"page-{uuid.uuid4().hex[:10]}"
-    write = push.customer_write({"org_id": org, "name": "Page Test"}, dt.date(2026, 1, 1))
-    with db.transaction() as cx:
-        outbox.enqueue(cx, [write])
-        row = outbox.get(cx, write.idempotency_key)
-        cx.execute(
-            "UPDATE billing.stripe_outbox SET attempts = 1 WHERE outbox_id = %s",
-            (row["outbox_id"],),
-        )
-        outbox.mark_parked(cx, row["outbox_id"])  # as the engine parks a refused write
-        row = outbox.get(cx, write.idempotency_key)
-    parking.park(parking.client(), row, "injected by the page test", "api_connection")
-    yield write.idempotency_key
 
 
 def test_parked_retry_sends_the_push(airflow_client, parked_customer):
