@@ -33,6 +33,7 @@ demo: setup ## Run the pipeline end to end on the embedded stack and print a sum
 	$(BIN)/billing demo
 
 test: setup ## Run the whole test suite on the real embedded stack
+	@scripts/install-system-deps.sh || echo "(tests needing promtool/chromium will skip outside CI)"
 	$(BIN)/pytest -q
 
 lint: setup ## ruff check + format check

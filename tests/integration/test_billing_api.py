@@ -82,19 +82,22 @@ def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int
             ),
         )
     cx.execute(
-        f"""INSERT INTO {SCHEMA}.fct_invoices (invoice_id, org_id, period, period_start, currency,
-               base_fee_cents, usage_cents, total_cents, line_count, status, catalog_version,
-               snapshot_hash)
-            VALUES (%s, %s, %s, %s, 'usd', 4900, %s, %s, %s, 'final', 'c1', md5(%s))""",
+        f"""INSERT INTO {SCHEMA}.fct_invoices (invoice_id, org_id, period, period_start,
+               period_end, plan, currency, base_fee_cents, usage_cents, total_cents, line_count,
+               status, catalog_version, snapshot_hash, as_of_day)
+            VALUES (%s, %s, %s, %s, (%s::date + interval '1 month' - interval '1 day')::date, 'starter', 'usd', 4900,
+                    %s, %s, %s, 'final', 'c1', md5(%s), %s::date)""",
         (
             invoice_id,
             ORG,
             period,
             f"{period}-01",
+            f"{period}-01",
             total - 4900,
             total,
             len(lines),
             f"{invoice_id}:{total}:{n_lines}",
+            f"{period}-28",
         ),
     )
 
