@@ -2,7 +2,7 @@
 # System tools the test suite needs beyond Python wheels: promtool (Debian package
 # `prometheus`) for the alert-rule tests, and Chromium (Debian package `chromium`) for the
 # Billing page browser test (Playwright drives /usr/bin/chromium; its own browser download
-# is not used). Idempotent; called by .ci/run before `make test`.
+# is not used). Idempotent; `make test` (and so .ci/run) calls it first.
 set -euo pipefail
 
 missing=()
