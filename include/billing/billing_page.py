@@ -321,8 +321,23 @@ def latest_reconciliation(limit: int = 50) -> dict:
             "incidents": [],
             "error": f"reconciliation unavailable: {type(exc).__name__}",
         }
+    from decimal import Decimal
+
+    from billing.pricing import format_money
+
+    def money(cents, currency):
+        if cents is None or not currency:
+            return "–"
+        try:
+            return format_money(int(cents), currency.strip())
+        except Exception:  # an unknown currency still shows the raw amount
+            return f"{cents} {currency}"
+
     for r in rows:
-        r["rel_pct"] = f"{float(r['rel_diff']) * 100:.2f}%"
+        r["rel_pct"] = f"{Decimal(r['rel_diff']) * 100:.2f}%"
+        r["internal"] = money(r["internal_cents"], r["internal_currency"])
+        r["stripe"] = money(r["stripe_cents"], r["stripe_currency"])
+        r["abs_diff"] = money(r["abs_diff_cents"], r["internal_currency"] or r["stripe_currency"])
     return {"run": run, "discrepancies": rows, "incidents": incidents, "error": None}
 
 

@@ -84,6 +84,8 @@ def test_page_renders_tiles_status_and_reconciliation(airflow_client, latest_rec
     assert "page-org-3" not in html  # matches are not discrepancies
     # Data is escaped: the org id's markup is text, never HTML.
     assert "&lt;b&gt;evil&lt;/b&gt;" in html and "<b>evil</b>" not in html
+    # Amounts are money in the invoice currency, not raw cents.
+    assert "<td>$10.00</td>" in html and "<td>$12.50</td>" in html and "<td>$2.50</td>" in html
     assert 'id="reconcile-now"' in html
     js = airflow_client.get("/billing/ui/assets/page.js")
     assert js.status_code == 200 and "Idempotency-Key" in js.text
