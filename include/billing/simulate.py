@@ -743,7 +743,7 @@ class Simulation:
             items, params = [], {"customer": cust, "limit": 100}
             while True:
                 page = client.v1.invoice_items.list(params=params)
-                items.extend(page["data"])
+                items.extend(x.to_dict() for x in page["data"])
                 if not page["has_more"]:
                     break
                 params["starting_after"] = page["data"][-1]["id"]
@@ -853,7 +853,7 @@ class Simulation:
         keys: Counter = Counter()
         for org, its in items.items():
             for ii in its:
-                meta = ii["metadata"] or {}
+                meta = dict(ii.get("metadata") or {})
                 keys[meta.get("idempotency_key")] += 1
                 p = dt.date.fromisoformat(meta["period"] + "-01")
                 stripe_side[(org, p)] += int(ii["amount"])
@@ -1057,7 +1057,11 @@ def run(cfg: Config) -> dict:
         t = time.perf_counter()
         sim.run_days()
         run_seconds = time.perf_counter() - t
-        invariants = sim.check()
+        try:
+            invariants = sim.check()
+        except Exception as exc:  # a broken check must not throw the run's evidence away
+            log.exception("invariant checks crashed")
+            invariants = {"checks_ran": {"ok": False, "error": f"{type(exc).__name__}: {exc}"}}
     finally:
         if sim.proxy:
             sim.proxy.stop()
