@@ -624,8 +624,8 @@ class Simulation:
                 self.proxy.sticky_rate = 0.0
                 self.retry_parked(day)
             if s["sticky"] == i:
-                self.proxy.sticky_rate = 0.25
-                self.note(day, "stripe_sticky_failures_on", rate=0.25)
+                self.proxy.sticky_rate = 0.4
+                self.note(day, "stripe_sticky_failures_on", rate=0.4)
             if s["outage_on"] == i:
                 from billing import stripe_sync
 
@@ -804,12 +804,13 @@ class Simulation:
                     "FROM billing_snapshot.fct_invoices"
                 ).fetchall()
             }
-            closes = dict(
-                ((o, p), (s, iid))
-                for o, p, iid, s in cx.execute(
-                    "SELECT org_id, period, stripe_invoice_id, status FROM billing.stripe_invoices"
-                ).fetchall()
-            )
+            closes, due_on = {}, {}
+            for o, p, iid, st, due in cx.execute(
+                """SELECT org_id, period, stripe_invoice_id, status,
+                          (due_at AT TIME ZONE 'UTC')::date FROM billing.stripe_invoices"""
+            ).fetchall():
+                closes[(o, p)] = (st, iid)
+                due_on[iid] = due
             late_after_close = {
                 (o, p): n
                 for o, p, n in cx.execute(
@@ -947,7 +948,9 @@ class Simulation:
         missing_stages = {}
         for (o, _p), (status, iid) in closes.items():
             if status == "open" and self.group(o) == "never":
-                want = [s.name for s in policy.for_plan(plans[o])]
+                # every stage due by the last dunning run (as of the morning after the run)
+                overdue = (self.days[-1] + dt.timedelta(days=1) - due_on[iid]).days
+                want = [s.name for s in policy.for_plan(plans[o]) if s.days_past_due <= overdue]
                 got = stages_by_invoice.get((iid, o), [])
                 if sorted(want) != sorted(got):
                     missing_stages[iid] = {"want": want, "sent": got}

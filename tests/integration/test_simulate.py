@@ -87,6 +87,14 @@ def test_dunning_each_stage_at_most_once(report):
     assert v["ok"], v
     assert v["sent_twice"] == [] and v["unpaid_missing_stages"] == {}
     assert v["emails"] == v["notices_sent"] > 0
+    # the org that never pays went through every stage, the others stopped when they paid
+    assert set(v["by_stage"]) == {
+        "reminder",
+        "second_notice",
+        "final_notice",
+        "service_degraded",
+        "escalation",
+    }
     statuses = sorted(i["status"] for i in v["invoices"].values())
     assert statuses == ["open", "paid", "paid"]  # one never pays, one at once, one after 2nd
 
