@@ -171,15 +171,19 @@ class StripeReader:
             )
         void = {invoice_id} if invoice is not None and invoice["status"] == "void" else set()
         finalized = invoice is not None and invoice["status"] in ("open", "paid", "uncollectible")
-        items = [
-            ii
-            for ii in self._pages(
-                "list_invoice_items",
-                lambda p: self.gw.v1.invoice_items.list(params=p),
-                {"customer": customer_id},
-            )
-            if _item_period(ii) == key and _field(ii, "invoice") not in void
-        ]
+        items, carried_foreign = [], 0
+        for ii in self._pages(
+            "list_invoice_items",
+            lambda p: self.gw.v1.invoice_items.list(params=p),
+            {"customer": customer_id},
+        ):
+            if _item_period(ii) == key:
+                if _field(ii, "invoice") not in void:
+                    items.append(ii)
+            elif finalized and _field(ii, "invoice") == invoice_id:
+                # A late item of an earlier period that this invoice collected: it is
+                # charged here but belongs to (and is reconciled with) its own period.
+                carried_foreign += int(ii["amount"])
         if not items and not finalized:
             return None
         lines: dict[str, int] = defaultdict(int)
@@ -196,7 +200,11 @@ class StripeReader:
         if finalized:
             currencies.add(str(invoice["currency"]).lower())
             return Side(
-                int(invoice["total"]) + extra, currencies, dict(lines), "invoice", invoice_id
+                int(invoice["total"]) - carried_foreign + extra,
+                currencies,
+                dict(lines),
+                "invoice",
+                invoice_id,
             )
         return Side(extra, currencies, dict(lines), "items")
 

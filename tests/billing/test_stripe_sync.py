@@ -336,3 +336,20 @@ def test_rejected_key_fails_the_run_and_parks_nothing(env):
     assert "not_a_key_123" not in str(err.value)
     assert {r["status"] for r in outbox_rows()} == {"pending"}
     assert stripe_sync.list_parked() == []
+
+
+@pytest.mark.parametrize(
+    ("day", "window", "periods"),
+    [
+        (dt.date(2026, 11, 15), 35, ["2026-10-01", "2026-11-01"]),
+        (dt.date(2026, 11, 30), 35, ["2026-10-01", "2026-11-01"]),  # Oct 31 + 35 d = Dec 5
+        (dt.date(2026, 12, 5), 35, ["2026-10-01", "2026-11-01", "2026-12-01"]),
+        (dt.date(2026, 12, 6), 35, ["2026-11-01", "2026-12-01"]),
+        (dt.date(2026, 3, 1), 0, ["2026-03-01"]),
+    ],
+)
+def test_periods_open_for_late_events(day, window, periods):
+    """Day D also pushes late usage of earlier periods that ended inside the lateness window."""
+    from billing.stripe_sync.push import periods_open_for
+
+    assert [p.isoformat() for p in periods_open_for(day, window)] == periods

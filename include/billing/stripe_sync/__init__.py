@@ -105,8 +105,10 @@ def close_period(
         "period": period.strftime("%Y-%m"),
         "planned": len(inserted),
         "invoices": invoices,
-        "blocked": blocked,
         **result,
+        # After the drain's counts: these are the orgs whose invoice could not be created
+        # yet (items still queued or parked), for on-call to see.
+        "blocked": blocked,
     }
 
 

@@ -6,6 +6,11 @@ known now) and ``pushed`` is everything already in the outbox for that org/metri
 or not. Late events are therefore absorbed in the current day's item; past items are never
 rewritten. A day at or before the last planned day of an org/metric plans nothing, so
 re-runs and backfills are harmless.
+
+Late events can also change an earlier period that is still inside the lateness window
+(its Stripe invoice may already be finalized). Day D then also pushes, for each such
+period P, ``C_now(last day of P) - pushed(P)``: an item tagged with period P that Stripe
+collects on the next invoice, so every period's items still add up to its snapshot.
 """
 
 from __future__ import annotations
@@ -66,9 +71,56 @@ def plan_customers(cx, org_ids: set[str], period: dt.date) -> list[Write]:
     return [customer_write({"org_id": r[0], "name": r[1], "email": r[2]}, period) for r in rows]
 
 
+def periods_open_for(day: dt.date, lateness_days: int | None = None) -> list[dt.date]:
+    """Periods whose usage can still change on run day ``day``: its own, and earlier ones
+    that ended within the lateness window (oldest first)."""
+    from billing import settings
+
+    window = settings.lateness_days() if lateness_days is None else lateness_days
+    oldest = period_of(day - dt.timedelta(days=window))
+    periods, p = [], period_of(day)
+    while p >= oldest:
+        periods.append(p)
+        p = period_of(p - dt.timedelta(days=1))
+    return sorted(periods)
+
+
 def plan_day(cx, day: dt.date) -> list[Write]:
     """The writes run day ``day`` adds: customers first, then base fees, then usage items."""
     period = period_of(day)
+    items: list[Write] = []
+    for p in periods_open_for(day):
+        through = (
+            day if p == period else period_of(p + dt.timedelta(days=32)) - dt.timedelta(days=1)
+        )
+        items += _usage_items(cx, p, day, through)
+    fees: list[Write] = []
+    for b in snapshot.base_fees(cx, period):
+        if b.base_fee_cents <= 0:
+            continue
+        key = key_for("base", b.org_id, period)
+        fees.append(
+            Write(
+                key,
+                "base_fee",
+                b.org_id,
+                period,
+                {
+                    "amount": b.base_fee_cents,
+                    "currency": b.currency,
+                    "description": f"{b.plan} base fee {period:%Y-%m}",
+                    "metadata": _metadata(key, "base_fee", b.org_id, period),
+                },
+                amount_cents=b.base_fee_cents,
+                currency=b.currency,
+            )
+        )
+    orgs = {w.org_id for w in items} | {w.org_id for w in fees}
+    return plan_customers(cx, orgs, period) + fees + items
+
+
+def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Write]:
+    """Items for ``period`` on run day ``day``: C_now(through) minus what was pushed."""
     pushed: dict[tuple[str, str], tuple[int, dt.date]] = {
         (org, metric): (int(total), last)
         for org, metric, total, last in cx.execute(
@@ -79,7 +131,7 @@ def plan_day(cx, day: dt.date) -> list[Write]:
         ).fetchall()
     }
     items: list[Write] = []
-    for c in snapshot.cumulative_through(cx, period, day):
+    for c in snapshot.cumulative_through(cx, period, through):
         total, last = pushed.get((c.org_id, c.metric), (0, None))
         if last is not None and last >= day:
             continue
@@ -105,29 +157,7 @@ def plan_day(cx, day: dt.date) -> list[Write]:
                 currency=c.currency,
             )
         )
-    fees: list[Write] = []
-    for b in snapshot.base_fees(cx, period):
-        if b.base_fee_cents <= 0:
-            continue
-        key = key_for("base", b.org_id, period)
-        fees.append(
-            Write(
-                key,
-                "base_fee",
-                b.org_id,
-                period,
-                {
-                    "amount": b.base_fee_cents,
-                    "currency": b.currency,
-                    "description": f"{b.plan} base fee {period:%Y-%m}",
-                    "metadata": _metadata(key, "base_fee", b.org_id, period),
-                },
-                amount_cents=b.base_fee_cents,
-                currency=b.currency,
-            )
-        )
-    orgs = {w.org_id for w in items} | {w.org_id for w in fees}
-    return plan_customers(cx, orgs, period) + fees + items
+    return items
 
 
 def plan_close(cx, period: dt.date, days_until_due: int) -> tuple[list[Write], dict[str, str]]:
