@@ -9,17 +9,11 @@ Snapshot rows are inserted directly into ``billing_snapshot.fct_invoices`` /
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-
-from billing.stack import process
+from airflow_api import run_api_server
 
 pytestmark = pytest.mark.integration
 
@@ -129,49 +123,14 @@ def api_server(stack, tmp_path_factory):
     password = secrets.token_urlsafe(12)
     pwfile = home / "passwords.json"
     pwfile.write_text(json.dumps({"admin": password}))
-    port = process.free_port()
-    env = {
-        **os.environ,
+    env_extra = {
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pwfile),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "NO_PROXY": "127.0.0.1,localhost",
         "BILLING_STRIPE_STATUS_TTL_S": "0",
     }
-    log = (home / "api-server.log").open("wb")
-    airflow = str(Path(sys.executable).parent / "airflow")
-    proc = subprocess.Popen(
-        [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"api-server exited: {(home / 'api-server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/api/v2/version", timeout=2).status_code in (200, 401):
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"api-server not ready in 90 s: {(home / 'api-server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.25)
+    with run_api_server(home, env_extra) as (base, _pid):
         yield base, password
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
 
 
 @pytest.fixture(scope="module")
