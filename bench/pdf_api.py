@@ -22,9 +22,8 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
-import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,46 +104,25 @@ def seed(n: int) -> list[str]:
     return ids
 
 
-def start_server(workers: int) -> tuple[subprocess.Popen, str, str, Path]:
+def start_server(workers: int, exits: ExitStack) -> tuple[str, str, Path]:
+    """The real api-server with the billing plugin (stopped when ``exits`` closes)."""
     import httpx
 
-    from billing.stack import process
+    from billing.stack.api_server import run_api_server
 
     home = STACK_DIR / "api-bench"
     home.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(12)
     pwfile = home / "passwords.json"
     pwfile.write_text(json.dumps({"admin": password}))
-    port = process.free_port()
     env = {
-        **os.environ,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pwfile),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
     }
-    log_path = home / "api-server.log"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "airflow"), "api-server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", str(workers)],
-        env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"api-server exited; see {log_path}")
-        try:
-            if httpx.get(f"{base}/api/v2/version", timeout=2).status_code in (200, 401):
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"api-server not ready in 120 s; see {log_path}")
-        time.sleep(0.25)
+    base, _pid = exits.enter_context(run_api_server(home, env, workers=workers, timeout=120))
     r = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password})
     r.raise_for_status()
-    return proc, base, r.json()["access_token"], log_path
+    return base, r.json()["access_token"], home / "api-server.log"
 
 
 async def phase(base, token, clients, seconds, next_request) -> dict:
@@ -206,8 +184,9 @@ def main() -> None:
     stack.up()
     os.environ.update(stack.env())
     ids = seed(args.invoices)
-    proc, base, token, log_path = start_server(args.workers)
+    exits = ExitStack()
     try:
+        base, token, _log = start_server(args.workers, exits)
         import httpx
 
         cold = iter(ids)
@@ -247,8 +226,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
         }
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        exits.close()
         if not args.keep_stack:
             stack.down()
     print(json.dumps(results, indent=2))

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from airflow_api import run_api_server
+
+from billing.stack.api_server import run_api_server
 
 FORBIDDEN_IN_WEB = ("chdb", "dbt")
 

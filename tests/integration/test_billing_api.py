@@ -13,7 +13,8 @@ import secrets
 
 import httpx
 import pytest
-from airflow_api import run_api_server
+
+from billing.stack.api_server import run_api_server
 
 pytestmark = pytest.mark.integration
 
