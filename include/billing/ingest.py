@@ -10,13 +10,16 @@ the quarantined lines commit together, so a file is either fully loaded or not a
 
 SQL per file: one statement keeps the valid lines, typed, in ``ingest_ok`` (no per-line
 detail is computed for them); the registry insert (keyed on ``md5(event_id)::uuid``, in key
-order) then tells which are new; when every valid line registered, the events are inserted
-from ``ingest_ok`` with no join. Only files with bad lines classify those lines again with
-details, and only files with duplicates look their lines up in the registry.
+order, optimistically without ON CONFLICT) then tells which are new; when every valid line
+registered, the events are inserted from ``ingest_ok`` with no join. Only files with bad lines
+classify those lines again with details, and only files with duplicates look their lines up in
+the registry. A payload is identified by ``billing.usage_payload_hash`` of its typed fields.
 
-The SQL first runs a fast path that casts JSON and timestamps directly; an unexpected cast
-error (a line malformed in the middle, an impossible date) rolls back to a savepoint and the
-file is classified again with exception-safe casts. Correctness never depends on the fast path.
+The first statement runs a fast path (one ``json_populate_record`` per line, direct casts) that
+keeps exactly the lines the safe path would call valid; an unexpected cast error (a line
+malformed in the middle, an impossible date) rolls back to a savepoint and the file is
+classified again with the safe path (``jsonb`` per field, exception-catching casts), which also
+names the reason of every bad line. Correctness never depends on the fast path.
 """
 
 from __future__ import annotations
@@ -523,8 +526,8 @@ _RFC3339 = (
     " OR (substr(f.t_text, length(f.t_text) - 5, 1) IN ('+', '-') AND substr(f.t_text, length(f.t_text) - 2, 1) = ':'))"
 )
 
-# The per-line parse and reason (first that applies); reason IS NULL means valid. {j_expr} and
-# {ts_expr} are the fast (direct cast) or safe (exception-catching) casts; {rows} the staged lines.
+# The safe path's per-line parse and reason (first that applies); reason IS NULL means valid.
+# Casts catch their exceptions, so no line can fail the statement; {rows}: the staged lines.
 _PARSE = """
   SELECT g.*,
     CASE
@@ -549,7 +552,7 @@ _PARSE = """
       o.org_id,
       CASE WHEN f.m_text = ANY(%(metrics)s) THEN f.m_text END AS metric,
       CASE WHEN jsonb_typeof(f.q) = 'number' THEN f.q::numeric END AS quantity,
-      CASE WHEN jsonb_typeof(f.t) = 'string' AND {rfc3339} THEN {ts_expr} END AS occurred_at,
+      CASE WHEN jsonb_typeof(f.t) = 'string' AND {rfc3339} THEN billing.try_timestamptz(f.t_text) END AS occurred_at,
       CASE WHEN jsonb_typeof(f.b) = 'boolean' THEN f.b::boolean ELSE true END AS billable,
       CASE WHEN jsonb_typeof(f.src) = 'string' THEN f.src #>> '{{}}' END AS source,
       CASE WHEN jsonb_typeof(f.props) = 'object' THEN f.props END AS properties
@@ -559,7 +562,7 @@ _PARSE = """
              CASE WHEN jsonb_typeof(o) = 'string' THEN o #>> '{{}}' END AS o_text,
              CASE WHEN jsonb_typeof(m) = 'string' THEN m #>> '{{}}' END AS m_text,
              CASE WHEN jsonb_typeof(t) = 'string' THEN t #>> '{{}}' END AS t_text
-      FROM (SELECT s.line_no, {j_expr} AS j FROM {rows} OFFSET 0) p,
+      FROM (SELECT s.line_no, billing.try_jsonb(s.raw) AS j FROM {rows} OFFSET 0) p,
            LATERAL (SELECT p.j -> 'event_id' AS e, p.j -> 'org_id' AS o, p.j -> 'metric' AS m,
                            p.j -> 'quantity' AS q, p.j -> 'occurred_at' AS t, p.j -> 'billable' AS b,
                            p.j -> 'source' AS src, p.j -> 'properties' AS props) x
@@ -573,12 +576,54 @@ _PARSE = """
 
 # Valid lines, typed, with their registry key and payload hash: everything the writes need.
 # Nothing is computed or stored per line for detail messages (only bad lines need them).
+# The safe path: the per-reason parse above, with exception-catching casts.
 _OK = """
 CREATE TEMP TABLE ingest_ok ON COMMIT DROP AS
 SELECT c.line_no, md5(c.event_id)::uuid AS event_key, c.event_id, c.org_id, c.metric, c.quantity,
-       c.occurred_at, c.billable, c.source, c.properties, md5(c.j::text)::uuid AS payload_hash
+       c.occurred_at, c.billable, c.source, c.properties,
+       billing.usage_payload_hash(c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at,
+                                  c.billable, c.source, c.properties) AS payload_hash
   FROM ({parse}) c
  WHERE c.reason IS NULL
+"""
+
+# The fast path: the same set of valid lines as the safe path's ``reason IS NULL`` (tested
+# line by line against it), from one pass of json_populate_record (no jsonb tree per line).
+# A cast error on any line (an impossible date, a \u0000) rolls back to the savepoint and the
+# file takes the safe path.
+_OK_FAST = """
+CREATE TEMP TABLE ingest_ok ON COMMIT DROP AS
+SELECT x.line_no, md5(x.event_id)::uuid AS event_key, x.event_id, x.org_id, x.metric, x.quantity,
+       x.occurred_at, x.billable, x.source, x.properties,
+       billing.usage_payload_hash(x.event_id, x.org_id, x.metric, x.quantity, x.occurred_at,
+                                  x.billable, x.source, x.properties) AS payload_hash
+  FROM (
+    SELECT f.line_no, f.event_id, f.org_id, f.metric, f.te, f.t_o, f.tm, f.tq, f.tt, f.tb, f.ts, f.tp,
+           CASE WHEN f.tq = 'number' THEN f.q::text::numeric END AS quantity,
+           CASE WHEN f.tt = 'string' AND {rfc3339} THEN f.t_text::timestamptz END AS occurred_at,
+           CASE WHEN f.tb = 'boolean' THEN (f.b #>> '{{}}')::boolean ELSE true END AS billable,
+           CASE WHEN f.ts = 'string' THEN f.src #>> '{{}}' END AS source,
+           CASE WHEN f.tp = 'object' THEN f.props::jsonb END AS properties
+      FROM (
+        SELECT s.line_no, r.quantity AS q, r.billable AS b, r.source AS src, r.properties AS props,
+               json_typeof(r.event_id) AS te, json_typeof(r.org_id) AS t_o, json_typeof(r.metric) AS tm,
+               json_typeof(r.quantity) AS tq, json_typeof(r.occurred_at) AS tt,
+               coalesce(json_typeof(r.billable), 'null') AS tb, coalesce(json_typeof(r.source), 'null') AS ts,
+               coalesce(json_typeof(r.properties), 'null') AS tp,
+               CASE WHEN json_typeof(r.event_id) = 'string' THEN r.event_id #>> '{{}}' END AS event_id,
+               CASE WHEN json_typeof(r.org_id) = 'string' THEN r.org_id #>> '{{}}' END AS org_id,
+               CASE WHEN json_typeof(r.metric) = 'string' THEN r.metric #>> '{{}}' END AS metric,
+               CASE WHEN json_typeof(r.occurred_at) = 'string' THEN r.occurred_at #>> '{{}}' END AS t_text
+          FROM ingest_stage s, json_populate_record(NULL::billing.usage_event_json, s.raw::json) r
+         WHERE s.pre IS NULL
+        OFFSET 0
+      ) f
+     WHERE f.te = 'string' AND f.t_o = 'string' AND f.tm = 'string' AND f.tq = 'number' AND f.tt = 'string'
+       AND f.tb IN ('boolean', 'null') AND f.ts IN ('string', 'null') AND f.tp IN ('object', 'null')
+       AND f.event_id <> '' AND f.org_id <> '' AND f.metric = ANY(%(metrics)s) AND f.org_id = ANY(%(orgs)s)
+    OFFSET 0
+  ) x
+ WHERE x.quantity >= 0 AND x.occurred_at BETWEEN %(earliest)s AND %(latest)s
 """
 
 # Staged lines for SQL that did not make it into ingest_ok: classified again (safe casts) with
@@ -621,11 +666,14 @@ SELECT c.line_no, c.reason, c.event_id,
 # ORDER BY event_key, line_no: within a file the first line of an event_id wins (later ones
 # conflict with it), and inserting in key order walks the primary-key index from left to right
 # instead of at random (about a third cheaper per row than line order, measured).
+# A file is first registered optimistically with a plain INSERT (about 40% cheaper per row than
+# ON CONFLICT's speculative insertion, measured); the first already-registered event_id raises
+# unique_violation, the savepoint rolls it back, and the file registers with ON CONFLICT.
 _REGISTER = """
 INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id, line_no)
 SELECT event_key, payload_hash, occurred_at, %(file_id)s, line_no FROM ingest_ok
  ORDER BY event_key, line_no
-ON CONFLICT (event_key) DO NOTHING
+{on_conflict}
 """
 
 # Valid lines whose event_id is registered by another line (earlier in this file, an earlier file
@@ -633,7 +681,7 @@ ON CONFLICT (event_key) DO NOTHING
 # Only run when the registry insert skipped some lines.
 _SEEN = """
 CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
-SELECT o.line_no, o.event_id, r.payload_hash = o.payload_hash AS same, f.path AS first_path, r.line_no AS first_line
+SELECT o.line_no, o.event_id, coalesce(r.payload_hash = o.payload_hash, false) AS same, f.path AS first_path, r.line_no AS first_line
   FROM ingest_ok o
   JOIN billing.usage_event_ids r USING (event_key)
   LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
@@ -706,28 +754,43 @@ def _params(ctx: _Context) -> dict:
     }
 
 
-def _parse_sql(safe: bool, rows: str = "ingest_stage s WHERE s.pre IS NULL") -> str:
-    return _PARSE.format(
-        j_expr="billing.try_jsonb(s.raw)" if safe else "s.raw::jsonb",
-        ts_expr="billing.try_timestamptz(f.t_text)" if safe else "f.t_text::timestamptz",
-        rfc3339=_RFC3339,
-        rows=rows,
-    )
+def _parse_sql(rows: str = "ingest_stage s WHERE s.pre IS NULL") -> str:
+    return _PARSE.format(rfc3339=_RFC3339, rows=rows)
+
+
+def _keep_valid(cx, ctx: _Context, *, safe: bool) -> int:
+    """Create ``ingest_ok`` from the staged lines with the fast or the safe path; returns its
+    row count. The fast path raises ``psycopg.DataError`` on a line it cannot cast."""
+    params = _params(ctx)
+    if safe:
+        return cx.execute(_OK.format(parse=_parse_sql()), params).rowcount
+    # a constant array: hashed membership, never a nested loop on a misestimate
+    (orgs,) = cx.execute("SELECT array_agg(org_id) FROM billing.organizations").fetchone()
+    return cx.execute(_OK_FAST.format(rfc3339=_RFC3339), {**params, "orgs": orgs or []}).rowcount
 
 
 def _classify(cx, ctx: _Context) -> tuple[str, int]:
     """Parse the staged lines and keep the valid ones in ingest_ok; returns (mode, valid lines)."""
     import psycopg
 
-    params = _params(ctx)
     try:
         with cx.transaction():
-            valid = cx.execute(_OK.format(parse=_parse_sql(safe=False)), params).rowcount
-        return "fast", valid
+            return "fast", _keep_valid(cx, ctx, safe=False)
     except psycopg.errors.DataError as exc:
         log.info("fast path failed (%s); classifying with safe casts", str(exc).splitlines()[0])
-    valid = cx.execute(_OK.format(parse=_parse_sql(safe=True)), params).rowcount
-    return "safe", valid
+    return "safe", _keep_valid(cx, ctx, safe=True)
+
+
+def _register(cx, p: dict) -> int:
+    """Register the file's valid lines; returns how many event_ids were new."""
+    import psycopg
+
+    try:
+        with cx.transaction():
+            return cx.execute(_REGISTER.format(on_conflict=""), p).rowcount
+    except psycopg.errors.UniqueViolation:
+        pass  # some event_id is registered already (or twice in this file)
+    return cx.execute(_REGISTER.format(on_conflict="ON CONFLICT (event_key) DO NOTHING"), p).rowcount
 
 
 def _ingest_file(cx, path, ctx: _Context) -> dict:
@@ -782,9 +845,9 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
         candidates = st.line_no - st.blank - st.rejected  # lines staged for SQL to judge
         if valid != candidates:  # some are bad: classify just those, with details
             cx.execute(
-                _CLASSIFY_BAD.format(parse=_parse_sql(safe=True, rows=_BAD_ROWS)), _params(ctx)
+                _CLASSIFY_BAD.format(parse=_parse_sql(rows=_BAD_ROWS)), _params(ctx)
             )
-        new = cx.execute(_REGISTER, p).rowcount
+        new = _register(cx, p)
         t_reg = time.perf_counter()
         duplicate = conflict = 0
         if new != valid:
