@@ -19,11 +19,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN hash_record_extended(
     ROW(event_id, org_id, metric, quantity, occurred_at, billable, source, properties), 7202612);
 
--- One call of json_populate_record splits a line into its fields, each still JSON, so their
+-- One call of jsonb_populate_record splits a line into its fields, each still JSON, so their
 -- types can be checked (a text column would take 5 and "5" alike).
 CREATE TYPE billing.usage_event_json AS (
-    event_id json, org_id json, metric json, quantity json, occurred_at json,
-    billable json, source json, properties json
+    event_id jsonb, org_id jsonb, metric jsonb, quantity jsonb, occurred_at jsonb,
+    billable jsonb, source jsonb, properties jsonb
 );
 
 -- Rehash the registry from the stored events. A registry row whose event is gone (its
