@@ -30,15 +30,16 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 
-from billing import db, settings
+from billing import db, settings, usage_line
 from billing.errors import BillingError
 
 log = logging.getLogger(__name__)
@@ -108,39 +109,22 @@ def ingest_day(
     if files:
         _ensure_partitions(ctx)
 
-    def one(path) -> dict:
-        import psycopg
-
-        try:
-            for attempt in range(3):
-                try:
-                    with db.connect() as cx:
-                        cx.execute("SET temp_buffers = '256MB'")  # staging stays in memory
-                        res = _ingest_file(cx, path, ctx)
-                    break
-                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
-                    # two files carrying the same event_id, loaded at once: the loser retries
-                    if attempt == 2:
-                        raise
-                    log.warning("usage file %s: deadlock with a concurrent file; retrying", path)
-        except Exception as exc:  # reported per file; the run fails at the end
-            log.exception("usage file %s failed; rolled back", path)
-            return {"path": str(path), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    n = min(workers_ or workers(), max(1, len(files)))
+    if n == 1:
+        results = [_load(p, ctx) for p in files]
+    else:
+        # Processes, not threads: typing lines is Python work, and each file is its own
+        # transaction on its own connection. Forked, so nothing is imported twice.
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_load, files, [ctx] * len(files)))
+    for res in results:
         if res["status"] == "loaded":
             for outcome in _OUTCOMES:
                 obs.INGEST_EVENTS.labels(outcome).inc(res[outcome])
-            for reason, n in res["reasons"].items():
-                obs.INGEST_QUARANTINED.labels(reason).inc(n)
+            for reason, k in res["reasons"].items():
+                obs.INGEST_QUARANTINED.labels(reason).inc(k)
             obs.INGEST_BYTES.inc(res["bytes"])
             obs.INGEST_DURATION.observe(res["seconds"])
-        return res
-
-    n = min(workers_ or workers(), max(1, len(files)))
-    if n == 1:
-        results = [one(p) for p in files]
-    else:
-        with ThreadPoolExecutor(n, thread_name_prefix="ingest") as pool:
-            results = list(pool.map(one, files))
     summary = {
         "day": day.isoformat(),
         "run_end": run_end.isoformat(),
@@ -156,6 +140,27 @@ def ingest_day(
             f"{len(failed)} usage file(s) failed and were rolled back: {', '.join(failed)}"
         )
     return summary
+
+
+def _load(path, ctx: _Context) -> dict:
+    """Load one file in its own transaction; a failure is reported in the result, not raised."""
+    import psycopg
+
+    try:
+        for attempt in range(3):
+            try:
+                with db.connect() as cx:
+                    cx.execute("SET temp_buffers = '256MB'")  # staging stays in memory
+                    return _ingest_file(cx, path, ctx)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                # two files carrying the same event_id, loaded at once: the loser retries
+                if attempt == 2:
+                    raise
+                log.warning("usage file %s: deadlock with a concurrent file; retrying", path)
+    except Exception as exc:  # reported per file; the run fails at the end
+        log.exception("usage file %s failed; rolled back", path)
+        return {"path": str(path), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    raise AssertionError("unreachable")
 
 
 def report(day: dt.date) -> dict:
@@ -348,17 +353,25 @@ class _Context:
 class _Stream:
     """Cheap per-chunk work on clean data; single lines are looked at only in irregular chunks.
 
-    Staging rows are ``raw<TAB>pre``: ``pre`` is NULL for a line SQL must classify, ``blank``
-    for an empty line, or ``reason<US>bytes<US>detail`` for a line Python rejected (its ``raw``
-    then holds the first 4096 characters). Nothing per line is kept in memory.
+    Staging rows (``usage_line.STAGE_COLUMNS``) have ``pre`` = ``valid`` for a line typed in
+    Python (``usage_line.Typer``; ``raw`` is then NULL), NULL for a line SQL must judge,
+    ``blank`` for an empty line, or ``reason<US>bytes<US>detail`` for a line rejected here (its
+    ``raw`` then holds the first 4096 characters). Nothing per line is kept in memory.
     """
 
     write: Callable[[bytes], None]
     max_line: int
+    typer: usage_line.Typer
     line_no: int = 0
     blank: int = 0
     rejected: int = 0
+    typed: int = 0
     bytes_in: int = 0
+
+    def _emit(self, block: bytes) -> None:
+        rows, typed = self.typer.rows(block)
+        self.write(rows.encode())
+        self.typed += typed
 
     def feed_lines(self, data: bytes) -> None:
         """``data``: complete lines, each ending in ``\\n``."""
@@ -367,7 +380,7 @@ class _Stream:
         odd_tokens = b"NaN" in data or b"Infinity" in data or b"\x00" in data
         long_lines = not self._short_lines(data)
         if data.count(b"}\n") == n and not (odd_utf8 or odd_tokens or long_lines):
-            self.write(_escape(data).replace(b"\n", b"\t\\N\n"))
+            self._emit(data)
             self.line_no += n
             return
         lines = data.split(b"\n")
@@ -391,11 +404,11 @@ class _Stream:
             if verdict is None:
                 continue  # fine after all: stays in the block
             if i > start:
-                self.write(_escape(b"\n".join(lines[start:i]) + b"\n").replace(b"\n", b"\t\\N\n"))
+                self._emit(b"\n".join(lines[start:i]) + b"\n")
             self.write(verdict)
             start = i + 1
         if start < len(lines):
-            self.write(_escape(b"\n".join(lines[start:]) + b"\n").replace(b"\n", b"\t\\N\n"))
+            self._emit(b"\n".join(lines[start:]) + b"\n")
         self.line_no += n
 
     def _short_lines(self, data: bytes) -> bool:
@@ -408,7 +421,7 @@ class _Stream:
         body = line.removesuffix(b"\r")
         if not body.strip():
             self.blank += 1
-            return b"\tblank\n"
+            return _BLANK_ROW
         if len(body) > self.max_line:
             return self._reject(
                 body[:RAW_KEEP],
@@ -428,7 +441,7 @@ class _Stream:
         if "\x00" in text:
             return self._reject(body, len(body), "malformed_json", "NUL byte in line")
         if body.rstrip().endswith(b"}") and b"NaN" not in body and b"Infinity" not in body:
-            return None if body is line else _escape(body) + b"\t\\N\n"
+            return None if body is line else usage_line.raw_row(body).encode()
         constants: list[str] = []
         try:
             obj = json.loads(text, parse_constant=lambda c: constants.append(c) or float(c))
@@ -446,12 +459,13 @@ class _Stream:
                 "malformed_json",
                 f"not valid JSON: {constants[0]} is not a JSON value",
             )
-        return _escape(body) + b"\t\\N\n"  # valid JSON without a closing brace: SQL says what it is
+        # valid JSON without a closing brace: SQL says what it is
+        return usage_line.raw_row(body).encode()
 
     def _reject(self, raw: bytes, nbytes: int, reason: str, detail: str) -> bytes:
         self.rejected += 1
         pre = f"{reason}\x1f{nbytes}\x1f{detail}".encode()
-        return _escape(_text(raw[:RAW_KEEP]).encode()) + b"\t" + _escape(pre) + b"\n"
+        return _escape(_text(raw[:RAW_KEEP]).encode()) + b"\t" + _escape(pre) + _NULLS_EOL
 
     def too_long(self, prefix: bytes, nbytes: int) -> None:
         self.line_no += 1
@@ -478,9 +492,9 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")[:RAW_KEEP]
 
 
-def _escape(data: bytes) -> bytes:
-    """COPY text format: escape backslash, tab and CR (newline is the row separator)."""
-    return data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\r", b"\\r")
+_escape = usage_line.escape
+_NULLS_EOL = (usage_line.TYPED_NULLS + "\n").encode()  # a row that is not a typed event
+_BLANK_ROW = b"\tblank" + _NULLS_EOL
 
 
 def _pump(fh, st: _Stream) -> None:
@@ -514,8 +528,14 @@ def _pump(fh, st: _Stream) -> None:
 
 # --------------------------------------------------------------------------- SQL
 
-_STAGE = """CREATE TEMP TABLE ingest_stage (line_no bigint GENERATED ALWAYS AS IDENTITY (CACHE 100000), raw text, pre text)
-            ON COMMIT DROP"""
+# One row per line, in line order (line_no counts them). Typed columns are set for valid lines
+# (pre = 'valid'): by Python while streaming, or by SQL (_MARK_VALID) for the lines left to it.
+_STAGE = """
+CREATE TEMP TABLE ingest_stage (
+    line_no bigint GENERATED ALWAYS AS IDENTITY (CACHE 100000), raw text, pre text,
+    event_key uuid, event_id text, org_id text, metric text, quantity numeric,
+    occurred_at timestamptz, billable boolean, source text, properties jsonb, payload_hash uuid
+) ON COMMIT DROP"""
 
 # RFC 3339 with offset, checked by position (a regex costs more than the whole parse); the
 # cast then rejects any non-digit or out-of-range field.
@@ -578,7 +598,6 @@ _PARSE = """
 # Nothing is computed or stored per line for detail messages (only bad lines need them).
 # The safe path: the per-reason parse above, with exception-catching casts.
 _OK = """
-CREATE TEMP TABLE ingest_ok ON COMMIT DROP AS
 SELECT c.line_no, md5(c.event_id)::uuid AS event_key, c.event_id, c.org_id, c.metric, c.quantity,
        c.occurred_at, c.billable, c.source, c.properties,
        billing.usage_payload_hash(c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at,
@@ -592,7 +611,6 @@ SELECT c.line_no, md5(c.event_id)::uuid AS event_key, c.event_id, c.org_id, c.me
 # A cast error on any line (an impossible date, a \u0000) rolls back to the savepoint and the
 # file takes the safe path.
 _OK_FAST = """
-CREATE TEMP TABLE ingest_ok ON COMMIT DROP AS
 SELECT x.line_no, md5(x.event_id)::uuid AS event_key, x.event_id, x.org_id, x.metric, x.quantity,
        x.occurred_at, x.billable, x.source, x.properties,
        billing.usage_payload_hash(x.event_id, x.org_id, x.metric, x.quantity, x.occurred_at,
@@ -628,8 +646,15 @@ SELECT x.line_no, md5(x.event_id)::uuid AS event_key, x.event_id, x.org_id, x.me
 
 # Staged lines for SQL that did not make it into ingest_ok: classified again (safe casts) with
 # the human detail. Runs only when a file has such lines.
-_BAD_ROWS = """ingest_stage s WHERE s.pre IS NULL
-               AND NOT EXISTS (SELECT 1 FROM ingest_ok k WHERE k.line_no = s.line_no)"""
+# Lines left to SQL are marked valid in place; the rest of them are the bad lines.
+_MARK_VALID = """
+UPDATE ingest_stage s
+   SET pre = 'valid', event_key = v.event_key, event_id = v.event_id, org_id = v.org_id,
+       metric = v.metric, quantity = v.quantity, occurred_at = v.occurred_at, billable = v.billable,
+       source = v.source, properties = v.properties, payload_hash = v.payload_hash
+  FROM ({valid}) v
+ WHERE s.line_no = v.line_no
+"""
 _CLASSIFY_BAD = """
 CREATE TEMP TABLE ingest_cls ON COMMIT DROP AS
 SELECT c.line_no, c.reason, c.event_id,
@@ -671,7 +696,8 @@ SELECT c.line_no, c.reason, c.event_id,
 # unique_violation, the savepoint rolls it back, and the file registers with ON CONFLICT.
 _REGISTER = """
 INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id, line_no)
-SELECT event_key, payload_hash, occurred_at, %(file_id)s, line_no FROM ingest_ok
+SELECT event_key, payload_hash, occurred_at, %(file_id)s, line_no FROM ingest_stage
+ WHERE pre = 'valid'
  ORDER BY event_key, line_no
 {on_conflict}
 """
@@ -682,10 +708,10 @@ SELECT event_key, payload_hash, occurred_at, %(file_id)s, line_no FROM ingest_ok
 _SEEN = """
 CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
 SELECT o.line_no, o.event_id, coalesce(r.payload_hash = o.payload_hash, false) AS same, f.path AS first_path, r.line_no AS first_line
-  FROM ingest_ok o
+  FROM ingest_stage o
   JOIN billing.usage_event_ids r USING (event_key)
   LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
- WHERE r.file_id <> %(file_id)s OR r.line_no <> o.line_no
+ WHERE o.pre = 'valid' AND (r.file_id <> %(file_id)s OR r.line_no <> o.line_no)
 """
 
 # {where}: empty when every valid line registered (no join at all), else skips ingest_seen.
@@ -695,11 +721,11 @@ INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_a
                                   properties, arrival_day, file_id, line_no)
 SELECT o.event_id, o.org_id, o.metric, o.quantity, o.occurred_at, o.billable, o.source, o.properties,
        %(day)s, %(file_id)s, o.line_no
-  FROM ingest_ok o {where}
+  FROM ingest_stage o WHERE o.pre = 'valid' {where}
 RETURNING billable)
 SELECT count(*), count(*) FILTER (WHERE NOT billable) FROM ev
 """
-_NOT_SEEN = "WHERE NOT EXISTS (SELECT 1 FROM ingest_seen x WHERE x.line_no = o.line_no)"
+_NOT_SEEN = "AND NOT EXISTS (SELECT 1 FROM ingest_seen x WHERE x.line_no = o.line_no)"
 
 _QUARANTINE = f"""
 INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail, event_id, raw, raw_bytes)
@@ -712,7 +738,7 @@ _QUARANTINE_PRE = """
 INSERT INTO billing.usage_quarantine (file_id, line_no, arrival_day, reason, detail, raw, raw_bytes)
 SELECT %(file_id)s, line_no, %(day)s, split_part(pre, E'\\x1f', 1), split_part(pre, E'\\x1f', 3),
        raw, split_part(pre, E'\\x1f', 2)::bigint
-  FROM ingest_stage WHERE pre IS NOT NULL AND pre <> 'blank'
+  FROM ingest_stage WHERE pre NOT IN ('blank', 'valid')
 """
 
 _QUARANTINE_CONFLICTS = f"""
@@ -758,27 +784,82 @@ def _parse_sql(rows: str = "ingest_stage s WHERE s.pre IS NULL") -> str:
     return _PARSE.format(rfc3339=_RFC3339, rows=rows)
 
 
-def _keep_valid(cx, ctx: _Context, *, safe: bool) -> int:
-    """Create ``ingest_ok`` from the staged lines with the fast or the safe path; returns its
-    row count. The fast path raises ``psycopg.DataError`` on a line it cannot cast."""
+def _mark_valid(cx, ctx: _Context, *, safe: bool) -> int:
+    """Mark the valid ones of the lines left to SQL (``pre IS NULL``) with the fast or the
+    safe path; returns how many. The fast path raises ``psycopg.DataError`` on a line it
+    cannot cast."""
     params = _params(ctx)
     if safe:
-        return cx.execute(_OK.format(parse=_parse_sql()), params).rowcount
-    # a constant array: hashed membership, never a nested loop on a misestimate
-    (orgs,) = cx.execute("SELECT array_agg(org_id) FROM billing.organizations").fetchone()
-    return cx.execute(_OK_FAST.format(rfc3339=_RFC3339), {**params, "orgs": orgs or []}).rowcount
+        valid = _OK.format(parse=_parse_sql())
+    else:
+        valid = _OK_FAST.format(rfc3339=_RFC3339)
+        # a constant array: hashed membership, never a nested loop on a misestimate
+        (orgs,) = cx.execute("SELECT array_agg(org_id) FROM billing.organizations").fetchone()
+        params["orgs"] = orgs or []
+    return cx.execute(_MARK_VALID.format(valid=valid), params).rowcount
 
 
-def _classify(cx, ctx: _Context) -> tuple[str, int]:
-    """Parse the staged lines and keep the valid ones in ingest_ok; returns (mode, valid lines)."""
+def _classify(cx, ctx: _Context, sql_lines: int) -> tuple[str, int]:
+    """Judge the lines Python left to SQL; returns (mode, how many of them are valid)."""
     import psycopg
 
+    if not sql_lines:
+        return "python", 0
     try:
         with cx.transaction():
-            return "fast", _keep_valid(cx, ctx, safe=False)
+            return "fast", _mark_valid(cx, ctx, safe=False)
     except psycopg.errors.DataError as exc:
         log.info("fast path failed (%s); classifying with safe casts", str(exc).splitlines()[0])
-    return "safe", _keep_valid(cx, ctx, safe=True)
+    return "safe", _mark_valid(cx, ctx, safe=True)
+
+
+def _open(path):
+    """The file's bytes, decompressed for ``.gz``; yields (raw file, stream)."""
+    raw_fh = path.open("rb")
+    return raw_fh, (
+        gzip.GzipFile(fileobj=raw_fh, mode="rb") if path.name.endswith(".gz") else raw_fh
+    )
+
+
+def _read_lines(fh, wanted: list[int]) -> dict[int, bytes]:
+    """Lines ``wanted`` (sorted line numbers, each line short) of a stream, read in chunks."""
+    out: dict[int, bytes] = {}
+    line_no, k, carry = 1, 0, b""
+    while k < len(wanted) and (chunk := fh.read(CHUNK)):
+        last = line_no + chunk.count(b"\n")  # the line this chunk ends in
+        if wanted[k] > last:
+            line_no, carry = last, b""
+            continue
+        start = 0
+        while k < len(wanted):
+            i = chunk.find(b"\n", start)
+            if line_no == wanted[k]:
+                if i < 0:
+                    carry += chunk[start:]
+                    break
+                out[line_no] = carry + chunk[start:i]
+                k += 1
+            carry = b""
+            if i < 0:
+                break
+            line_no, start = line_no + 1, i + 1
+    if k < len(wanted) and carry:
+        out[wanted[k]] = carry
+    return out
+
+
+def _fill_raw(cx, path, line_nos: list[int]) -> None:
+    """Staged rows typed in Python keep no raw text; put it back for the lines quarantined."""
+    raw_fh, fh = _open(path)
+    with raw_fh, fh:
+        lines = _read_lines(fh, sorted(line_nos))
+    cx.execute("CREATE TEMP TABLE ingest_raw (line_no bigint, raw text) ON COMMIT DROP")
+    with cx.cursor().copy("COPY ingest_raw (line_no, raw) FROM STDIN") as copy:
+        for n, line in lines.items():
+            copy.write_row((n, line.decode("utf-8")))
+    cx.execute(
+        "UPDATE ingest_stage s SET raw = r.raw FROM ingest_raw r WHERE s.line_no = r.line_no"
+    )
 
 
 def _register(cx, p: dict) -> int:
@@ -790,7 +871,9 @@ def _register(cx, p: dict) -> int:
             return cx.execute(_REGISTER.format(on_conflict=""), p).rowcount
     except psycopg.errors.UniqueViolation:
         pass  # some event_id is registered already (or twice in this file)
-    return cx.execute(_REGISTER.format(on_conflict="ON CONFLICT (event_key) DO NOTHING"), p).rowcount
+    return cx.execute(
+        _REGISTER.format(on_conflict="ON CONFLICT (event_key) DO NOTHING"), p
+    ).rowcount
 
 
 def _ingest_file(cx, path, ctx: _Context) -> dict:
@@ -829,29 +912,37 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
         file_id = cx.execute(
             "SELECT nextval(pg_get_serial_sequence('billing.usage_files', 'file_id'))"
         ).fetchone()[0]
+        params = _params(ctx)
+        typer = usage_line.Typer.create(
+            (r[0] for r in cx.execute("SELECT org_id FROM billing.organizations")),
+            ctx.metrics,
+            params["earliest"],
+            params["latest"],
+        )
         cx.execute(_STAGE)
         with path.open("rb") as raw_fh:
             raw = _HashingReader(raw_fh)
             fh = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
-            with cx.cursor().copy("COPY ingest_stage (raw, pre) FROM STDIN") as copy:
-                st = _Stream(copy.write, ctx.max_line)
+            with cx.cursor().copy(
+                f"COPY ingest_stage ({usage_line.STAGE_COLUMNS}) FROM STDIN"
+            ) as copy:
+                st = _Stream(copy.write, ctx.max_line, typer)
                 _pump(fh, st)
             raw.drain()  # gzip may stop before trailing bytes; hash the whole file
         t_copy = time.perf_counter()
-        mode, valid = _classify(cx, ctx)
+        candidates = st.line_no - st.blank - st.rejected  # lines that may be events
+        mode, marked = _classify(cx, ctx, candidates - st.typed)
+        valid = st.typed + marked
         t_cls = time.perf_counter()
 
         p = {"file_id": file_id, "day": ctx.day}
-        candidates = st.line_no - st.blank - st.rejected  # lines staged for SQL to judge
         if valid != candidates:  # some are bad: classify just those, with details
-            cx.execute(
-                _CLASSIFY_BAD.format(parse=_parse_sql(rows=_BAD_ROWS)), _params(ctx)
-            )
+            cx.execute(_CLASSIFY_BAD.format(parse=_parse_sql()), params)
         new = _register(cx, p)
         t_reg = time.perf_counter()
         duplicate = conflict = 0
         if new != valid:
-            cx.execute("ANALYZE ingest_ok")  # row estimates for the registry join
+            cx.execute("ANALYZE ingest_stage")  # row estimates for the registry join
             cx.execute(_SEEN, p)
             duplicate, conflict = cx.execute(
                 "SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE NOT same) FROM ingest_seen"
@@ -872,6 +963,12 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
                     f"{uri}: {candidates - valid} invalid lines but {bad} classified"
                 )
         if conflict:
+            typed_conflicts = cx.execute(
+                """SELECT x.line_no FROM ingest_seen x JOIN ingest_stage s USING (line_no)
+                    WHERE NOT x.same AND s.raw IS NULL"""
+            ).fetchall()
+            if typed_conflicts:
+                _fill_raw(cx, path, [n for (n,) in typed_conflicts])
             cx.execute(_QUARANTINE_CONFLICTS, p)
         if st.rejected:
             cx.execute(_QUARANTINE_PRE, p)

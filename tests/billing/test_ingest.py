@@ -261,20 +261,22 @@ def test_file_failing_halfway_is_rolled_back_and_retried(db, landing):
 
 def test_connection_killed_mid_file_leaves_nothing(db, landing, monkeypatch):
     write(landing, "a.jsonl", [ev(i) for i in range(1, 2001)])
-    real = ingest._classify
+    real = ingest._register
+    killed = []
 
-    def classify_then_die(cx, ctx):
-        mode = real(cx, ctx)
-        pid = cx.info.backend_pid
-        db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    def register_then_die(cx, p):
+        new = real(cx, p)  # the registry rows are written; the events are not yet
+        killed.append(new)
+        db.execute("SELECT pg_terminate_backend(%s)", (cx.info.backend_pid,))
         db.commit()
-        return mode
+        return new
 
-    monkeypatch.setattr(ingest, "_classify", classify_then_die)
-    with pytest.raises(ingest.IngestError):
+    monkeypatch.setattr(ingest, "_register", register_then_die)
+    with pytest.raises(ingest.IngestError, match="a.jsonl"):
         run(landing)
+    assert killed == [2000]
     assert counts(db) == dict.fromkeys(TABLES, 0)
-    monkeypatch.setattr(ingest, "_classify", real)
+    monkeypatch.setattr(ingest, "_register", real)
     assert run(landing)["total"]["accepted"] == 2000
 
 

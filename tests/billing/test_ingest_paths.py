@@ -9,6 +9,7 @@ Also: what counts as the same payload (duplicate) and what as a conflict.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 
 import psycopg
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing import ingest, pricing
+from billing import ingest, pricing, usage_line
 
 DAY = dt.date(2026, 11, 2)
 RUN_END = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
@@ -48,28 +49,53 @@ def ctx():
     )
 
 
-def kept(cx, ctx, raw: str, *, safe: bool):
-    """The ingest_ok row the path keeps for one staged line: a tuple, None, or 'cast error'."""
+_COLUMNS = """line_no, event_key, event_id, org_id, metric, quantity::text, occurred_at, billable,
+               source, properties, payload_hash"""
+LEFT = "left to SQL"
+
+
+def kept(cx, ctx, raw: str, path: str):
+    """What a path makes of one line: its typed staging row, None (not valid), 'cast error'
+    (the fast SQL path gives up on the file) or LEFT (Python leaves the line to SQL)."""
     try:
         with cx.transaction():
             cx.execute(ingest._STAGE)
-            cx.execute("INSERT INTO ingest_stage (raw) VALUES (%s)", (raw,))
-            ingest._keep_valid(cx, ctx, safe=safe)
-            rows = cx.execute("SELECT * FROM ingest_ok").fetchall()
+            if path == "python":
+                p = ingest._params(ctx)
+                orgs = [r[0] for r in cx.execute("SELECT org_id FROM billing.organizations")]
+                typer = usage_line.Typer.create(orgs, ctx.metrics, p["earliest"], p["latest"])
+                with cx.cursor().copy(
+                    f"COPY ingest_stage ({usage_line.STAGE_COLUMNS}) FROM STDIN"
+                ) as copy:
+                    st = ingest._Stream(copy.write, ctx.max_line, typer)
+                    ingest._pump(io.BytesIO(raw.encode() + b"\n"), st)
+                pre = cx.execute("SELECT pre FROM ingest_stage").fetchone()[0]
+            else:
+                cx.execute("INSERT INTO ingest_stage (raw) VALUES (%s)", (raw,))
+                ingest._mark_valid(cx, ctx, safe=path == "safe")
+                pre = "valid"
+            rows = cx.execute(
+                f"SELECT {_COLUMNS} FROM ingest_stage WHERE pre = 'valid'"
+            ).fetchall()
             raise psycopg.Rollback()
     except psycopg.DataError:
-        assert not safe, f"the safe path raised on {raw!r}"
+        assert path == "fast", f"the {path} path raised on {raw!r}"
         return "cast error"
+    if pre is None:
+        return LEFT
+    if pre != "valid":  # rejected while streaming (pre: reason<US>bytes<US>detail)
+        return None
     assert len(rows) <= 1
     return rows[0] if rows else None
 
 
-def same_on_both_paths(cx, ctx, raw: str):
-    fast = kept(cx, ctx, raw, safe=False)
-    safe = kept(cx, ctx, raw, safe=True)
+def same_on_all_paths(cx, ctx, raw: str):
+    py, fast, safe = (kept(cx, ctx, raw, path) for path in ("python", "fast", "safe"))
     if fast != "cast error":
         assert fast == safe, raw
-    return fast, safe
+    if py != LEFT:  # typed in Python, or rejected while streaming
+        assert py == safe, raw
+    return py, fast, safe
 
 
 BASE = {
@@ -151,15 +177,17 @@ EDGE_LINES = [
 
 @pytest.mark.parametrize("raw", EDGE_LINES)
 def test_edge_lines_agree(cx, ctx, raw):
-    same_on_both_paths(cx, ctx, raw)
+    same_on_all_paths(cx, ctx, raw)
 
 
-def test_edge_lines_cover_both_outcomes(cx, ctx):
-    # The comparison above must not pass vacuously: the list holds lines of every kind.
-    outcomes = [same_on_both_paths(cx, ctx, raw) for raw in EDGE_LINES]
-    assert sum(1 for f, s in outcomes if f not in (None, "cast error")) >= 20  # kept by both
-    assert sum(1 for f, s in outcomes if f is None and s is None) >= 20  # rejected by both
-    assert sum(1 for f, s in outcomes if f == "cast error") >= 5  # fast path gives up
+def test_edge_lines_cover_every_outcome(cx, ctx):
+    # The comparisons above must not pass vacuously: the list holds lines of every kind.
+    outcomes = [same_on_all_paths(cx, ctx, raw) for raw in EDGE_LINES]
+    assert sum(1 for p, f, s in outcomes if p not in (LEFT, None)) >= 12  # typed in Python
+    assert sum(1 for p, f, s in outcomes if p == LEFT and s is not None) >= 8  # valid, by SQL
+    assert sum(1 for p, f, s in outcomes if f not in (None, "cast error")) >= 20  # fast SQL
+    assert sum(1 for p, f, s in outcomes if f is None and s is None) >= 20  # rejected
+    assert sum(1 for p, f, s in outcomes if f == "cast error") >= 5  # fast SQL gives up
 
 
 _values = st.one_of(
@@ -204,27 +232,32 @@ def lines(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=lines())
 def test_generated_lines_agree(cx, ctx, raw):
-    same_on_both_paths(cx, ctx, raw)
+    same_on_all_paths(cx, ctx, raw)
 
 
 def test_payload_identity_is_by_value(clean_db, pg, tmp_path):
-    """Equal values spelled differently are duplicates; any changed value is a conflict."""
+    """Equal values spelled differently are duplicates; any changed value is a conflict, on
+    lines typed in Python (no properties) and on lines judged by SQL (with properties)."""
     pg.execute(
         """INSERT INTO billing.organizations (org_id, name, email, plan, currency)
            VALUES ('org-1', 'Org 1', 'o1@example.test', 'starter', 'usd')"""
     )
     pg.commit()
-    base = '{"event_id":"%s","org_id":"org-1","metric":"api_calls","quantity":1.50,"occurred_at":"2026-11-02T10:00:00Z","properties":{"a":1,"b":[2.0]}}'
-    first = [base % f"e-{i}" for i in range(1, 7)]
+    props = '{"event_id":"%s","org_id":"org-1","metric":"api_calls","quantity":1.50,"occurred_at":"2026-11-02T10:00:00Z","properties":{"a":1,"b":[2.0]}}'
+    plain = '{"event_id":"%s","org_id":"org-1","metric":"api_calls","quantity":1.50,"occurred_at":"2026-11-02T10:00:00Z"}'
+    first = [props % f"e-{i}" for i in range(1, 5)] + [plain % f"p-{i}" for i in range(1, 5)]
     again = [
         # duplicates: key order, number spelling, offset spelling, whitespace, explicit defaults
-        '{"occurred_at":"2026-11-02T11:00:00+01:00","quantity":1.5,"metric":"api_calls","org_id":"org-1","properties":{"b":[2],"a":1.0},"event_id":"e-1"}',
+        '{"occurred_at":"2026-11-02T11:00:00+01:00","quantity":1.5,"metric":"api_calls","org_id":"org-1","properties":{"b": [2.0], "a": 1},"event_id":"e-1"}',
         '{"event_id":"e-2","org_id":"org-1","metric":"api_calls","quantity":15e-1,"occurred_at":"2026-11-02T10:00:00.000Z","properties":{"a":1,"b":[2.0]},"billable":true,"source":null}',
         # conflicts: one value differs
-        (base % "e-3").replace("1.50", "1.51"),
-        (base % "e-4").replace('"b":[2.0]', '"b":[2.0,3]'),
-        (base % "e-5").replace("}}", '},"billable":false}'),
-        (base % "e-6").replace("}}", '},"source":"api"}'),
+        (props % "e-3").replace('"b":[2.0]', '"b":[2]'),  # properties compare as jsonb text
+        (props % "e-4").replace("}}", '},"source":"api"}'),
+        # the same, typed in Python
+        '{"occurred_at":"2026-11-02T11:00:00.000000+01:00","quantity":1.5,"metric":"api_calls","org_id":"org-1","event_id":"p-1","x":1}',
+        '{"event_id":"p-2","org_id":"org-1","metric":"api_calls","quantity":1.500,"occurred_at":"2026-11-02T10:00:00Z","billable":true}',
+        (plain % "p-3").replace("1.50", "1.51"),
+        (plain % "p-4").replace("}", ',"billable":false}'),
     ]
     day_dir = tmp_path / "usage" / f"dt={DAY.isoformat()}"
     day_dir.mkdir(parents=True)
@@ -236,17 +269,20 @@ def test_payload_identity_is_by_value(clean_db, pg, tmp_path):
     assert (b["mode"], b["accepted"], b["duplicate"], b["reasons"]) == (
         "fast",
         0,
-        2,
+        4,
         {"conflict": 4},
     )
     conflicts = pg.execute(
-        "SELECT line_no FROM billing.usage_quarantine WHERE reason = 'conflict' ORDER BY line_no"
+        """SELECT line_no, raw, raw_bytes FROM billing.usage_quarantine
+            WHERE reason = 'conflict' ORDER BY line_no"""
     ).fetchall()
-    assert conflicts == [(3,), (4,), (5,), (6,)]
+    assert [(n, raw, size) for n, raw, size in conflicts] == [
+        (n, again[n - 1], len(again[n - 1])) for n in (3, 4, 7, 8)
+    ]
     # the registry's hash is the stored event's hash (what migration 0006 recomputes)
     assert pg.execute(
         """SELECT count(*) FROM billing.usage_event_ids r JOIN billing.usage_events e
                ON md5(e.event_id)::uuid = r.event_key
             WHERE r.payload_hash = billing.usage_payload_hash(e.event_id, e.org_id, e.metric,
                   e.quantity, e.occurred_at, e.billable, e.source, e.properties)"""
-    ).fetchone() == (6,)
+    ).fetchone() == (8,)

@@ -1,0 +1,239 @@
+"""Typing clean usage lines in Python, the common case of ingest (contract: docs/USAGE_EVENTS.md).
+
+Ingest's streaming pass hands blocks of lines here. A line that is plainly valid becomes a
+typed staging row (``pre = 'valid'``) with its registry key and payload hash computed here,
+so PostgreSQL only stores it. Every other line (anything unusual, not only bad lines) is left
+for SQL, which judges it and names the reason of a bad one. The rule is one-sided: a line is
+typed here only when SQL would accept it with exactly the same values, which
+``tests/billing/test_ingest_paths.py`` checks line by line against the SQL path.
+
+Lines left for SQL, by design: ``properties`` present (its identity is its ``jsonb`` text),
+a quantity with an exponent, a timestamp not in ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)``,
+strings with a backslash, tab, CR, LF or NUL, and anything invalid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass
+
+import msgspec
+
+_DIGITS = frozenset(b"0123456789")
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r\x00]").search  # needs COPY escaping: left for SQL
+_md5 = hashlib.md5
+_fromisoformat = dt.datetime.fromisoformat
+
+# Staging columns after (raw, pre): a raw line for SQL has NULL in all of them.
+STAGE_COLUMNS = (
+    "raw, pre, event_key, event_id, org_id, metric, quantity, occurred_at, billable, source, "
+    "properties, payload_hash"
+)
+NULL = "\\N"
+TYPED_NULLS = "\t\\N" * 10
+
+
+class Event(msgspec.Struct):
+    """The fields a line must have, with strict JSON types (5 is not a string, "5" not a number)."""
+
+    event_id: str
+    org_id: str
+    metric: str
+    quantity: msgspec.Raw
+    occurred_at: str
+    billable: bool | None = None
+    source: str | None = None
+    properties: msgspec.Raw = msgspec.Raw()
+
+
+_DECODER = msgspec.json.Decoder(Event)
+
+
+def payload_text(
+    event_id: str,
+    org_id: str,
+    metric: str,
+    quantity: str,
+    occurred_at: dt.datetime,
+    billable: bool,
+    source: str | None,
+    properties: str | None = None,
+) -> str:
+    """The canonical text whose MD5 is the payload identity. Mirrors SQL's
+    ``billing.usage_payload_hash`` (migration 0006): ``quantity`` as ``trim_scale(q)::text``
+    (see :func:`trim_scale`), the instant as :func:`utc_text`, ``properties`` as
+    ``jsonb::text``. :meth:`Typer.row` inlines it."""
+    src = "~" if source is None else f"{len(source)}:{source}"
+    props = "~" if properties is None else properties
+    return (
+        f"{len(event_id)}:{event_id}|{len(org_id)}:{org_id}|{len(metric)}:{metric}|{quantity}"
+        f"|{utc_text(occurred_at)}|{'t' if billable else 'f'}|{src}|{props}"
+    )
+
+
+def utc_text(at: dt.datetime) -> str:
+    """SQL's ``to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')``."""
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def trim_scale(q: bytes) -> str:
+    """A plain JSON number (no sign, no exponent) as PostgreSQL's ``trim_scale(q)::text``."""
+    s = q.decode()
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+def _timestamp_shape(t: str) -> bool:
+    """``YYYY-MM-DDTHH:MM:SS[.f{1,6}](Z|±HH:MM)`` by position (the parse checks the digits)."""
+    n = len(t)
+    if (
+        n < 20
+        or n > 32
+        or t[4] != "-"
+        or t[7] != "-"
+        or t[10] != "T"
+        or t[13] != ":"
+        or t[16] != ":"
+    ):
+        return False
+    if t[-1] == "Z":
+        tz = n - 1
+    elif t[-6] in "+-" and t[-3] == ":":
+        tz = n - 6
+    else:
+        return False
+    if tz == 19:
+        return True
+    return t[19] == "." and 1 <= tz - 20 <= 6 and t[20:tz].isdigit()
+
+
+@dataclass(frozen=True)
+class Typer:
+    """Turns blocks of lines into staging rows. ``orgs``/``metrics``: the accepted values."""
+
+    orgs: frozenset[str]
+    metrics: frozenset[str]
+    earliest: dt.datetime
+    latest: dt.datetime
+    earliest_z: str = ""  # the bounds as YYYY-MM-DDTHH:MM:SSZ when they are whole seconds
+    latest_z: str = ""
+
+    @classmethod
+    def create(cls, orgs, metrics, earliest: dt.datetime, latest: dt.datetime) -> Typer:
+        def z(at: dt.datetime) -> str:
+            return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        whole = earliest.microsecond == 0 and latest.microsecond == 0
+        return cls(
+            # values that would need COPY escaping are left for SQL
+            frozenset(o for o in orgs if o and not _COPY_SPECIAL(o)),
+            frozenset(m for m in metrics if m and not _COPY_SPECIAL(m)),
+            earliest,
+            latest,
+            z(earliest) if whole else "",
+            z(latest) if whole else "",
+        )
+
+    def rows(self, block: bytes) -> tuple[str, int]:
+        """Staging rows for ``block`` (complete lines, each ending in ``}\\n``, valid UTF-8, no
+        NUL byte), one per line in order; returns (rows, how many were typed here)."""
+        n = block.count(b"\n")
+        try:
+            events = _DECODER.decode_lines(block)
+        except msgspec.DecodeError:  # some line is not a plain valid event: decode one by one
+            events = None
+        lines = None
+        if events is None or len(events) != n:
+            lines = block.split(b"\n")
+            lines.pop()
+            events = [_decode(line) for line in lines]
+        out: list[str] = []
+        typed = 0
+        row = self.row
+        for i, e in enumerate(events):
+            r = row(e) if e is not None else None
+            if r is None:
+                if lines is None:
+                    lines = block.split(b"\n")
+                    lines.pop()
+                out.append(raw_row(lines[i]))
+            else:
+                out.append(r)
+                typed += 1
+        return "".join(out), typed
+
+    def row(self, e: Event) -> str | None:
+        """The typed staging row of a plainly valid event, else None (SQL judges the line).
+
+        Hot path (once per line): the checks and :func:`payload_text` are inlined. The common
+        timestamp form ``YYYY-MM-DDTHH:MM:SSZ`` is range-checked and made canonical as text
+        (that form sorts like the instants), any other through ``datetime``."""
+        eid, org, metric, src = e.event_id, e.org_id, e.metric, e.source
+        if not eid or org not in self.orgs or metric not in self.metrics:
+            return None
+        if e.properties and bytes(e.properties) != b"null":
+            return None
+        q = bytes(e.quantity)
+        if q[0] not in _DIGITS or b"e" in q or b"E" in q:
+            return None
+        t = e.occurred_at
+        if (
+            len(t) == 20
+            and t[19] == "Z"
+            and t[10] == "T"
+            and t[4] == "-"
+            and t[7] == "-"
+            and t[13] == ":"
+            and t[16] == ":"
+            and self.earliest_z
+        ):
+            try:
+                _fromisoformat(t)  # a real date and time
+            except ValueError:
+                return None
+            if not (self.earliest_z <= t <= self.latest_z):
+                return None
+            utc = f"{t[:10]} {t[11:19]}.000000"
+        else:
+            if not _timestamp_shape(t):
+                return None
+            try:
+                at = _fromisoformat(t)
+            except ValueError:
+                return None
+            if not (self.earliest <= at <= self.latest):
+                return None
+            utc = utc_text(at)
+        if _COPY_SPECIAL(eid if src is None else eid + src):
+            return None
+        quantity = q.decode()
+        qc = quantity.rstrip("0").rstrip(".") if "." in quantity else quantity
+        b = "f" if e.billable is False else "t"
+        s = "~" if src is None else f"{len(src)}:{src}"
+        ph = _md5(
+            f"{len(eid)}:{eid}|{len(org)}:{org}|{len(metric)}:{metric}|{qc}|{utc}|{b}|{s}|~".encode()
+        ).hexdigest()
+        return (
+            f"{NULL}\tvalid\t{_md5(eid.encode()).hexdigest()}\t{eid}\t{org}\t{metric}\t{quantity}"
+            f"\t{t}\t{b}\t{NULL if src is None else src}\t{NULL}\t{ph}\n"
+        )
+
+
+def _decode(line: bytes) -> Event | None:
+    try:
+        return _DECODER.decode(line)
+    except msgspec.DecodeError:
+        return None
+
+
+def escape(data: bytes) -> bytes:
+    """COPY text format: escape backslash, tab and CR (newline is the row separator)."""
+    return data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\r", b"\\r")
+
+
+def raw_row(line: bytes) -> str:
+    """The staging row of a line left for SQL (valid UTF-8, no newline)."""
+    return escape(line).decode() + "\t\\N" + TYPED_NULLS + "\n"
