@@ -534,7 +534,7 @@ _STAGE = """
 CREATE TEMP TABLE ingest_stage (
     line_no bigint GENERATED ALWAYS AS IDENTITY (CACHE 100000), raw text, pre text,
     event_key uuid, event_id text, org_id text, metric text, quantity numeric,
-    occurred_at timestamptz, billable boolean, source text, properties jsonb, payload_hash uuid
+    occurred_at timestamptz, billable boolean, source text, properties jsonb
 ) ON COMMIT DROP"""
 
 # RFC 3339 with offset, checked by position (a regex costs more than the whole parse); the
@@ -599,9 +599,7 @@ _PARSE = """
 # The safe path: the per-reason parse above, with exception-catching casts.
 _OK = """
 SELECT c.line_no, md5(c.event_id)::uuid AS event_key, c.event_id, c.org_id, c.metric, c.quantity,
-       c.occurred_at, c.billable, c.source, c.properties,
-       billing.usage_payload_hash(c.event_id, c.org_id, c.metric, c.quantity, c.occurred_at,
-                                  c.billable, c.source, c.properties) AS payload_hash
+       c.occurred_at, c.billable, c.source, c.properties
   FROM ({parse}) c
  WHERE c.reason IS NULL
 """
@@ -612,9 +610,7 @@ SELECT c.line_no, md5(c.event_id)::uuid AS event_key, c.event_id, c.org_id, c.me
 # file takes the safe path.
 _OK_FAST = """
 SELECT x.line_no, md5(x.event_id)::uuid AS event_key, x.event_id, x.org_id, x.metric, x.quantity,
-       x.occurred_at, x.billable, x.source, x.properties,
-       billing.usage_payload_hash(x.event_id, x.org_id, x.metric, x.quantity, x.occurred_at,
-                                  x.billable, x.source, x.properties) AS payload_hash
+       x.occurred_at, x.billable, x.source, x.properties
   FROM (
     SELECT f.line_no, f.event_id, f.org_id, f.metric, f.te, f.t_o, f.tm, f.tq, f.tt, f.tb, f.ts, f.tp,
            CASE WHEN f.tq = 'number' THEN f.q::numeric END AS quantity,
@@ -651,7 +647,7 @@ _MARK_VALID = """
 UPDATE ingest_stage s
    SET pre = 'valid', event_key = v.event_key, event_id = v.event_id, org_id = v.org_id,
        metric = v.metric, quantity = v.quantity, occurred_at = v.occurred_at, billable = v.billable,
-       source = v.source, properties = v.properties, payload_hash = v.payload_hash
+       source = v.source, properties = v.properties
   FROM ({valid}) v
  WHERE s.line_no = v.line_no
 """
@@ -696,7 +692,11 @@ SELECT c.line_no, c.reason, c.event_id,
 # unique_violation, the savepoint rolls it back, and the file registers with ON CONFLICT.
 _REGISTER = """
 INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id, line_no)
-SELECT event_key, payload_hash, occurred_at, %(file_id)s, line_no FROM ingest_stage
+SELECT event_key,
+       billing.usage_payload_hash(event_id, org_id, metric, quantity, occurred_at, billable,
+                                  source, properties),
+       occurred_at, %(file_id)s, line_no
+  FROM ingest_stage
  WHERE pre = 'valid'
  ORDER BY event_key, line_no
 {on_conflict}
@@ -707,7 +707,9 @@ SELECT event_key, payload_hash, occurred_at, %(file_id)s, line_no FROM ingest_st
 # Only run when the registry insert skipped some lines.
 _SEEN = """
 CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
-SELECT o.line_no, o.event_id, coalesce(r.payload_hash = o.payload_hash, false) AS same, f.path AS first_path, r.line_no AS first_line
+SELECT o.line_no, o.event_id, f.path AS first_path, r.line_no AS first_line,
+       coalesce(r.payload_hash = billing.usage_payload_hash(o.event_id, o.org_id, o.metric,
+                o.quantity, o.occurred_at, o.billable, o.source, o.properties), false) AS same
   FROM ingest_stage o
   JOIN billing.usage_event_ids r USING (event_key)
   LEFT JOIN billing.usage_files f ON f.file_id = r.file_id

@@ -1,14 +1,15 @@
 """Typing clean usage lines in Python, the common case of ingest (contract: docs/USAGE_EVENTS.md).
 
 Ingest's streaming pass hands blocks of lines here. A line that is plainly valid becomes a
-typed staging row (``pre = 'valid'``) with its registry key and payload hash computed here,
-so PostgreSQL only stores it. Every other line (anything unusual, not only bad lines) is left
-for SQL, which judges it and names the reason of a bad one. The rule is one-sided: a line is
-typed here only when SQL would accept it with exactly the same values, which
-``tests/billing/test_ingest_paths.py`` checks line by line against the SQL path.
+typed staging row (``pre = 'valid'``) with its registry key computed here, so PostgreSQL only
+stores it (and hashes its payload with ``billing.usage_payload_hash`` when registering it).
+Every other line (anything unusual, not only bad lines) is left for SQL, which judges it and
+names the reason of a bad one. The rule is one-sided: a line is typed here only when SQL would
+accept it with exactly the same values, which ``tests/billing/test_ingest_paths.py`` checks
+line by line against the SQL paths.
 
-Lines left for SQL, by design: ``properties`` present (its identity is its ``jsonb`` text),
-a quantity with an exponent, a timestamp not in ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)``,
+Lines left for SQL, by design: ``properties`` present (SQL parses it into ``jsonb``), a
+quantity with an exponent, a timestamp not in ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)``,
 strings with a backslash, tab, CR, LF or NUL, and anything invalid.
 """
 
@@ -29,10 +30,10 @@ _fromisoformat = dt.datetime.fromisoformat
 # Staging columns after (raw, pre): a raw line for SQL has NULL in all of them.
 STAGE_COLUMNS = (
     "raw, pre, event_key, event_id, org_id, metric, quantity, occurred_at, billable, source, "
-    "properties, payload_hash"
+    "properties"
 )
 NULL = "\\N"
-TYPED_NULLS = "\t\\N" * 10
+TYPED_NULLS = "\t\\N" * 9
 
 
 class Event(msgspec.Struct):
@@ -49,41 +50,6 @@ class Event(msgspec.Struct):
 
 
 _DECODER = msgspec.json.Decoder(Event)
-
-
-def payload_text(
-    event_id: str,
-    org_id: str,
-    metric: str,
-    quantity: str,
-    occurred_at: dt.datetime,
-    billable: bool,
-    source: str | None,
-    properties: str | None = None,
-) -> str:
-    """The canonical text whose MD5 is the payload identity. Mirrors SQL's
-    ``billing.usage_payload_hash`` (migration 0006): ``quantity`` as ``trim_scale(q)::text``
-    (see :func:`trim_scale`), the instant as :func:`utc_text`, ``properties`` as
-    ``jsonb::text``. :meth:`Typer.row` inlines it."""
-    src = "~" if source is None else f"{len(source)}:{source}"
-    props = "~" if properties is None else properties
-    return (
-        f"{len(event_id)}:{event_id}|{len(org_id)}:{org_id}|{len(metric)}:{metric}|{quantity}"
-        f"|{utc_text(occurred_at)}|{'t' if billable else 'f'}|{src}|{props}"
-    )
-
-
-def utc_text(at: dt.datetime) -> str:
-    """SQL's ``to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')``."""
-    return at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def trim_scale(q: bytes) -> str:
-    """A plain JSON number (no sign, no exponent) as PostgreSQL's ``trim_scale(q)::text``."""
-    s = q.decode()
-    if "." in s:
-        s = s.rstrip("0").rstrip(".")
-    return s
 
 
 def _timestamp_shape(t: str) -> bool:
@@ -168,9 +134,8 @@ class Typer:
     def row(self, e: Event) -> str | None:
         """The typed staging row of a plainly valid event, else None (SQL judges the line).
 
-        Hot path (once per line): the checks and :func:`payload_text` are inlined. The common
-        timestamp form ``YYYY-MM-DDTHH:MM:SSZ`` is range-checked and made canonical as text
-        (that form sorts like the instants), any other through ``datetime``."""
+        Hot path (once per line). The common timestamp form ``YYYY-MM-DDTHH:MM:SSZ`` is
+        range-checked as text (that form sorts like the instants), any other as ``datetime``."""
         eid, org, metric, src = e.event_id, e.org_id, e.metric, e.source
         if not eid or org not in self.orgs or metric not in self.metrics:
             return None
@@ -196,7 +161,6 @@ class Typer:
                 return None
             if not (self.earliest_z <= t <= self.latest_z):
                 return None
-            utc = f"{t[:10]} {t[11:19]}.000000"
         else:
             if not _timestamp_shape(t):
                 return None
@@ -206,19 +170,12 @@ class Typer:
                 return None
             if not (self.earliest <= at <= self.latest):
                 return None
-            utc = utc_text(at)
         if _COPY_SPECIAL(eid if src is None else eid + src):
             return None
-        quantity = q.decode()
-        qc = quantity.rstrip("0").rstrip(".") if "." in quantity else quantity
-        b = "f" if e.billable is False else "t"
-        s = "~" if src is None else f"{len(src)}:{src}"
-        ph = _md5(
-            f"{len(eid)}:{eid}|{len(org)}:{org}|{len(metric)}:{metric}|{qc}|{utc}|{b}|{s}|~".encode()
-        ).hexdigest()
         return (
-            f"{NULL}\tvalid\t{_md5(eid.encode()).hexdigest()}\t{eid}\t{org}\t{metric}\t{quantity}"
-            f"\t{t}\t{b}\t{NULL if src is None else src}\t{NULL}\t{ph}\n"
+            f"{NULL}\tvalid\t{_md5(eid.encode()).hexdigest()}\t{eid}\t{org}\t{metric}"
+            f"\t{q.decode()}\t{t}\t{'f' if e.billable is False else 't'}"
+            f"\t{NULL if src is None else src}\t{NULL}\n"
         )
 
 
