@@ -436,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ing = sub.add_parser("ingest", help="usage ingestion: load a day, report on it")
     ingsub = ing.add_subparsers(dest="ingest_command", required=True, parser_class=_Parser)
-    ir = ingsub.add_parser("run", help="load one arrival day's usage files (run end = next midnight UTC)")
+    ir = ingsub.add_parser(
+        "run", help="load one arrival day's usage files (run end = next midnight UTC)"
+    )
     ir.add_argument("--day", type=_day, required=True)
     ir.add_argument("--format", choices=["table", "json"], default="table")
     ir.set_defaults(func=cmd_ingest_run)

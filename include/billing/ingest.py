@@ -2,24 +2,23 @@
 
 Contract: ``docs/USAGE_EVENTS.md``; numbers: ``docs/PERFORMANCE.md``.
 
-Python streams each file in 1 MiB chunks and does only per-chunk work on clean data (UTF-8
-check, line-length bound, COPY escaping); it looks at single lines only in the rare chunk
-that is irregular. Lines are COPYed raw into a temp staging table and set-based SQL parses,
-validates, dedupes and inserts. One transaction per file: the manifest row, the events and
-the quarantined lines commit together, so a file is either fully loaded or not at all.
+Python streams each file in 1 MiB chunks and does per-chunk work on clean data (UTF-8 check,
+line-length bound); it looks at single lines' bytes only in the rare irregular chunk. Blocks of
+lines are decoded with msgspec and every plainly valid line is typed in Python
+(``billing.usage_line``); everything else is left raw for SQL. One COPY stages one row per line
+into a temp table; set-based SQL judges the raw lines, registers and inserts. One transaction
+per file: the manifest row, the events and the quarantined lines commit together, so a file is
+either fully loaded or not at all. Files load in forked worker processes.
 
-SQL per file: one statement keeps the valid lines, typed, in ``ingest_ok`` (no per-line
-detail is computed for them); the registry insert (keyed on ``md5(event_id)::uuid``, in key
-order, optimistically without ON CONFLICT) then tells which are new; when every valid line
-registered, the events are inserted from ``ingest_ok`` with no join. Only files with bad lines
-classify those lines again with details, and only files with duplicates look their lines up in
-the registry. A payload is identified by ``billing.usage_payload_hash`` of its typed fields.
-
-The first statement runs a fast path (one ``jsonb_populate_record`` per line, direct casts) that
-keeps exactly the lines the safe path would call valid; an unexpected cast error (a line
-malformed in the middle, an impossible date) rolls back to a savepoint and the file is
-classified again with the safe path (a lookup per field, exception-catching casts), which also
-names the reason of every bad line. Correctness never depends on the fast path.
+SQL per file: lines left to SQL are marked valid in place by a fast statement (one
+``jsonb_populate_record`` per line, direct casts; a cast error rolls back to a savepoint and the
+safe statement, exception-catching casts, runs instead). The registry insert (keyed on
+``md5(event_id)::uuid``, in key order, optimistically without ON CONFLICT, payload hashed by
+``billing.usage_payload_hash``) then tells which are new; when every valid line registered,
+the events are inserted from the staging table with no join. Only files with bad lines classify
+those lines again with details, and only files with duplicates look their lines up in the
+registry. Correctness never depends on the fast paths: each keeps exactly the lines the safe
+SQL path keeps (``tests/billing/test_ingest_paths.py``).
 """
 
 from __future__ import annotations

@@ -116,39 +116,123 @@ DURABLE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # ingest (billing.usage_files manifest; monotonic: manifest rows are never purged)
     "billing_ingest_files_total": ("counter", "Usage files loaded, by status", ("status",)),
     "billing_ingest_events_total": ("counter", "Usage lines by ingest outcome", ("outcome",)),
-    "billing_ingest_quarantined_total": ("counter", "Quarantined usage lines by reason", ("reason",)),
+    "billing_ingest_quarantined_total": (
+        "counter",
+        "Quarantined usage lines by reason",
+        ("reason",),
+    ),
     "billing_ingest_bytes_total": ("counter", "Bytes of usage files read", ()),
     "billing_ingest_file_duration_seconds": ("histogram", "Time to ingest one usage file", ()),
-    "billing_ingest_last_loaded_timestamp_seconds": ("gauge", "When the newest usage file was loaded", ()),
+    "billing_ingest_last_loaded_timestamp_seconds": (
+        "gauge",
+        "When the newest usage file was loaded",
+        (),
+    ),
     # every billing DAG's tasks (Airflow metadata DB): RED for ingest, dbt, Stripe, reconcile, dunning
-    "billing_task_runs_total": ("counter", "Finished task instances of billing DAGs by state", ("dag", "task", "state")),
-    "billing_task_duration_seconds": ("histogram", "Duration of finished task instances of billing DAGs", ("dag", "task")),
-    "billing_last_successful_run_timestamp_seconds": ("gauge", "End of the newest successful run of a billing DAG", ("dag",)),
+    "billing_task_runs_total": (
+        "counter",
+        "Finished task instances of billing DAGs by state",
+        ("dag", "task", "state"),
+    ),
+    "billing_task_duration_seconds": (
+        "histogram",
+        "Duration of finished task instances of billing DAGs",
+        ("dag", "task"),
+    ),
+    "billing_last_successful_run_timestamp_seconds": (
+        "gauge",
+        "End of the newest successful run of a billing DAG",
+        ("dag",),
+    ),
     # Stripe push (billing.stripe_outbox, Redis parking/outage flag)
-    "billing_stripe_outbox_rows": ("gauge", "Stripe outbox rows by status (pending = queued, e.g. in outage mode)", ("status",)),
-    "billing_stripe_outbox_attempts_total": ("counter", "Stripe write attempts recorded on outbox rows", ()),
-    "billing_stripe_outbox_retries_total": ("counter", "Stripe write retries recorded on outbox rows", ()),
-    "billing_stripe_outbox_errors_total": ("counter", "Stripe write errors recorded on outbox rows, by class", ("error_class",)),
-    "billing_stripe_parked_queue_depth": ("gauge", "Parked Stripe writes awaiting manual retry (Redis)", ()),
+    "billing_stripe_outbox_rows": (
+        "gauge",
+        "Stripe outbox rows by status (pending = queued, e.g. in outage mode)",
+        ("status",),
+    ),
+    "billing_stripe_outbox_attempts_total": (
+        "counter",
+        "Stripe write attempts recorded on outbox rows",
+        (),
+    ),
+    "billing_stripe_outbox_retries_total": (
+        "counter",
+        "Stripe write retries recorded on outbox rows",
+        (),
+    ),
+    "billing_stripe_outbox_errors_total": (
+        "counter",
+        "Stripe write errors recorded on outbox rows, by class",
+        ("error_class",),
+    ),
+    "billing_stripe_parked_queue_depth": (
+        "gauge",
+        "Parked Stripe writes awaiting manual retry (Redis)",
+        (),
+    ),
     "billing_stripe_read_only": ("gauge", "1 while Stripe outage (read-only) mode is on", ()),
-    "billing_stripe_read_only_since_timestamp_seconds": ("gauge", "When read-only mode was switched on (0 when off)", ()),
+    "billing_stripe_read_only_since_timestamp_seconds": (
+        "gauge",
+        "When read-only mode was switched on (0 when off)",
+        (),
+    ),
     # reconciliation (billing.billing_audit, billing.billing_incidents)
-    "billing_reconcile_checks_total": ("counter", "Reconciliation results by outcome", ("outcome",)),
-    "billing_reconcile_max_relative_diff": ("gauge", "Largest relative internal-vs-Stripe difference in the latest result per org and period", ()),
-    "billing_reconcile_last_run_timestamp_seconds": ("gauge", "When reconciliation last wrote a result", ()),
+    "billing_reconcile_checks_total": (
+        "counter",
+        "Reconciliation results by outcome",
+        ("outcome",),
+    ),
+    "billing_reconcile_max_relative_diff": (
+        "gauge",
+        "Largest relative internal-vs-Stripe difference in the latest result per org and period",
+        (),
+    ),
+    "billing_reconcile_last_run_timestamp_seconds": (
+        "gauge",
+        "When reconciliation last wrote a result",
+        (),
+    ),
     "billing_reconcile_open_incidents": ("gauge", "Open reconciliation incidents", ()),
     # dunning (billing.dunning_notices)
-    "billing_dunning_notices_total": ("counter", "Dunning notices by stage and status (sent, failed)", ("stage", "status")),
-    "billing_dunning_send_failures_total": ("counter", "Failed dunning send attempts (refused recipient, SMTP error), by stage", ("stage",)),
-    "billing_dunning_degraded_orgs": ("gauge", "Organisations whose service level is degraded by dunning", ()),
+    "billing_dunning_notices_total": (
+        "counter",
+        "Dunning notices by stage and status (sent, failed)",
+        ("stage", "status"),
+    ),
+    "billing_dunning_send_failures_total": (
+        "counter",
+        "Failed dunning send attempts (refused recipient, SMTP error), by stage",
+        ("stage",),
+    ),
+    "billing_dunning_degraded_orgs": (
+        "gauge",
+        "Organisations whose service level is degraded by dunning",
+        (),
+    ),
     # database faults, counted durably in Redis by every process (billing.db)
     "billing_db_errors_total": ("counter", "PostgreSQL errors by kind, all processes", ("kind",)),
-    "billing_db_retries_total": ("counter", "Idempotent database operations retried, all processes", ("operation",)),
+    "billing_db_retries_total": (
+        "counter",
+        "Idempotent database operations retried, all processes",
+        ("operation",),
+    ),
     # retention purge (billing.retention_purge_audit)
-    "billing_purge_partitions_dropped_total": ("counter", "Usage partitions dropped by retention purge", ()),
-    "billing_purge_last_run_timestamp_seconds": ("gauge", "When retention purge last ran, by mode", ("mode",)),
+    "billing_purge_partitions_dropped_total": (
+        "counter",
+        "Usage partitions dropped by retention purge",
+        (),
+    ),
+    "billing_purge_last_run_timestamp_seconds": (
+        "gauge",
+        "When retention purge last ran, by mode",
+        ("mode",),
+    ),
     # the collector itself
-    "billing_metrics_source_up": ("gauge", "1 if a durable metrics source was read, 0 if missing or failing", ("source",)),
+    "billing_metrics_source_up": (
+        "gauge",
+        "1 if a durable metrics source was read, 0 if missing or failing",
+        ("source",),
+    ),
 }
 DURABLE_BUCKETS = {
     "billing_ingest_file_duration_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),

@@ -1,9 +1,10 @@
-"""Ingest's fast SQL path keeps exactly the lines (and values) the safe path keeps.
+"""Ingest's fast paths keep exactly the lines (and values) the safe SQL path keeps.
 
-The fast path (json_populate_record, direct casts) exists for speed only; every line it does
-not reject with a cast error must come out identical to the safe path's, the reference that
-names every reason. Checked line by line on a real Postgres, on edge cases and generated lines.
-Also: what counts as the same payload (duplicate) and what as a conflict.
+A line is typed in Python while streaming (``billing.usage_line``) or judged by SQL, first by a
+fast statement (direct casts) and, if that gives up, by the safe one, the reference that names
+every reason. Both fast paths exist for speed only: every line they keep must come out
+identical to the safe path's. Checked line by line on a real Postgres, on edge cases and on
+generated lines. Also: what counts as the same payload (duplicate) and what as a conflict.
 """
 
 from __future__ import annotations
@@ -74,9 +75,7 @@ def kept(cx, ctx, raw: str, path: str):
                 cx.execute("INSERT INTO ingest_stage (raw) VALUES (%s)", (raw,))
                 ingest._mark_valid(cx, ctx, safe=path == "safe")
                 pre = "valid"
-            rows = cx.execute(
-                f"SELECT {_COLUMNS} FROM ingest_stage WHERE pre = 'valid'"
-            ).fetchall()
+            rows = cx.execute(f"SELECT {_COLUMNS} FROM ingest_stage WHERE pre = 'valid'").fetchall()
             raise psycopg.Rollback()
     except psycopg.DataError:
         assert path == "fast", f"the {path} path raised on {raw!r}"
@@ -214,7 +213,16 @@ _values = st.one_of(
     st.lists(st.integers(), max_size=2),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-_FIELDS = ("event_id", "org_id", "metric", "quantity", "occurred_at", "billable", "source", "properties")
+_FIELDS = (
+    "event_id",
+    "org_id",
+    "metric",
+    "quantity",
+    "occurred_at",
+    "billable",
+    "source",
+    "properties",
+)
 
 
 @st.composite
@@ -229,7 +237,9 @@ def lines(draw):
     return json.dumps({k: e[k] for k in keys}, ensure_ascii=draw(st.booleans()))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(raw=lines())
 def test_generated_lines_agree(cx, ctx, raw):
     same_on_all_paths(cx, ctx, raw)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from billing.errors import BillingError, ConfigError
 from billing.pricing import (
     CURRENCIES,
@@ -27,8 +30,6 @@ from billing.pricing import (
     price,
     to_minor,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "include" / "config" / "catalog.yaml"
