@@ -89,6 +89,21 @@ class InstrumentedCursor(psycopg.Cursor):
             obs.DB_QUERY_SECONDS.observe(time.perf_counter() - started)
 
 
+def execute_expecting(cx, expected: tuple[type[psycopg.Error], ...], query, params=None):
+    """Run an optimistic statement whose failure with one of ``expected`` is control flow (the
+    caller falls back): timed like any statement, but not counted as a database error."""
+    started = time.perf_counter()
+    try:
+        return psycopg.Cursor(cx).execute(query, params)
+    except expected:
+        raise
+    except psycopg.Error as exc:
+        count_error(exc)
+        raise
+    finally:
+        obs.DB_QUERY_SECONDS.observe(time.perf_counter() - started)
+
+
 TRANSIENT = (
     psycopg.OperationalError,  # connection lost, server restarting
     pgerr.SerializationFailure,

@@ -113,8 +113,15 @@ def ingest_day(
         results = [_load(p, ctx) for p in files]
     else:
         # Processes, not threads: typing lines is Python work, and each file is its own
-        # transaction on its own connection. Forked, so nothing is imported twice.
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+        # transaction on its own connection. Forked, so nothing is imported twice; the
+        # connections are resolved here, so a worker never talks to Airflow's task
+        # supervisor (its channel belongs to this process).
+        with ProcessPoolExecutor(
+            n,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=os.environ.update,
+            initargs=(_worker_env(),),
+        ) as pool:
             results = list(pool.map(_load, files, [ctx] * len(files)))
     for res in results:
         if res["status"] == "loaded":
@@ -139,6 +146,19 @@ def ingest_day(
             f"{len(failed)} usage file(s) failed and were rolled back: {', '.join(failed)}"
         )
     return summary
+
+
+def _worker_env() -> dict[str, str]:
+    """The connections a file worker uses (Postgres; Redis for durable error counts), as
+    ``AIRFLOW_CONN_*`` values for its environment. Only in the forked workers' memory."""
+    from billing import connections as conns
+
+    env = {conns.env_var(conns.POSTGRES): conns.get(conns.POSTGRES).to_json()}
+    try:
+        env[conns.env_var(conns.REDIS)] = conns.get(conns.REDIS).to_json()
+    except BillingError:  # not configured: error counts stay in-process
+        pass
+    return env
 
 
 def _load(path, ctx: _Context) -> dict:
@@ -789,6 +809,8 @@ def _mark_valid(cx, ctx: _Context, *, safe: bool) -> int:
     """Mark the valid ones of the lines left to SQL (``pre IS NULL``) with the fast or the
     safe path; returns how many. The fast path raises ``psycopg.DataError`` on a line it
     cannot cast."""
+    import psycopg
+
     params = _params(ctx)
     if safe:
         valid = _OK.format(parse=_parse_sql())
@@ -797,7 +819,10 @@ def _mark_valid(cx, ctx: _Context, *, safe: bool) -> int:
         # a constant array: hashed membership, never a nested loop on a misestimate
         (orgs,) = cx.execute("SELECT array_agg(org_id) FROM billing.organizations").fetchone()
         params["orgs"] = orgs or []
-    return cx.execute(_MARK_VALID.format(valid=valid), params).rowcount
+    sql = _MARK_VALID.format(valid=valid)
+    if safe:
+        return cx.execute(sql, params).rowcount
+    return db.execute_expecting(cx, (psycopg.errors.DataError,), sql, params).rowcount
 
 
 def _classify(cx, ctx: _Context, sql_lines: int) -> tuple[str, int]:
@@ -869,7 +894,8 @@ def _register(cx, p: dict) -> int:
 
     try:
         with cx.transaction():
-            return cx.execute(_REGISTER.format(on_conflict=""), p).rowcount
+            sql = _REGISTER.format(on_conflict="")
+            return db.execute_expecting(cx, (psycopg.errors.UniqueViolation,), sql, p).rowcount
     except psycopg.errors.UniqueViolation:
         pass  # some event_id is registered already (or twice in this file)
     return cx.execute(

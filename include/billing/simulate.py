@@ -957,15 +957,28 @@ class Simulation:
         for i, o, s, st, _ in notices:
             if st == "sent":
                 stages_by_invoice[(i, o)].append(s)
+        skipped_by_invoice = defaultdict(list)
+        for i, o, s, st, _ in notices:
+            if st == "skipped":
+                skipped_by_invoice[(i, o)].append(s)
         missing_stages = {}
         for (o, _p), (status, iid) in closes.items():
             if status == "open" and self.group(o) == "never":
-                # every stage due by the last dunning run (as of the morning after the run)
+                # Every stage due by the last dunning run (as of the morning after the run) is
+                # sent, except a leading run of stages recorded 'skipped': the invoice was
+                # first seen open when they were already past (e.g. its finalisation was
+                # parked by a Stripe failure and retried a day later). Never a gap after.
                 overdue = (self.days[-1] + dt.timedelta(days=1) - due_on[iid]).days
                 want = [s.name for s in policy.for_plan(plans[o]) if s.days_past_due <= overdue]
                 got = stages_by_invoice.get((iid, o), [])
-                if sorted(want) != sorted(got):
-                    missing_stages[iid] = {"want": want, "sent": got}
+                skipped = skipped_by_invoice.get((iid, o), [])
+                k = len(skipped)
+                if (
+                    not got
+                    or sorted(skipped) != sorted(want[:k])
+                    or sorted(got) != sorted(want[k:])
+                ):
+                    missing_stages[iid] = {"want": want, "sent": got, "skipped": skipped}
         paid_dunned = [
             f"{i}:{s}"
             for i, o, s, st, _ in notices

@@ -348,3 +348,28 @@ def test_cli_run_and_report(db, landing, monkeypatch, capsys):
     assert cli.main(["ingest", "report", "--day", DAY.isoformat()]) == 0
     out = capsys.readouterr().out
     assert "a.jsonl" in out and "TOTAL" in out and "unknown_metric=1" in out
+
+
+def test_optimistic_statements_are_not_counted_as_db_errors(db, landing):
+    """The registry's plain INSERT hitting a known event_id and the fast SQL path giving up
+    are control flow with a fallback, not database errors (they would page on-call)."""
+    from billing import observability as obs
+
+    def db_errors() -> float:
+        return sum(
+            s.value for s in obs.DB_ERRORS.collect()[0].samples if s.name.endswith("_total")
+        )
+
+    write(landing, "a.jsonl", [ev(1)])
+    run(landing)
+    before = db_errors()
+    write(landing, "b.jsonl", [ev(1), ev(2, occurred_at="2026-02-30T10:00:00Z"), ev(3)])
+    # in this process, where the counters can be read (workers count in their own)
+    b = ingest.ingest_day(DAY, RUN_END, landing_uri=uri(landing), workers_=1)["files"][1]
+    assert (b["mode"], b["accepted"], b["duplicate"], b["reasons"]) == (
+        "safe",
+        1,
+        1,
+        {"bad_timestamp": 1},
+    )
+    assert db_errors() == before
