@@ -296,3 +296,16 @@ def test_payload_identity_is_by_value(clean_db, pg, tmp_path):
             WHERE r.payload_hash = billing.usage_payload_hash(e.event_id, e.org_id, e.metric,
                   e.quantity, e.occurred_at, e.billable, e.source, e.properties)"""
     ).fetchone() == (8,)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
+def test_read_lines_across_chunk_boundaries(monkeypatch, chunk):
+    """The raw text of a conflicting line typed in Python is read back by line number."""
+    monkeypatch.setattr(ingest, "CHUNK", chunk)
+    lines = [b"first", b"", b"a somewhat longer third line", b"4", b"x" * 50, b"last, no newline"]
+    data = b"\n".join(lines)
+    wanted = [1, 2, 3, 5, 6]
+    got = ingest._read_lines(io.BytesIO(data), wanted)
+    assert got == {n: lines[n - 1] for n in wanted}
+    assert ingest._read_lines(io.BytesIO(data + b"\n"), [6]) == {6: lines[5]}
+    assert ingest._read_lines(io.BytesIO(data), [4]) == {4: b"4"}
