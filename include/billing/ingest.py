@@ -387,8 +387,8 @@ class _Stream:
     typed: int = 0
     bytes_in: int = 0
 
-    def _emit(self, block: bytes) -> None:
-        rows, typed = self.typer.rows(block)
+    def _emit(self, block: bytes, n: int | None = None) -> None:
+        rows, typed = self.typer.rows(block, n)
         self.write(rows.encode())
         self.typed += typed
 
@@ -399,7 +399,7 @@ class _Stream:
         odd_tokens = b"NaN" in data or b"Infinity" in data or b"\x00" in data
         long_lines = not self._short_lines(data)
         if data.count(b"}\n") == n and not (odd_utf8 or odd_tokens or long_lines):
-            self._emit(data)
+            self._emit(data, n)
             self.line_no += n
             return
         lines = data.split(b"\n")

@@ -103,10 +103,14 @@ class Typer:
             z(latest) if whole else "",
         )
 
-    def rows(self, block: bytes) -> tuple[str, int]:
-        """Staging rows for ``block`` (complete lines, each ending in ``}\\n``, valid UTF-8, no
-        NUL byte), one per line in order; returns (rows, how many were typed here)."""
-        n = block.count(b"\n")
+    def rows(self, block: bytes, n: int | None = None) -> tuple[str, int]:
+        """Staging rows for ``block`` (``n`` complete lines, valid UTF-8, no NUL byte, none
+        blank), one per line in order; returns (rows, how many were typed here)."""
+        if n is None:
+            n = block.count(b"\n")
+        # JSON strings hold no raw control characters (msgspec rejects them), so a decoded
+        # string can need COPY escaping only if the block has a backslash escape somewhere.
+        escapes = b"\\" in block
         try:
             events = _DECODER.decode_lines(block)
         except msgspec.DecodeError:  # some line is not a plain valid event: decode one by one
@@ -120,7 +124,7 @@ class Typer:
         typed = 0
         row = self.row
         for i, e in enumerate(events):
-            r = row(e) if e is not None else None
+            r = row(e, escapes) if e is not None else None
             if r is None:
                 if lines is None:
                     lines = block.split(b"\n")
@@ -131,7 +135,7 @@ class Typer:
                 typed += 1
         return "".join(out), typed
 
-    def row(self, e: Event) -> str | None:
+    def row(self, e: Event, escapes: bool = True) -> str | None:
         """The typed staging row of a plainly valid event, else None (SQL judges the line).
 
         Hot path (once per line). The common timestamp form ``YYYY-MM-DDTHH:MM:SSZ`` is
@@ -170,7 +174,7 @@ class Typer:
                 return None
             if not (self.earliest <= at <= self.latest):
                 return None
-        if _COPY_SPECIAL(eid if src is None else eid + src):
+        if escapes and _COPY_SPECIAL(eid if src is None else eid + src):
             return None
         return (
             f"{NULL}\tvalid\t{_md5(eid.encode()).hexdigest()}\t{eid}\t{org}\t{metric}"
