@@ -32,12 +32,13 @@ SOURCES = ("api-gateway", "storage-svc", "scheduler", "mailer")
 
 
 def write_files(
-    root: Path, events: int, files: int, dirty_every: int = 0
+    root: Path, events: int, files: int, dirty_every: int = 0, properties: bool = False
 ) -> tuple[list[Path], Path]:
     """Fast deterministic writer (~1M lines/s): JSONL files and the same rows as one CSV.
 
     ``dirty_every`` N > 0: every Nth line repeats the previous line (a duplicate) and the line
-    after it is cut short (malformed JSON), so the files take ingest's safe path."""
+    after it is cut short (malformed JSON), so the files take ingest's safe path.
+    ``properties``: every event carries a small ``properties`` object (SQL types such lines)."""
     day_dir = root / "landing" / "usage" / f"dt={DAY.isoformat()}"
     shutil.rmtree(root / "landing", ignore_errors=True)
     day_dir.mkdir(parents=True)
@@ -61,12 +62,16 @@ def write_files(
                         "%Y-%m-%dT%H:%M:%SZ"
                     )
                     billable = "false" if i % 33 == 0 else "true"
+                    props = f'{{"region": "eu-{i % 3}", "tier": {i % 5}}}' if properties else ""
                     lines.append(
                         f'{{"event_id":"{eid}","org_id":"{org}","metric":"{METRICS[m]}","quantity":{q},'
-                        f'"occurred_at":"{ts}","billable":{billable},"source":"{SOURCES[m]}"}}\n'
+                        f'"occurred_at":"{ts}","billable":{billable},"source":"{SOURCES[m]}"'
+                        + (f',"properties":{props}}}\n' if properties else "}\n")
                     )
+                    csv_props = '"' + props.replace('"', '""') + '"' if properties else ""
                     rows.append(
-                        f"{eid},{org},{METRICS[m]},{q},{ts},{billable},{SOURCES[m]},,{DAY},0,{i},{ts}\n"
+                        f"{eid},{org},{METRICS[m]},{q},{ts},{billable},{SOURCES[m]},{csv_props},"
+                        f"{DAY},0,{i},{ts}\n"
                     )
                     if dirty_every and i % dirty_every == 0 and len(lines) > 1:
                         lines[-1] = lines[-2]  # a duplicate of the previous line
@@ -157,6 +162,9 @@ def main(argv=None) -> int:
         metavar="N",
         help="make every Nth line a duplicate and the next one malformed (default: clean files)",
     )
+    ap.add_argument(
+        "--properties", action="store_true", help="every event carries a properties object"
+    )
     args = ap.parse_args(argv)
 
     from billing import db, orgs, pricing, settings, usage_gen
@@ -174,7 +182,7 @@ def main(argv=None) -> int:
             cx.execute("SET statement_timeout = 0")
             cleanup(cx)
             t = time.perf_counter()
-            paths, csv_path = write_files(root, n, files, args.dirty_every)
+            paths, csv_path = write_files(root, n, files, args.dirty_every, args.properties)
             print(
                 f"# {n:,} events in {files} file(s): written in {time.perf_counter() - t:.1f}s "
                 f"({sum(p.stat().st_size for p in paths) / 1e6:.0f} MB)",
@@ -200,6 +208,7 @@ def main(argv=None) -> int:
         row = {
             "events": n,
             "dirty_every": args.dirty_every,
+            "properties": args.properties,
             "modes": sorted({f.get("mode") for f in res["summary"]["files"]}),
             "files": files,
             "workers": args.workers,

@@ -466,6 +466,10 @@ class _Stream:
             obj = json.loads(text, parse_constant=lambda c: constants.append(c) or float(c))
         except ValueError as exc:
             return self._reject(body, len(body), "malformed_json", f"not valid JSON: {exc}")
+        except RecursionError:
+            return self._reject(
+                body, len(body), "malformed_json", "not valid JSON: nested too deep"
+            )
         if constants:
             q = obj.get("quantity") if isinstance(obj, dict) else None
             if isinstance(q, float) and not math.isfinite(q):
@@ -805,11 +809,22 @@ def _parse_sql(rows: str = "ingest_stage s WHERE s.pre IS NULL") -> str:
     return _PARSE.format(rfc3339=_RFC3339, rows=rows)
 
 
+def _fast_gives_up() -> tuple[type[Exception], ...]:
+    """Errors of the fast SQL path that send the file to the safe path: a value it cannot
+    cast, or JSON nested deeper than the server's stack allows."""
+    import psycopg
+
+    return (
+        psycopg.errors.DataError,
+        psycopg.errors.StatementTooComplex,  # "stack depth limit exceeded"
+        psycopg.errors.ProgramLimitExceeded,
+    )
+
+
 def _mark_valid(cx, ctx: _Context, *, safe: bool) -> int:
     """Mark the valid ones of the lines left to SQL (``pre IS NULL``) with the fast or the
     safe path; returns how many. The fast path raises ``psycopg.DataError`` on a line it
     cannot cast."""
-    import psycopg
 
     params = _params(ctx)
     if safe:
@@ -822,19 +837,18 @@ def _mark_valid(cx, ctx: _Context, *, safe: bool) -> int:
     sql = _MARK_VALID.format(valid=valid)
     if safe:
         return cx.execute(sql, params).rowcount
-    return db.execute_expecting(cx, (psycopg.errors.DataError,), sql, params).rowcount
+    return db.execute_expecting(cx, _fast_gives_up(), sql, params).rowcount
 
 
 def _classify(cx, ctx: _Context, sql_lines: int) -> tuple[str, int]:
     """Judge the lines Python left to SQL; returns (mode, how many of them are valid)."""
-    import psycopg
 
     if not sql_lines:
         return "python", 0
     try:
         with cx.transaction():
             return "fast", _mark_valid(cx, ctx, safe=False)
-    except psycopg.errors.DataError as exc:
+    except _fast_gives_up() as exc:
         log.info("fast path failed (%s); classifying with safe casts", str(exc).splitlines()[0])
     return "safe", _mark_valid(cx, ctx, safe=True)
 

@@ -67,8 +67,8 @@ def _timestamp_shape(t: str) -> bool:
         return False
     if t[-1] == "Z":
         tz = n - 1
-    elif t[-6] in "+-" and t[-3] == ":":
-        tz = n - 6
+    elif t[-6] in "+-" and t[-3] == ":" and t[-5:-3] <= "15":
+        tz = n - 6  # PostgreSQL takes offsets up to 15:59 (Python up to 23:59)
     else:
         return False
     if tz == 19:
@@ -113,8 +113,8 @@ class Typer:
         escapes = b"\\" in block
         try:
             events = _DECODER.decode_lines(block)
-        except msgspec.DecodeError:  # some line is not a plain valid event: decode one by one
-            events = None
+        except (msgspec.DecodeError, RecursionError):  # some line is not a plain event:
+            events = None  # decode one by one
         lines = None
         if events is None or len(events) != n:
             lines = block.split(b"\n")
@@ -146,7 +146,8 @@ class Typer:
         if e.properties and bytes(e.properties) != b"null":
             return None
         q = bytes(e.quantity)
-        if q[0] not in _DIGITS or b"e" in q or b"E" in q:
+        # no sign or exponent; short (PostgreSQL's numeric takes at most 16383 decimals)
+        if q[0] not in _DIGITS or b"e" in q or b"E" in q or len(q) > 64:
             return None
         t = e.occurred_at
         if (
@@ -186,7 +187,7 @@ class Typer:
 def _decode(line: bytes) -> Event | None:
     try:
         return _DECODER.decode(line)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep: for SQL
         return None
 
 
