@@ -8,9 +8,11 @@ names the reason of a bad one. The rule is one-sided: a line is typed here only 
 accept it with exactly the same values, which ``tests/billing/test_ingest_paths.py`` checks
 line by line against the SQL paths.
 
-Lines left for SQL, by design: ``properties`` present (SQL parses it into ``jsonb``), a
-quantity with an exponent, a timestamp not in ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)``,
-strings with a backslash, tab, CR, LF or NUL, and anything invalid.
+Lines left for SQL, by design: ``properties`` PostgreSQL might not parse (see
+:func:`_properties`), a quantity with an exponent, a timestamp not in
+``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)`` (offset at most 15:59), strings needing COPY
+escapes, and anything invalid. Nothing PostgreSQL could reject reaches a typed row: one such
+row would fail the file's COPY, on every retry.
 """
 
 from __future__ import annotations
@@ -143,8 +145,13 @@ class Typer:
         eid, org, metric, src = e.event_id, e.org_id, e.metric, e.source
         if not eid or org not in self.orgs or metric not in self.metrics:
             return None
-        if e.properties and bytes(e.properties) != b"null":
-            return None
+        props = NULL
+        if e.properties:
+            p = bytes(e.properties)
+            if p != b"null":
+                props = _properties(p)
+                if props is None:
+                    return None
         q = bytes(e.quantity)
         # no sign or exponent; short (PostgreSQL's numeric takes at most 16383 decimals)
         if q[0] not in _DIGITS or b"e" in q or b"E" in q or len(q) > 64:
@@ -180,8 +187,29 @@ class Typer:
         return (
             f"{NULL}\tvalid\t{_md5(eid.encode()).hexdigest()}\t{eid}\t{org}\t{metric}"
             f"\t{q.decode()}\t{t}\t{'f' if e.billable is False else 't'}"
-            f"\t{NULL if src is None else src}\t{NULL}\n"
+            f"\t{NULL if src is None else src}\t{props}\n"
         )
+
+
+_PROPERTIES_MAX = 4096  # bytes; longer objects are left for SQL
+_EXPONENT = re.compile(rb"\d[eE]").search
+
+
+def _properties(raw: bytes) -> str | None:
+    """``properties`` (valid JSON, as msgspec checked) as the COPY text of a ``jsonb``, or None
+    for SQL. Only an object PostgreSQL surely parses: no ``\\u`` escape (NUL, lone
+    surrogates), no exponent (numeric range), shallow (stack depth), short."""
+    if (
+        raw[:1] != b"{"
+        or len(raw) > _PROPERTIES_MAX
+        or b"\\u" in raw
+        or raw.count(b"{") + raw.count(b"[") > 64
+        or _EXPONENT(raw)
+    ):
+        return None
+    if b"\\" in raw or b"\t" in raw or b"\r" in raw:  # escapes in strings, tab/CR as spacing
+        raw = escape(raw)
+    return raw.decode()
 
 
 def _decode(line: bytes) -> Event | None:
