@@ -356,9 +356,7 @@ def test_optimistic_statements_are_not_counted_as_db_errors(db, landing):
     from billing import observability as obs
 
     def db_errors() -> float:
-        return sum(
-            s.value for s in obs.DB_ERRORS.collect()[0].samples if s.name.endswith("_total")
-        )
+        return sum(s.value for s in obs.DB_ERRORS.collect()[0].samples if s.name.endswith("_total"))
 
     write(landing, "a.jsonl", [ev(1)])
     run(landing)
