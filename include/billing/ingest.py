@@ -854,7 +854,7 @@ def _classify(cx, ctx: _Context, sql_lines: int) -> tuple[str, int]:
 
 
 def _open(path):
-    """The file's bytes, decompressed for ``.gz``; yields (raw file, stream)."""
+    """The file opened for reading, and its bytes (decompressed for ``.gz``)."""
     raw_fh = path.open("rb")
     return raw_fh, (
         gzip.GzipFile(fileobj=raw_fh, mode="rb") if path.name.endswith(".gz") else raw_fh

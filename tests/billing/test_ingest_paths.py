@@ -162,6 +162,7 @@ EDGE_LINES = [
     obj(occurred_at="2026-11-02T10:00:00+15:59"),
     obj(occurred_at="2026-11-02T10:00:00+16:00"),  # Python takes offsets < 24 h, PostgreSQL not
     obj(occurred_at="2026-11-02T10:00:00-23:59"),
+    obj(occurred_at="2026-11-02T10:00:00.\u0661Z"),  # a non-ASCII digit
     obj(occurred_at="2026-11-02t10:00:00z"),
     obj(occurred_at="2026-11-02 10:00:00Z"),
     obj(occurred_at="2026-11-02T10:00:00.123456Z"),
