@@ -35,7 +35,7 @@ STAGE_COLUMNS = (
     "properties"
 )
 NULL = "\\N"
-TYPED_NULLS = "\t\\N" * 9
+TYPED_NULLS = "\t\\N" * (len(STAGE_COLUMNS.split(",")) - 2)  # all but raw, pre
 
 
 class Event(msgspec.Struct):
