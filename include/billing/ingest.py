@@ -711,32 +711,59 @@ SELECT c.line_no, c.reason, c.event_id,
 # conflict with it), and inserting in key order walks the primary-key index from left to right
 # instead of at random (about a third cheaper per row than line order, measured).
 # A file is first registered optimistically with a plain INSERT (about 40% cheaper per row than
-# ON CONFLICT's speculative insertion, measured); the first already-registered event_id raises
-# unique_violation, the savepoint rolls it back, and the file registers with ON CONFLICT.
+# ON CONFLICT's speculative insertion, measured). The first already-registered event_id raises
+# unique_violation and the savepoint rolls it back; the file then finds its already-seen lines
+# (_SEEN_FIRST) and registers the rest with a plain INSERT again ({where} = _NOT_SEEN). Only when
+# a concurrent file registers one of its event_ids in between does it fall back to ON CONFLICT
+# for every line, and to _SEEN afterwards.
 _REGISTER = """
 INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id, line_no)
 SELECT event_key,
        billing.usage_payload_hash(event_id, org_id, metric, quantity, occurred_at, billable,
                                   source, properties),
        occurred_at, %(file_id)s, line_no
-  FROM ingest_stage
- WHERE pre = 'valid'
+  FROM ingest_stage o
+ WHERE pre = 'valid' {where}
  ORDER BY event_key, line_no
 {on_conflict}
 """
 
+_PAYLOAD_HASH = """billing.usage_payload_hash({t}.event_id, {t}.org_id, {t}.metric, {t}.quantity,
+                {t}.occurred_at, {t}.billable, {t}.source, {t}.properties)"""
+
 # Valid lines whose event_id is registered by another line (earlier in this file, an earlier file
 # or run, or a concurrent file that committed first): duplicate (same payload) or conflict.
-# Only run when the registry insert skipped some lines.
-_SEEN = """
+# _SEEN runs after registering (it skips the lines this file registered itself); _SEEN_FIRST
+# before, so it adds the repeats within this file (the first line of an event_id wins).
+_SEEN = f"""
 CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
 SELECT o.line_no, o.event_id, f.path AS first_path, r.line_no AS first_line,
-       coalesce(r.payload_hash = billing.usage_payload_hash(o.event_id, o.org_id, o.metric,
-                o.quantity, o.occurred_at, o.billable, o.source, o.properties), false) AS same
+       coalesce(r.payload_hash = {_PAYLOAD_HASH.format(t="o")}, false) AS same
   FROM ingest_stage o
   JOIN billing.usage_event_ids r USING (event_key)
   LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
  WHERE o.pre = 'valid' AND (r.file_id <> %(file_id)s OR r.line_no <> o.line_no)
+"""
+_SEEN_FIRST = f"""
+CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
+SELECT o.line_no, o.event_id, f.path AS first_path, r.line_no AS first_line,
+       coalesce(r.payload_hash = {_PAYLOAD_HASH.format(t="o")}, false) AS same
+  FROM ingest_stage o
+  JOIN billing.usage_event_ids r USING (event_key)
+  LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
+ WHERE o.pre = 'valid'
+UNION ALL
+SELECT d.line_no, d.event_id, NULL, d.first_line, d.h = d.first_h
+  FROM (SELECT o.line_no, o.event_id, {_PAYLOAD_HASH.format(t="o")} AS h,
+               first_value(o.line_no) OVER w AS first_line,
+               first_value({_PAYLOAD_HASH.format(t="o")}) OVER w AS first_h
+          FROM ingest_stage o
+         WHERE o.pre = 'valid'
+           AND o.event_key IN (SELECT event_key FROM ingest_stage WHERE pre = 'valid'
+                                GROUP BY event_key HAVING count(*) > 1)
+           AND NOT EXISTS (SELECT 1 FROM billing.usage_event_ids r WHERE r.event_key = o.event_key)
+        WINDOW w AS (PARTITION BY o.event_key ORDER BY o.line_no)) d
+ WHERE d.line_no <> d.first_line
 """
 
 # {where}: empty when every valid line registered (no join at all), else skips ingest_seen.
@@ -902,19 +929,28 @@ def _fill_raw(cx, path, line_nos: list[int]) -> None:
     )
 
 
-def _register(cx, p: dict) -> int:
-    """Register the file's valid lines; returns how many event_ids were new."""
+def _register(cx, p: dict) -> tuple[int, str]:
+    """Register the file's valid lines. Returns how many event_ids were new, and how:
+    ``plain`` (all new), ``lookup`` (``ingest_seen`` holds the lines that were not) or
+    ``on_conflict`` (_SEEN must find them)."""
     import psycopg
 
+    unique = (psycopg.errors.UniqueViolation,)
     try:
         with cx.transaction():
-            sql = _REGISTER.format(on_conflict="")
-            return db.execute_expecting(cx, (psycopg.errors.UniqueViolation,), sql, p).rowcount
+            sql = _REGISTER.format(where="", on_conflict="")
+            return db.execute_expecting(cx, unique, sql, p).rowcount, "plain"
     except psycopg.errors.UniqueViolation:
-        pass  # some event_id is registered already (or twice in this file)
-    return cx.execute(
-        _REGISTER.format(on_conflict="ON CONFLICT (event_key) DO NOTHING"), p
-    ).rowcount
+        pass  # some event_id is registered already, or repeats in this file
+    try:
+        with cx.transaction():
+            cx.execute(_SEEN_FIRST)
+            sql = _REGISTER.format(where=_NOT_SEEN, on_conflict="")
+            return db.execute_expecting(cx, unique, sql, p).rowcount, "lookup"
+    except psycopg.errors.UniqueViolation:
+        pass  # a concurrent file registered one of the others in between
+    sql = _REGISTER.format(where="", on_conflict="ON CONFLICT (event_key) DO NOTHING")
+    return cx.execute(sql, p).rowcount, "on_conflict"
 
 
 def _ingest_file(cx, path, ctx: _Context) -> dict:
@@ -979,12 +1015,13 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
         p = {"file_id": file_id, "day": ctx.day}
         if valid != candidates:  # some are bad: classify just those, with details
             cx.execute(_CLASSIFY_BAD.format(parse=_parse_sql()), params)
-        new = _register(cx, p)
+        new, registry = _register(cx, p)
         t_reg = time.perf_counter()
         duplicate = conflict = 0
         if new != valid:
-            cx.execute("ANALYZE ingest_stage")  # row estimates for the registry join
-            cx.execute(_SEEN, p)
+            if registry == "on_conflict":
+                cx.execute("ANALYZE ingest_stage")  # row estimates for the registry join
+                cx.execute(_SEEN, p)
             duplicate, conflict = cx.execute(
                 "SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE NOT same) FROM ingest_seen"
             ).fetchone()
@@ -1033,6 +1070,7 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
             uncompressed_bytes=st.bytes_in,
             checksum=raw.sha.hexdigest(),
             mode=mode,
+            registry=registry,
         )
         result["seconds"] = round(time.perf_counter() - started, 3)
         result["timings"] = {

@@ -128,6 +128,7 @@ def test_every_reason_and_exact_counts(db, landing):
     expected["bad_timestamp"] = 2
     assert f["reasons"] == expected == reasons(db)
     assert summary["total"]["quarantined"] == expected
+    assert f["registry"] == "lookup"  # e-1 repeats: its later lines found before registering
     rows = db.execute(
         """SELECT event_id, quantity::text, billable, occurred_at, line_no, arrival_day
            FROM billing.usage_events ORDER BY line_no"""
@@ -204,6 +205,68 @@ def test_conflict_across_files_keeps_the_first(db, landing):
     assert db.execute("SELECT metric FROM billing.usage_events").fetchall() == [("api_calls",)]
 
 
+def test_seen_lines_found_first_and_a_concurrent_registration_in_between(db, landing, monkeypatch):
+    """A file with already-seen event_ids finds those lines, then registers the rest with a
+    plain INSERT. If another file commits one of the rest in between, that INSERT fails and
+    the file registers with ON CONFLICT instead: the same outcome, the racing line a conflict."""
+    monkeypatch.setenv("BILLING_INGEST_WORKERS", "1")  # in-process: the hook uses `db`
+    write(landing, "a.jsonl", [ev(1)])
+    run(landing)
+    a_id = db.execute("SELECT file_id FROM billing.usage_files").fetchone()[0]
+    # e-1 twice: both seen in a.jsonl; e-3 twice: the second seen in this file; e-4 races
+    write(landing, "b.jsonl", [ev(1), ev(2), ev(3), ev(3), ev(1), ev(4)])
+    real = ingest.db.execute_expecting
+    raced = []
+
+    def racing(cx, expected, query, params=None):
+        if "ingest_seen" in str(query) and not raced:  # the plain INSERT after the look-up
+            db.execute(
+                """INSERT INTO billing.usage_event_ids
+                          (event_key, payload_hash, occurred_at, file_id, line_no)
+                   VALUES (md5('e-4')::uuid, 1, '2026-11-02T10:00:00Z', %s, 7)""",
+                (a_id,),
+            )
+            db.commit()
+            raced.append(True)
+        return real(cx, expected, query, params)
+
+    monkeypatch.setattr(ingest.db, "execute_expecting", racing)
+    b = run(landing)["files"][1]
+    assert raced == [True]
+    assert pick(b, "registry", "accepted", "duplicate", "quarantined", "reasons") == (
+        "on_conflict",
+        2,
+        3,
+        1,
+        {"conflict": 1},
+    )
+    assert db.execute("SELECT line_no, detail FROM billing.usage_quarantine").fetchall() == [
+        (
+            6,
+            f"event_id e-4 was first seen in {uri(landing)}/usage/dt={DAY}/a.jsonl line 7 "
+            "with a different payload",
+        )
+    ]
+    assert db.execute(
+        "SELECT event_id, line_no FROM billing.usage_events WHERE file_id <> %s ORDER BY 1",
+        (a_id,),
+    ).fetchall() == [("e-2", 2), ("e-3", 3)]
+
+    # without the race: the look-up path alone, same file content under another name
+    monkeypatch.setattr(ingest.db, "execute_expecting", real)
+    write(landing, "c.jsonl", [ev(5), ev(1), ev(5), ev(6, quantity=9), ev(6), ev(1)])
+    c = run(landing)["files"][2]
+    assert pick(c, "registry", "accepted", "duplicate", "reasons") == (
+        "lookup",
+        2,
+        3,
+        {"conflict": 1},
+    )
+    assert db.execute(
+        "SELECT line_no FROM billing.usage_quarantine WHERE file_id = %s", (c["file_id"],)
+    ).fetchall() == [(5,)]
+
+
 def test_gzip_and_empty_file(db, landing):
     write(landing, "a.jsonl.gz", [ev(1), ev(2), b"not json"])
     write(landing, "empty.jsonl", [])
@@ -274,7 +337,7 @@ def test_connection_killed_mid_file_leaves_nothing(db, landing, monkeypatch):
     monkeypatch.setattr(ingest, "_register", register_then_die)
     with pytest.raises(ingest.IngestError, match="a.jsonl"):
         run(landing)
-    assert killed == [2000]
+    assert killed == [(2000, "plain")]
     assert counts(db) == dict.fromkeys(TABLES, 0)
     monkeypatch.setattr(ingest, "_register", real)
     assert run(landing)["total"]["accepted"] == 2000
