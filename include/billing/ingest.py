@@ -716,42 +716,34 @@ SELECT c.line_no, c.reason, c.event_id,
 # (_SEEN_FIRST) and registers the rest with a plain INSERT again ({where} = _NOT_SEEN). Only when
 # a concurrent file registers one of its event_ids in between does it fall back to ON CONFLICT
 # for every line, and to _SEEN afterwards.
-_REGISTER = """
-INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id, line_no)
-SELECT event_key,
-       billing.usage_payload_hash(event_id, org_id, metric, quantity, occurred_at, billable,
-                                  source, properties),
-       occurred_at, %(file_id)s, line_no
-  FROM ingest_stage o
- WHERE pre = 'valid' {where}
- ORDER BY event_key, line_no
-{on_conflict}
-"""
-
 _PAYLOAD_HASH = """billing.usage_payload_hash({t}.event_id, {t}.org_id, {t}.metric, {t}.quantity,
                 {t}.occurred_at, {t}.billable, {t}.source, {t}.properties)"""
+_REGISTER = f"""
+INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id, line_no)
+SELECT o.event_key, {_PAYLOAD_HASH.format(t="o")}, o.occurred_at, %(file_id)s, o.line_no
+  FROM ingest_stage o
+ WHERE o.pre = 'valid' {{where}}
+ ORDER BY o.event_key, o.line_no
+{{on_conflict}}
+"""
 
 # Valid lines whose event_id is registered by another line (earlier in this file, an earlier file
 # or run, or a concurrent file that committed first): duplicate (same payload) or conflict.
 # _SEEN runs after registering (it skips the lines this file registered itself); _SEEN_FIRST
 # before, so it adds the repeats within this file (the first line of an event_id wins).
-_SEEN = f"""
-CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
+_SEEN_REGISTERED = f"""
 SELECT o.line_no, o.event_id, f.path AS first_path, r.line_no AS first_line,
        coalesce(r.payload_hash = {_PAYLOAD_HASH.format(t="o")}, false) AS same
   FROM ingest_stage o
   JOIN billing.usage_event_ids r USING (event_key)
   LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
- WHERE o.pre = 'valid' AND (r.file_id <> %(file_id)s OR r.line_no <> o.line_no)
+ WHERE o.pre = 'valid'"""
+_SEEN = f"""
+CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS{_SEEN_REGISTERED}
+   AND (r.file_id <> %(file_id)s OR r.line_no <> o.line_no)
 """
 _SEEN_FIRST = f"""
-CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS
-SELECT o.line_no, o.event_id, f.path AS first_path, r.line_no AS first_line,
-       coalesce(r.payload_hash = {_PAYLOAD_HASH.format(t="o")}, false) AS same
-  FROM ingest_stage o
-  JOIN billing.usage_event_ids r USING (event_key)
-  LEFT JOIN billing.usage_files f ON f.file_id = r.file_id
- WHERE o.pre = 'valid'
+CREATE TEMP TABLE ingest_seen ON COMMIT DROP AS{_SEEN_REGISTERED}
 UNION ALL
 SELECT d.line_no, d.event_id, NULL, d.first_line, d.h = d.first_h
   FROM (SELECT o.line_no, o.event_id, {_PAYLOAD_HASH.format(t="o")} AS h,
