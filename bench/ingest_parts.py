@@ -58,13 +58,19 @@ def _copy(cx, sql: str, chunks) -> None:
 
 
 def _typer(cx) -> usage_line.Typer:
-    orgs = [r[0] for r in cx.execute("SELECT org_id FROM billing.organizations")]
-    return usage_line.Typer.create(
-        orgs,
-        ingest_bench.METRICS,
-        ingest_bench.RUN_END - ing.dt.timedelta(days=35),
-        ingest_bench.RUN_END + ing.FUTURE_SLACK,
+    """The Typer ingest builds for the bench's run (same bounds: ``ingest._params``)."""
+    from billing import settings
+
+    ctx = ing._Context(
+        day=ingest_bench.DAY,
+        run_end=ingest_bench.RUN_END,
+        metrics=list(ingest_bench.METRICS),
+        lateness=ing.dt.timedelta(days=settings.lateness_days()),
+        max_line=settings.max_line_bytes(),
     )
+    p = ing._params(ctx)
+    orgs = (r[0] for r in cx.execute("SELECT org_id FROM billing.organizations"))
+    return usage_line.Typer.create(orgs, ctx.metrics, p["earliest"], p["latest"])
 
 
 def _vacuum_registry() -> None:
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
                 results,
                 "registry insert (alone)",
                 "PostgreSQL",
-                lambda: cx.execute(ing._REGISTER.format(on_conflict=""), p),
+                lambda: cx.execute(ing._REGISTER.format(where="", on_conflict=""), p),
             )
             _timed(
                 results,
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
                 def run():
                     if whole:
                         _copy(cx, stage, file_rows)
-                    cx.execute(ing._REGISTER.format(on_conflict=""), p)
+                    cx.execute(ing._REGISTER.format(where="", on_conflict=""), p)
                     if whole:
                         cx.execute(ing._INSERT_EVENTS.format(where=""), p)
 
