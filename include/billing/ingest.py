@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from billing import db, settings, usage_line
@@ -366,6 +366,9 @@ class _Context:
     metrics: list[str]
     lateness: dt.timedelta
     max_line: int
+    # set per file, in its transaction: no event before it is accepted (a month purged by
+    # retention has no registry rows left to count its duplicates); None: nothing purged
+    horizon: dt.datetime | None = None
 
 
 @dataclass
@@ -699,8 +702,8 @@ SELECT c.line_no, c.reason, c.event_id,
          WHEN 'bad_timestamp' THEN format('occurred_at %%s is not an RFC 3339 timestamp with offset', c.t_text)
          WHEN 'future_event' THEN format('occurred_at %%s is more than 5 minutes after the run end %%s',
                                          c.t_text, %(run_end)s::timestamptz)
-         WHEN 'too_late' THEN format('occurred_at %%s is older than the lateness window (before %%s)',
-                                     c.t_text, %(earliest)s::timestamptz)
+         WHEN 'too_late' THEN format('occurred_at %%s is %%s (before %%s)',
+                                     c.t_text, %(too_late)s::text, %(earliest)s::timestamptz)
          WHEN 'unknown_metric' THEN format('metric %%s is not in the pricing catalog', c.m_text)
          WHEN 'unknown_org' THEN format('org_id %%s is not in billing.organizations', c.o_text)
        END AS detail
@@ -816,10 +819,14 @@ def _lock_key(uri: str) -> int:
 
 
 def _params(ctx: _Context) -> dict:
+    earliest, too_late = ctx.run_end - ctx.lateness, "older than the lateness window"
+    if ctx.horizon is not None and ctx.horizon > earliest:
+        earliest, too_late = ctx.horizon, "in or before a month purged by retention"
     return {
         "run_end": ctx.run_end,
         "latest": ctx.run_end + FUTURE_SLACK,
-        "earliest": ctx.run_end - ctx.lateness,
+        "earliest": earliest,
+        "too_late": too_late,
         "metrics": ctx.metrics,
     }
 
@@ -981,6 +988,8 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
         file_id = cx.execute(
             "SELECT nextval(pg_get_serial_sequence('billing.usage_files', 'file_id'))"
         ).fetchone()[0]
+        (horizon,) = cx.execute("SELECT billing.usage_registry_horizon()").fetchone()
+        ctx = replace(ctx, horizon=horizon)
         params = _params(ctx)
         typer = usage_line.Typer.create(
             (r[0] for r in cx.execute("SELECT org_id FROM billing.organizations")),

@@ -2,9 +2,11 @@
 
 A month goes only when it is entirely older than the retention window (counted back from
 the run's ``as_of`` date, never from the clock) AND ``billing.usage_period_purge_blocker``
-says it was invoiced and reconciled. The quarantine rows of the same months and the
-ClickHouse hourly rollups (the raw-level analytics) follow the same months. Dry-run is the
-default; deleting needs ``confirm == "CONFIRM"``. Every run writes audit rows.
+says it was invoiced and reconciled. The exactly-once registry rows of a dropped partition's
+events go with it (from then on ingest accepts no event in or before that month:
+``billing.usage_registry_horizon``, migration 0050), and the quarantine rows and the ClickHouse
+hourly rollups (the raw-level analytics) follow the same months. Dry-run is the default;
+deleting needs ``confirm == "CONFIRM"``. Every run writes audit rows.
 Runbook: docs/runbooks/retention-purge.md.
 """
 
@@ -14,13 +16,14 @@ import datetime as dt
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from billing.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CONFIRM_WORD = "CONFIRM"
+REGISTRY = "billing.usage_event_ids"
 PARTITION_RE = re.compile(r"^usage_events_p(\d{4})(\d{2})$")
 
 
@@ -47,7 +50,7 @@ def first_kept_month(as_of: dt.date, days: int) -> dt.date:
 
 @dataclass(frozen=True)
 class Item:
-    target: str  # postgres_partition | quarantine | clickhouse
+    target: str  # postgres_partition | registry | quarantine | clickhouse
     object: str
     period: dt.date
     eligible: bool
@@ -106,11 +109,15 @@ def plan(cx, as_of: dt.date, days: int, clickhouse=None) -> list[Item]:
     keep_from = first_kept_month(as_of, days)
     verdict = _Verdicts(cx, keep_from)
     items: list[Item] = []
+    registry: list[Item] = []
     for name, period, est_rows, size in _partitions(cx):
         ok, reason = verdict(period)
         items.append(
             Item("postgres_partition", f"billing.{name}", period, ok, reason, est_rows, size)
         )
+        if period < keep_from:  # its exactly-once registry rows go with it (one per event)
+            registry.append(Item("registry", REGISTRY, period, ok, reason, est_rows))
+    items += registry
     for period, n in cx.execute(
         """SELECT date_trunc('month', arrival_day)::date, count(*) FROM billing.usage_quarantine
             WHERE arrival_day < %s GROUP BY 1 ORDER BY 1""",
@@ -183,9 +190,13 @@ def _audit(cx, run_id, as_of, days, dry_run, actor, item: Item, action: str) -> 
     )
 
 
-def _delete(cx, ch, item: Item) -> None:
+def _delete(cx, ch, item: Item) -> Item:
+    """Delete what ``item`` names; the item with its exact row count where one is known."""
     if item.target == "postgres_partition":
         cx.execute(f"DROP TABLE IF EXISTS {item.object}")
+    elif item.target == "registry":
+        (n,) = cx.execute("SELECT billing.prune_usage_registry(%s)", (item.period,)).fetchone()
+        return replace(item, rows=n)
     elif item.target == "quarantine":
         cx.execute(
             """DELETE FROM billing.usage_quarantine
@@ -198,6 +209,7 @@ def _delete(cx, ch, item: Item) -> None:
             f"ALTER TABLE {table} DELETE WHERE toStartOfMonth({col}) = "
             f"toDate('{item.period.isoformat()}')"
         )
+    return item
 
 
 def purge(
@@ -218,15 +230,16 @@ def purge(
     """
     check_confirm(dry_run, confirm)
     days = days or retention_days()
-    items = plan(cx, as_of, days, clickhouse)
     report = []
     with cx.transaction():
-        for item in items:
+        if not dry_run:  # waits for files loading now; new ones wait for this transaction
+            cx.execute("SELECT billing.lock_usage_registry()")
+        for item in plan(cx, as_of, days, clickhouse):
             action = "kept"
             if item.eligible:
                 action = "would_drop" if dry_run else "dropped"
                 if not dry_run:
-                    _delete(cx, clickhouse, item)
+                    item = _delete(cx, clickhouse, item)
             _audit(cx, run_id, as_of, days, dry_run, actor, item, action)
             report.append({**asdict(item), "period": item.period.isoformat(), "action": action})
     summary = {

@@ -194,6 +194,54 @@ def test_duplicates_within_across_files_and_reruns(db, landing):
     assert later["total"]["duplicate"] == 2 and counts(db)["usage_events"] == 3
 
 
+def test_nothing_is_accepted_in_a_month_whose_registry_retention_purged(db, landing):
+    """A retention purge deletes the registry rows of a dropped month (test_purge.py); a later
+    file, even on a backfilled arrival day, must not count those events again."""
+    write(landing, "a.jsonl", [ev(1, occurred_at="2026-10-15T10:00:00Z"), ev(2)])
+    assert run(landing)["total"]["accepted"] == 2
+    # what a real purge of October 2026 leaves (purge.purge: partition, registry, audit row)
+    db.execute("DROP TABLE billing.usage_events_p202610")
+    assert db.execute("SELECT billing.prune_usage_registry('2026-10-01')").fetchone() == (1,)
+    db.execute(
+        """INSERT INTO billing.retention_purge_audit (run_id, as_of, retention_days, cutoff,
+               dry_run, actor, target, object, period, action, reason, rows)
+           VALUES ('t', '2027-12-01', 400, '2026-10-27', false, 't', 'registry',
+                   'billing.usage_event_ids@2026-10', '2026-10-01', 'dropped', 'x', 1)"""
+    )
+    db.commit()
+    write(
+        landing,
+        "b.jsonl",
+        [
+            ev(1, occurred_at="2026-10-15T10:00:00Z"),  # its registry row is gone: too_late
+            ev(3, occurred_at="2026-10-31T23:59:59Z"),  # typed in Python: bounds
+            ev(4, occurred_at="2026-11-01T00:30:00+01:00"),  # judged in SQL: 2026-10-31 23:30Z
+            ev(5, occurred_at="2026-11-01T00:00:00Z"),  # the horizon itself: accepted
+            ev(2),  # registered in November: still a duplicate
+        ],
+    )
+    f = run(landing)["files"][1]
+    assert f["path"].endswith("/b.jsonl")
+    assert pick(f, "accepted", "duplicate", "quarantined") == (1, 1, 3)
+    assert f["reasons"] == {"too_late": 3}
+    assert db.execute(
+        """SELECT line_no, event_id, detail FROM billing.usage_quarantine ORDER BY line_no"""
+    ).fetchall() == [
+        (
+            n,
+            eid,
+            f"occurred_at {t} is in or before a month purged by retention "
+            "(before 2026-11-01 00:00:00+00)",
+        )
+        for n, eid, t in (
+            (1, "e-1", "2026-10-15T10:00:00Z"),
+            (2, "e-3", "2026-10-31T23:59:59Z"),
+            (3, "e-4", "2026-11-01T00:30:00+01:00"),
+        )
+    ]
+    assert db.execute("SELECT count(*) FROM billing.usage_events").fetchone() == (2,)  # e-2, e-5
+
+
 def test_conflict_across_files_keeps_the_first(db, landing):
     write(landing, "a.jsonl", [ev(1)])
     run(landing)

@@ -23,12 +23,41 @@ RECONCILED, UNRECONCILED, UNINVOICED, IN_WINDOW = (
 
 
 def _event(cx, period: dt.date, org: str, n: int) -> None:
+    """An event on the first of ``period`` at noon UTC (and at 23:59 UTC on its last day,
+    which is the next month in UTC+1 but not here), with its registry rows as ingest writes."""
     cx.execute("SELECT billing.ensure_usage_partition(%s)", (period,))
-    cx.execute(
-        """INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at,
-               billable, arrival_day, file_id, line_no)
-           VALUES (%s, %s, 'api_calls', 1, %s, true, %s, 1, %s)""",
-        (f"e-{period}-{org}-{n}", org, dt.datetime.combine(period, dt.time(12), dt.UTC), period, n),
+    last_day = (period + dt.timedelta(days=32)).replace(day=1) - dt.timedelta(days=1)
+    for i, at in enumerate(
+        (
+            dt.datetime.combine(period, dt.time(12), dt.UTC),
+            dt.datetime.combine(last_day, dt.time(23, 59, 59), dt.UTC),
+        )
+    ):
+        event_id = f"e-{period}-{org}-{n}-{i}"
+        cx.execute(
+            """INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at,
+                   billable, arrival_day, file_id, line_no)
+               VALUES (%s, %s, 'api_calls', 1, %s, true, %s, 1, %s)""",
+            (event_id, org, at, period, 2 * n + i),
+        )
+        cx.execute(
+            """INSERT INTO billing.usage_event_ids (event_key, payload_hash, occurred_at, file_id,
+                   line_no) VALUES (md5(%s)::uuid, 0, %s, 1, %s)""",
+            (event_id, at, 2 * n + i),
+        )
+
+
+def _registry_months(cx) -> dict[str, int]:
+    return dict(
+        cx.execute(
+            """SELECT to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM'), count(*)
+                 FROM billing.usage_event_ids WHERE event_key IN (
+                      SELECT md5(format('e-%s-%s-%s-%s', p, o, n, i))::uuid
+                        FROM unnest('{2024-10-01,2024-11-01,2024-12-01,2025-01-01}'::date[]) p,
+                             unnest('{acme,globex}'::text[]) o, generate_series(0, 1) n,
+                             generate_series(0, 1) i)
+                GROUP BY 1 ORDER BY 1"""
+        ).fetchall()
     )
 
 
@@ -99,6 +128,7 @@ ALL = [
     "usage_events_p202412",
     "usage_events_p202501",
 ]
+REGISTRY_ALL = {"2024-10": 4, "2024-11": 4, "2024-12": 4, "2025-01": 4}
 
 
 def test_eligibility_reasons(months):
@@ -123,15 +153,24 @@ def test_eligibility_reasons(months):
 
 def test_dry_run_deletes_nothing_and_is_audited(months):
     summary = purge.purge(months, as_of=AS_OF, days=DAYS, run_id="t-dry", actor="test")
-    assert summary["would_drop"] == ["billing.usage_events_p202410", "billing.usage_quarantine"]
+    assert summary["would_drop"] == [
+        "billing.usage_events_p202410",
+        "billing.usage_event_ids",
+        "billing.usage_quarantine",
+    ]
     assert summary["dropped"] == []
     assert _partitions(months) == ALL
     assert months.execute("SELECT count(*) FROM billing.usage_quarantine").fetchone()[0] == 2
+    assert _registry_months(months) == REGISTRY_ALL
+    assert months.execute("SELECT billing.usage_registry_horizon()").fetchone() == (None,)
     audit = months.execute(
         """SELECT object, action, dry_run FROM billing.retention_purge_audit
             WHERE run_id = 't-dry' ORDER BY object"""
     ).fetchall()
     assert audit == [
+        ("billing.usage_event_ids@2024-10", "would_drop", True),
+        ("billing.usage_event_ids@2024-11", "kept", True),
+        ("billing.usage_event_ids@2024-12", "kept", True),
         ("billing.usage_events_p202410", "would_drop", True),
         ("billing.usage_events_p202411", "kept", True),
         ("billing.usage_events_p202412", "kept", True),
@@ -166,8 +205,22 @@ def test_real_purge_drops_only_invoiced_and_reconciled_months(months):
         run_id="t-real",
         actor="test",
     )
-    assert summary["dropped"] == ["billing.usage_events_p202410", "billing.usage_quarantine"]
+    assert summary["dropped"] == [
+        "billing.usage_events_p202410",
+        "billing.usage_event_ids",
+        "billing.usage_quarantine",
+    ]
     assert _partitions(months) == ALL[1:]  # invoiced-but-unreconciled 2024-11 stays
+    # the registry rows of the dropped month's events go too, all four and no other
+    assert _registry_months(months) == {k: v for k, v in REGISTRY_ALL.items() if k != "2024-10"}
+    assert months.execute(
+        """SELECT rows FROM billing.retention_purge_audit
+            WHERE run_id = 't-real' AND target = 'registry' AND action = 'dropped'"""
+    ).fetchall() == [(4,)]
+    # from now on ingest accepts nothing before 2024-11 (docs/USAGE_EVENTS.md)
+    assert months.execute("SELECT billing.usage_registry_horizon()").fetchone() == (
+        dt.datetime(2024, 11, 1, tzinfo=dt.UTC),
+    )
     assert months.execute(
         "SELECT arrival_day FROM billing.usage_quarantine ORDER BY 1"
     ).fetchall() == [(dt.date(2024, 12, 3),)]
@@ -183,6 +236,7 @@ def test_real_purge_drops_only_invoiced_and_reconciled_months(months):
     )
     assert again["dropped"] == []
     assert _partitions(months) == ALL[1:]
+    assert _registry_months(months) == {k: v for k, v in REGISTRY_ALL.items() if k != "2024-10"}
 
 
 def test_open_incident_blocks_a_reconciled_month(months):
@@ -228,3 +282,26 @@ def test_cli_wrong_confirm_is_one_line_exit_2(capsys):
 def test_cutoff_counts_back_from_as_of():
     assert purge.cutoff(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 25)
     assert purge.first_kept_month(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 1)
+
+
+def test_a_real_purge_and_loading_files_wait_for_each_other(clean_db):
+    """A loading file holds the registry lock shared (ingest reads the horizon under it), a
+    real purge exclusive: neither moves the horizon under the other (lock waits cut short)."""
+    import psycopg
+
+    from billing import db
+
+    with db.connect() as loading, db.connect() as other_file, db.connect() as purging:
+        for cx in (loading, other_file, purging):
+            cx.execute("SET lock_timeout = '200ms'")
+            cx.commit()  # a rollback below must not undo it
+        loading.execute("SELECT billing.usage_registry_horizon()")
+        other_file.execute("SELECT billing.usage_registry_horizon()")  # files share it
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            purging.execute("SELECT billing.lock_usage_registry()")
+        purging.rollback()
+        loading.rollback()
+        other_file.rollback()
+        purging.execute("SELECT billing.lock_usage_registry()")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            loading.execute("SELECT billing.usage_registry_horizon()")
