@@ -6,7 +6,8 @@ across the whole index; once the index outgrows ``shared_buffers`` the same inse
 This times ingest's own registry insert (``ingest._REGISTER``, key order, plain) of one clean
 file (default 500k events, typed by ``billing.usage_line`` as ingest does) against registries
 pre-filled with synthetic rows, three runs per size, each rolled back. The synthetic rows
-(``file_id = -2``) are deleted at the end. Needs ``billing stack up``.
+(``file_id = -2``) are deleted at the end and the registry is rewritten (``VACUUM FULL``), so
+run it on a dev stack, not while ingest runs. Needs ``billing stack up``.
 
     .venv/bin/python bench/registry_size.py [--events 500000] [--rows 0 5000000 20000000]
 """
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         with db.connect(autocommit=True) as cx:
             cx.execute("SET statement_timeout = 0")
             cx.execute("DELETE FROM billing.usage_event_ids WHERE file_id = %s", (SYNTHETIC,))
-            cx.execute("VACUUM billing.usage_event_ids")
+            cx.execute("VACUUM FULL billing.usage_event_ids")  # shrink the index back
     return 0
 
 

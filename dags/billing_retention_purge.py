@@ -2,9 +2,11 @@
 ### billing_retention_purge
 
 Drops whole monthly partitions of raw usage (`billing.usage_events_pYYYYMM`) older than
-the retention window (`BILLING_RETENTION_DAYS`, default 400), plus the quarantine rows and
-ClickHouse hourly rollups of the same months. A month that is not yet invoiced AND
-reconciled is never touched. The cutoff counts back from the run's data interval end.
+the retention window (`BILLING_RETENTION_DAYS`, default 400), plus the exactly-once registry
+rows of their events, the quarantine rows and ClickHouse hourly rollups of the same months.
+A month that is not yet invoiced AND reconciled is never touched. The cutoff counts back
+from the run's data interval end. After a real purge, ingest quarantines any event in or
+before a purged month as `too_late` (it could no longer tell a re-sent one from a new one).
 
 - **Weekly (scheduled)**: always a dry run; the log and `billing.retention_purge_audit`
   list, per partition, what would go and why anything stays.
@@ -16,6 +18,8 @@ reconciled is never touched. The cutoff counts back from the run's data interval
 - A month listed as `kept` with "not invoiced"/"not reconciled" is expected until Stripe
   sync and reconciliation have finished that period; do not force it.
 - Retries and clears are safe: dropped partitions stay dropped, audit rows are keyed by run.
+- A real purge waits for files that are loading (registry lock); "lock timeout" means ingest
+  was busy longer than `BILLING_PG_LOCK_TIMEOUT_MS`: nothing was deleted, clear and rerun.
 - Runbook: docs/runbooks/retention-purge.md. Same thing from a shell:
   `billing purge --older-than 400 --as-of YYYY-MM-DD [--confirm CONFIRM]`.
 """

@@ -801,15 +801,14 @@ SELECT %(file_id)s, x.line_no, %(day)s, 'conflict',
 def _ensure_partitions(ctx: _Context) -> None:
     """Create the month partitions the run's acceptance window can touch, before any file
     transaction (DDL on the parent takes a strong lock: keep it short and separate)."""
-    lo = (ctx.run_end - ctx.lateness).date().replace(day=1)
-    hi = (ctx.run_end + FUTURE_SLACK).date()
-    months = []
-    while lo <= hi:
-        months.append(lo)
-        lo = (lo + dt.timedelta(days=32)).replace(day=1)
     with db.connect(autocommit=True) as cx:
-        for m in months:
-            cx.execute("SELECT billing.ensure_usage_partition(%s)", (m,))
+        # no partition for a month purged by retention (each file checks again, under lock)
+        (horizon,) = cx.execute("SELECT billing.usage_registry_horizon()").fetchone()
+        lo = _params(replace(ctx, horizon=horizon))["earliest"].date().replace(day=1)
+        hi = (ctx.run_end + FUTURE_SLACK).date()
+        while lo <= hi:
+            cx.execute("SELECT billing.ensure_usage_partition(%s)", (lo,))
+            lo = (lo + dt.timedelta(days=32)).replace(day=1)
 
 
 def _lock_key(uri: str) -> int:

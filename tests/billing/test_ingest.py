@@ -240,6 +240,8 @@ def test_nothing_is_accepted_in_a_month_whose_registry_retention_purged(db, land
         )
     ]
     assert db.execute("SELECT count(*) FROM billing.usage_events").fetchone() == (2,)  # e-2, e-5
+    # and the purged month's partition is not created again (the window starts at the horizon)
+    assert db.execute("SELECT to_regclass('billing.usage_events_p202610')").fetchone() == (None,)
 
 
 def test_conflict_across_files_keeps_the_first(db, landing):

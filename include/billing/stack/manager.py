@@ -318,9 +318,13 @@ class Stack:
             pwfile.unlink(missing_ok=True)
             if r.returncode != 0:
                 raise ServiceError(f"initdb failed: {r.stderr.strip().splitlines()[-1:]}")
+        # shared_buffers: ingest's registry insert is random-keyed and slows down once the
+        # registry's primary key outgrows the cache (bench/registry_size.py). 256MB -> 1GB:
+        # 177k -> 192k ev/s at 5M events (bench/ingest.py; docs/PERFORMANCE.md). Allocated as
+        # it is touched.
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base} "
-            "-c max_connections=100 -c shared_buffers=256MB -c max_wal_size=2GB"
+            "-c max_connections=100 -c shared_buffers=1GB -c max_wal_size=2GB"
         )
         log = base / "postgres.log"
         r = subprocess.run(
