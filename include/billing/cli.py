@@ -154,7 +154,9 @@ def cmd_purge(args) -> int:
 
     dry_run = args.confirm is None
     purge.check_confirm(dry_run, args.confirm)
-    as_of = args.as_of or dt.datetime.now(dt.UTC).date()  # a shell command, not a task
+    today = dt.datetime.now(dt.UTC).date()  # a shell command, not a task
+    as_of = args.as_of or today
+    purge.check_as_of(as_of, today, dry_run)
     with db.connect(autocommit=True) as cx:
         summary = purge.purge(
             cx,

@@ -67,6 +67,15 @@ def check_confirm(dry_run: bool, confirm: str | None) -> None:
         )
 
 
+def check_as_of(as_of: dt.date, today: dt.date, dry_run: bool) -> None:
+    """A real purge counts back from a day that has happened: a future ``as_of`` would drop
+    months still in use and, through the registry, stop ingest accepting them."""
+    if not dry_run and as_of > today:
+        raise PurgeRefused(
+            f"refusing to purge: as-of {as_of} is after today ({today}); nothing was deleted"
+        )
+
+
 def _partitions(cx) -> list[tuple[str, dt.date, int, int]]:
     rows = cx.execute(
         """SELECT c.relname, greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid)

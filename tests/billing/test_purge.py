@@ -279,6 +279,20 @@ def test_cli_wrong_confirm_is_one_line_exit_2(capsys):
     assert err.startswith("billing: error: refusing to purge: confirm must be exactly 'CONFIRM'")
 
 
+def test_cli_real_purge_as_of_the_future_is_refused(capsys):
+    from billing import cli
+
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    args = ["purge", "--older-than", "400", "--as-of", tomorrow.isoformat()]
+    assert cli.main([*args, "--confirm", "CONFIRM"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"billing: error: refusing to purge: as-of {tomorrow} is after today "
+        f"({tomorrow - dt.timedelta(days=1)}); nothing was deleted\n"
+    )
+    purge.check_as_of(tomorrow, tomorrow - dt.timedelta(days=1), dry_run=True)  # a preview may
+
+
 def test_cutoff_counts_back_from_as_of():
     assert purge.cutoff(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 25)
     assert purge.first_kept_month(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 1)
