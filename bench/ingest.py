@@ -113,6 +113,18 @@ def _ingest_child(landing: str, workers: int, q) -> None:
     )
 
 
+def prepare(name: str) -> Path:
+    """The running dev stack, its schema and the bench's orgs; the bench's scratch folder."""
+    from billing import db, orgs, pricing, settings, usage_gen
+    from billing.stack.manager import activate
+
+    activate()
+    db.migrate()
+    with db.transaction() as cx:
+        orgs.upsert(cx, usage_gen.demo_orgs(ORGS, pricing.load_catalog()))
+    return settings.local_dir() / name
+
+
 def cleanup(cx) -> None:
     cx.execute("DROP TABLE IF EXISTS billing.usage_events_p203101")
     cx.execute("DROP TABLE IF EXISTS public.bench_copy_baseline")
@@ -211,14 +223,9 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from billing import db, orgs, pricing, settings, usage_gen
-    from billing.stack.manager import activate
+    from billing import db
 
-    activate()
-    db.migrate()
-    with db.transaction() as cx:
-        orgs.upsert(cx, usage_gen.demo_orgs(ORGS, pricing.load_catalog()))
-    root = settings.local_dir() / "bench"
+    root = prepare("bench")
     results = []
     for n in args.events or [1_000_000, 5_000_000]:
         files = args.files or max(1, n // 500_000)

@@ -84,14 +84,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=500_000)
     args = ap.parse_args(argv)
-    from billing import orgs, pricing, settings, usage_gen
-    from billing.stack.manager import activate
-
-    activate()
-    db.migrate()
-    with db.transaction() as cx:
-        orgs.upsert(cx, usage_gen.demo_orgs(ingest_bench.ORGS, pricing.load_catalog()))
-    root = settings.local_dir() / "bench-parts"
+    root = ingest_bench.prepare("bench-parts")
     paths, csv_path = ingest_bench.write_files(root, 2 * args.events, 2)
     results: list[tuple[str, float, str]] = []
 

@@ -78,14 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--rows", type=int, nargs="+", default=[0, 5_000_000, 20_000_000])
     args = ap.parse_args(argv)
-    from billing import orgs, pricing, settings, usage_gen
-    from billing.stack.manager import activate
-
-    activate()
-    db.migrate()
-    with db.transaction() as cx:
-        orgs.upsert(cx, usage_gen.demo_orgs(ingest_bench.ORGS, pricing.load_catalog()))
-    root = settings.local_dir() / "bench-registry"
+    root = ingest_bench.prepare("bench-registry")
     (path,), _ = ingest_bench.write_files(root, args.events, 1)
     with db.connect(autocommit=True) as cx:
         cx.execute("SET statement_timeout = 0")
