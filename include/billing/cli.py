@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from billing.errors import BillingError
@@ -207,21 +208,43 @@ def _period_arg(value: str) -> str:
 
 
 def _print_invoices(summaries: list[dict], fmt: str) -> None:
+    from billing.tables import money, render
+
     if fmt == "json":
         print(json.dumps(summaries, indent=2))
         return
-    print(
-        f"{'invoice_id':<28} {'org_id':<16} {'period':<7} {'cur':<3} {'base':>10} "
-        f"{'usage':>10} {'total':>10} status"
-    )
-    for s in summaries:
-        usage = sum(x["amount_cents"] for x in s["lines"])
-        print(
-            f"{s['invoice_id']:<28} {s['org_id']:<16} {s['period']:<7} {s['currency']:<3} "
-            f"{s['base_fee_cents']:>10} {usage:>10} {s['total_cents']:>10} {s['status']}"
+    rows = [
+        (
+            s["invoice_id"],
+            s["org_id"],
+            s["period"],
+            s["status"],
+            money(s["base_fee_cents"], s["currency"]),
+            money(sum(x["amount_cents"] for x in s["lines"]), s["currency"]),
+            money(s["total_cents"], s["currency"]),
         )
-        for x in s["lines"]:
-            print(f"    {x['metric']:<24} qty {x['quantity']:>18} {x['amount_cents']:>10}")
+        for s in summaries
+    ]
+    cols = ("invoice_id", "org_id", "period", "status", "base fee", "usage", "total")
+    print(render(cols, rows, right=cols[4:], empty="(no invoices)"))
+
+
+def _print_invoice(inv) -> None:
+    from billing.tables import money, number, render
+
+    print(f"{inv.invoice_id}  {inv.org_id}  {inv.period} ({inv.plan}, {inv.currency.upper()})")
+    print(f"status {inv.status}, catalog {inv.catalog_version}, as of {inv.as_of_day}")
+    print()
+    rows = [
+        (
+            x.metric or "base fee",
+            number(x.quantity) if x.line_type == "usage" else "",
+            money(x.amount_cents, inv.currency),
+        )
+        for x in inv.lines
+    ]
+    rows.append(("total", "", money(inv.total_cents, inv.currency)))
+    print(render(("line", "quantity", "amount"), rows, right=("quantity", "amount")))
 
 
 def cmd_invoices_list(args) -> int:
@@ -242,9 +265,9 @@ def cmd_invoices_show(args) -> int:
     if inv is None:
         raise ConfigError(f"no invoice {args.invoice_id!r} in the snapshot")
     if args.format == "json":
-        print(json.dumps({**invoices.summary(inv), "detail": inv.to_dict()}, indent=2))
+        print(json.dumps(inv.to_dict(), indent=2))
     else:
-        _print_invoices([invoices.summary(inv)], "table")
+        _print_invoice(inv)
     return 0
 
 
@@ -271,15 +294,24 @@ def cmd_transform(args) -> int:
 
 def cmd_sql(args) -> int:
     from billing import analytics
+    from billing.tables import number, render
 
     result = analytics.read_only_query(args.query)
     if args.format == "json":
-        rows = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+        # Decimals as exact strings without ClickHouse's scale padding ("150.5", not
+        # "150.5000000000000000000"); ints stay JSON numbers.
+        rows = [
+            {
+                c: number(v) if isinstance(v, Decimal) else v
+                for c, v in zip(result.column_names, r, strict=True)
+            }
+            for r in result.result_rows
+        ]
         print(json.dumps(rows, indent=2, default=str))
     else:
-        print("\t".join(result.column_names))
-        for r in result.result_rows:
-            print("\t".join(str(v) for v in r))
+        print(render(result.column_names, result.result_rows))
+        n = len(result.result_rows)
+        print(f"({n} row{'s' if n != 1 else ''})")
     return 0
 
 
@@ -299,13 +331,19 @@ def cmd_parked(args) -> int:
     from billing import stripe_sync
 
     if args.parked_command == "list":
+        from billing.tables import money, render
+
         parked = stripe_sync.list_parked()
-        for p in parked:
-            amount = "" if p.get("amount_cents") is None else f"{p['amount_cents']} {p['currency']}"
-            print(
-                f"{p['idempotency_key']:<60} {p['kind']:<10} {amount:>14}  "
-                f"{p['error_class']}: {p['last_error'][:80]}"
+        rows = [
+            (
+                p["idempotency_key"],
+                p["kind"],
+                "" if p.get("amount_cents") is None else money(p["amount_cents"], p["currency"]),
+                f"{p['error_class']}: {p['last_error'][:80]}",
             )
+            for p in parked
+        ]
+        print(render(("idempotency_key", "kind", "amount", "error"), rows, right=("amount",)))
         print(f"{len(parked)} parked write(s)")
     elif args.parked_command == "show":
         _print_json(stripe_sync.show_parked(args.key))
@@ -354,7 +392,10 @@ def cmd_dunning(args) -> int:
         summary = dunning.run(
             args.as_of, dry_run=args.dry_run, actor=f"cli:{os.environ.get('USER', '?')}"
         )
-        print(json.dumps(summary, indent=2, default=str))
+        if args.format == "json":
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            print(dunning.format_run(summary))
         if summary.get("failed"):
             print(
                 f"billing: {summary['failed']} notice(s) failed; they are retried on the next run",
@@ -363,7 +404,11 @@ def cmd_dunning(args) -> int:
             return 1
         return 0
     as_of = args.as_of or dt.datetime.now(dt.UTC).date()  # a shell command, not a task
-    print(json.dumps(dunning.status(args.org, as_of), indent=2, default=str))
+    found = dunning.status(args.org, as_of)
+    if args.format == "json":
+        print(json.dumps(found, indent=2, default=str))
+    else:
+        print(dunning.format_status(found))
     return 0
 
 
@@ -390,14 +435,31 @@ def cmd_reconcile(args) -> int:
 
 def cmd_incidents(args) -> int:
     from billing import reconcile
+    from billing.tables import render
 
     if args.incidents_command == "resolve":
         _print_json(reconcile.resolve_incident(args.incident_id, args.note))
         return 0
-    found = reconcile.open_incidents()
-    for i in found:
-        print(f"#{i['incident_id']:<5} {i['period']}  max {i['max_rel_diff']:<10} {i['summary']}")
-    print(f"{len(found)} open reconciliation incident(s)")
+    found = reconcile.incidents(include_resolved=args.all)
+    if args.format == "json":
+        _print_json(found)
+        return 0
+    rows = [
+        (
+            f"#{i['incident_id']}",
+            i["period"],
+            i["status"],
+            f"{i['max_rel_diff']}",
+            i["created_at"].strftime("%Y-%m-%d %H:%M"),
+            i["resolved_at"].strftime("%Y-%m-%d %H:%M") if i["resolved_at"] else "",
+            i["summary"] if i["status"] == "open" else f"{i['summary']} | {i['resolution']}",
+        )
+        for i in found
+    ]
+    cols = ("incident", "period", "status", "max diff", "opened", "resolved", "summary")
+    print(render(cols, rows, empty="(no incidents)"))
+    still_open = sum(1 for i in found if i["status"] == "open")
+    print(f"{still_open} open reconciliation incident(s)")
     return 0
 
 
@@ -470,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     il.set_defaults(func=cmd_invoices_list)
     ish = isub.add_parser("show", help="one invoice with its lines and tier breakdown")
     ish.add_argument("invoice_id")
-    ish.add_argument("--format", choices=["table", "json"], default="json")
+    ish.add_argument("--format", choices=["table", "json"], default="table")
     ish.set_defaults(func=cmd_invoices_show)
 
     t = sub.add_parser(
@@ -565,7 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inc = sub.add_parser("incidents", help="reconciliation incidents (Engineering + Finance)")
     incsub = inc.add_subparsers(dest="incidents_command", required=True, parser_class=_Parser)
-    incsub.add_parser("list", help="open incidents").set_defaults(func=cmd_incidents)
+    incl = incsub.add_parser("list", help="open incidents (--all: with the resolved history)")
+    incl.add_argument("--all", action="store_true", help="resolved incidents too, newest last")
+    incl.add_argument("--format", choices=["table", "json"], default="table")
+    incl.set_defaults(func=cmd_incidents)
     incr = incsub.add_parser("resolve", help="close an incident after the fix is reconciled")
     incr.add_argument("incident_id", type=_positive)
     incr.add_argument("--note", required=True, help="what was wrong and how it was fixed")
@@ -576,10 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr = dnsub.add_parser("run", help="send the notices due as of a day (exactly once)")
     dr.add_argument("--as-of", type=_day, required=True, help="run day, YYYY-MM-DD (UTC)")
     dr.add_argument("--dry-run", action="store_true", help="show what would happen; change nothing")
+    dr.add_argument("--format", choices=["table", "json"], default="table")
     dr.set_defaults(func=cmd_dunning)
     ds = dnsub.add_parser("status", help="service levels, notices and overdue invoices")
     ds.add_argument("--org", default=None, help="only this org_id")
     ds.add_argument("--as-of", type=_day, default=None, help="overdue as of (default: today UTC)")
+    ds.add_argument("--format", choices=["table", "json"], default="table")
     ds.set_defaults(func=cmd_dunning)
     return p
 

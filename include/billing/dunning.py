@@ -850,3 +850,71 @@ def run_task(data_interval_end, run_id: str | None = None) -> dict:
             summary["failures"],
         )
     return summary
+
+
+def format_run(summary: dict) -> str:
+    """``billing dunning run`` for a person: what was (or would be) sent, skipped and changed."""
+    from billing.tables import render
+
+    head = "dry run: nothing sent or changed" if summary.get("dry_run") else "dunning run"
+    out = [f"{head}, as of {summary['as_of']}: {summary.get('overdue_invoices', 0)} overdue"]
+    cols = ("org_id", "invoice", "stage", "recipient")
+    if summary.get("dry_run"):
+        rows = [tuple(n[c] for c in cols) for n in summary.get("would_send", [])]
+        out += ["", "would send:", render(cols, rows, empty="(nothing due)")]
+        out.append(f"would skip {summary.get('would_skip', 0)} stage(s) already past")
+        changes = summary.get("would_change_service_level", [])
+        changed = [(c["org_id"], c["from"], c["to"], c["reason"]) for c in changes]
+    else:
+        rows = [tuple(n[c] for c in cols) for n in summary.get("notices", [])]
+        out += ["", f"sent {summary['sent']}:", render(cols, rows, empty="(nothing due)")]
+        if summary.get("failures"):
+            failed = [(*(f[c] for c in cols), f["error"]) for f in summary["failures"]]
+            out += ["", f"failed {summary['failed']} (retried next run):"]
+            out.append(render((*cols, "error"), failed))
+        out.append(f"skipped {summary['skipped']}, cancelled {summary['cancelled']}")
+        changed = [(o, NORMAL, DEGRADED, "") for o in summary.get("degraded", [])]
+        changed += [(o, DEGRADED, NORMAL, "") for o in summary.get("restored", [])]
+    if changed:
+        out += ["", "service levels:", render(("org_id", "from", "to", "reason"), changed)]
+    return "\n".join(out)
+
+
+def format_status(found: dict) -> str:
+    """``billing dunning status`` for a person: levels, overdue invoices (money), notice history."""
+    from billing.tables import money, render
+
+    levels = [
+        (s["org_id"], s["service_level"], s["as_of"], s["reason"] or "")
+        for s in found["service_levels"]
+    ]
+    out = ["service levels:", render(("org_id", "level", "since", "reason"), levels)]
+    if "overdue" in found:
+        overdue = [
+            (
+                o["org_id"],
+                o["invoice"],
+                o["days_overdue"],
+                money(o["amount_due_cents"], o["currency"]),
+                o["stage"] or "",
+            )
+            for o in found["overdue"]
+        ]
+        cols = ("org_id", "invoice", "days overdue", "amount due", "stage")
+        out += ["", "overdue invoices:", render(cols, overdue, right=("amount due",))]
+    notices = [
+        (
+            n["org_id"],
+            n["invoice"],
+            n["stage"],
+            n["status"],
+            n["as_of"],
+            n["sent_at"].strftime("%Y-%m-%d %H:%M") if n["sent_at"] else "",
+            n["attempts"],
+            n["error"] or "",
+        )
+        for n in found["notices"]
+    ]
+    cols = ("org_id", "invoice", "stage", "status", "as_of", "sent", "attempts", "error")
+    out += ["", "notices:", render(cols, notices)]
+    return "\n".join(out)

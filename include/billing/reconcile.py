@@ -696,14 +696,22 @@ def run_task(params: dict, run_id: str, days: Iterable[Any]) -> dict:
 
 # ---------------------------------------------------------------- incidents
 def open_incidents() -> list[dict]:
+    return incidents(include_resolved=False)
+
+
+def incidents(include_resolved: bool = False) -> list[dict]:
+    """Incidents, oldest first: the open ones, or (``include_resolved``) the whole history."""
     from psycopg.rows import dict_row
 
     with db.connect() as cx, cx.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            """SELECT incident_id, to_char(period, 'YYYY-MM') AS period, org_ids, assignees,
-                      summary, max_rel_diff::text AS max_rel_diff, idempotency_key,
-                      created_at, email_sent_at
-                 FROM billing.billing_incidents WHERE status = 'open' ORDER BY incident_id"""
+            """SELECT incident_id, to_char(period, 'YYYY-MM') AS period, status, org_ids,
+                      assignees, summary, max_rel_diff::text AS max_rel_diff, idempotency_key,
+                      created_at, email_sent_at, resolved_at, resolution
+                 FROM billing.billing_incidents
+                WHERE status = 'open' OR %(all)s
+                ORDER BY incident_id""",
+            {"all": include_resolved},
         ).fetchall()
 
 

@@ -440,17 +440,28 @@ def test_cli_run_and_status(pg, tag, capsys):
 
     add_org(pg, f"{tag}-a")
     add_invoice(pg, f"{tag}-a", f"in_{tag}a")
-    assert cli.main(["dunning", "run", "--as-of", day(8).isoformat(), "--dry-run"]) == 0
+    assert (
+        cli.main(["dunning", "run", "--as-of", day(8).isoformat(), "--dry-run", "--format", "json"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["would_send"][0]["stage"] == "second_notice"
-    assert cli.main(["dunning", "run", "--as-of", day(8).isoformat()]) == 0
+    assert cli.main(["dunning", "run", "--as-of", day(8).isoformat(), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["sent"] == 1
-    assert cli.main(["dunning", "status", "--org", f"{tag}-a", "--as-of", day(9).isoformat()]) == 0
+    argv = ["dunning", "status", "--org", f"{tag}-a", "--as-of", day(9).isoformat()]
+    assert cli.main([*argv, "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [(n["stage"], n["status"]) for n in out["notices"]] == [
         ("reminder", "skipped"),
         ("second_notice", "sent"),
     ]
     assert out["overdue"][0]["days_overdue"] == 9
+    # The default is for people: the amount due in its currency, the notices as history.
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    row = table[table.index("overdue invoices:") + 3].split()
+    assert row == [f"{tag}-a", f"in_{tag}a", "9", "$123.45", "second_notice"]
+    notices = table[table.index("notices:") + 3 :]
+    assert [r.split()[2:4] for r in notices] == [["reminder", "skipped"], ["second_notice", "sent"]]
     with pytest.raises(SystemExit) as exc:
         cli.main(["dunning", "run", "--as-of", "2026-3-1"])
     assert exc.value.code == 2

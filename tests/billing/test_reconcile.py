@@ -102,7 +102,7 @@ def test_049_percent_passes_and_is_listed(period):
     assert count("SELECT count(*) FROM billing.billing_incidents") == 0
 
 
-def test_051_percent_fails_opens_one_incident_and_emails_once(period):
+def test_051_percent_fails_opens_one_incident_and_emails_once(period, capsys):
     from billing import mailer
 
     ok = org_in_both(period, {"base_fee": 5000}, {"base_fee": 5000})
@@ -192,6 +192,17 @@ def test_051_percent_fails_opens_one_incident_and_emails_once(period):
     assert reconcile.open_incidents() == []
     with pytest.raises(reconcile.ConfigError, match="already resolved"):
         reconcile.resolve_incident(incident_id, "again")
+    # The history stays readable: `incidents list --all` shows it resolved, with the note.
+    from billing import cli
+
+    capsys.readouterr()
+    assert cli.main(["incidents", "list"]) == 0
+    assert f"#{incident_id} " not in capsys.readouterr().out
+    assert cli.main(["incidents", "list", "--all"]) == 0
+    [row] = [r for r in capsys.readouterr().out.splitlines() if r.startswith(f"#{incident_id} ")]
+    assert row.split()[1:3] == [period.strftime("%Y-%m"), "resolved"] and row.endswith(
+        "| credit item in Stripe"
+    )
 
 
 def test_one_sided_orgs_and_currency_mismatch_are_discrepancies(period):

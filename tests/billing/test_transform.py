@@ -324,6 +324,35 @@ def test_invoices_read_through_invoices_module_and_cli(fresh):
         "storage_gb": 300,
     }
 
+    # For people: money with its currency symbol and exponent, aligned columns.
+    def cli(*argv: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "billing.cli", *argv], capture_output=True, text=True, check=True
+        )
+        return done.stdout.splitlines()
+
+    table = cli("invoices", "list", "--period", "2025-02", "--format", "table")
+    assert table[0].split() == [
+        "invoice_id",
+        "org_id",
+        "period",
+        "status",
+        "base",
+        "fee",
+        "usage",
+        "total",
+    ]
+    assert [r.split()[-3:] for r in table[2:]] == [
+        ["$29.00", "$13.00", "$42.00"],
+        ["€499.00", "€0.01", "€499.01"],
+        ["¥3,000", "¥0", "¥3,000"],
+    ]
+    assert len({len(r) for r in table}) == 1  # every row as wide as the header: aligned
+    shown = cli("invoices", "show", "inv_jp_202502")
+    assert shown[0] == "inv_jp_202502  jp  2025-02 (tokyo, JPY)"
+    lines = [r.split() for r in shown[5:]]
+    assert lines == [["base", "fee", "¥3,000"], ["api_calls", "100001", "¥0"], ["total", "¥3,000"]]
+
 
 @pytest.mark.parametrize("problem", ["catalog", "unknown_plan", "currency"])
 def test_bad_input_fails_clearly_and_writes_nothing(fresh, problem, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_cli_parked_and_read_only(parked, capsys):
 
     assert cli.main(["parked", "list"]) == 0
     listing = capsys.readouterr().out
-    key = listing.split()[0]
+    key = listing.splitlines()[2].split()[0]  # header, rule, then one row per parked write
     assert "1 parked write(s)" in listing and key.startswith("billing:customer:")
     assert cli.main(["parked", "show", key]) == 0
     shown = json.loads(capsys.readouterr().out)
