@@ -158,6 +158,7 @@ def cmd_purge(args) -> int:
     today = dt.datetime.now(dt.UTC).date()  # a shell command, not a task
     as_of = args.as_of or today
     purge.check_as_of(as_of, today, dry_run)
+    purge.cutoff(as_of, args.older_than)  # a window before the year 1: one line, exit 2
     with db.connect(autocommit=True) as cx:
         summary = purge.purge(
             cx,

@@ -39,8 +39,15 @@ def retention_days() -> int:
 
 
 def cutoff(as_of: dt.date, days: int) -> dt.date:
-    """Data strictly before this day is past retention."""
-    return as_of - dt.timedelta(days=days)
+    """Data strictly before this day is past retention; a window reaching back before the
+    year 1 (``--older-than 1000000``, ``--as-of 0001-01-01``) is a user error, not a crash."""
+    try:
+        return as_of - dt.timedelta(days=days)
+    except OverflowError:
+        raise ConfigError(
+            f"retention of {days} days before {as_of} reaches back before the year 1; "
+            "use a later as-of day or fewer days"
+        ) from None
 
 
 def first_kept_month(as_of: dt.date, days: int) -> dt.date:
@@ -239,6 +246,7 @@ def purge(
     """
     check_confirm(dry_run, confirm)
     days = days or retention_days()
+    cutoff(as_of, days)  # refuse an impossible window before touching anything
     report = []
     with cx.transaction():
         if not dry_run:  # waits for files loading now; new ones wait for this transaction

@@ -293,6 +293,24 @@ def test_cli_real_purge_as_of_the_future_is_refused(capsys):
     purge.check_as_of(tomorrow, tomorrow - dt.timedelta(days=1), dry_run=True)  # a preview may
 
 
+@pytest.mark.parametrize(
+    ("args", "days", "as_of"),
+    [
+        (["--older-than", "1000000", "--as-of", "2026-03-01"], 1000000, "2026-03-01"),
+        (["--older-than", "400", "--as-of", "0001-01-01"], 400, "0001-01-01"),
+        (["--older-than", "1", "--as-of", "0001-01-01", "--confirm", "CONFIRM"], 1, "0001-01-01"),
+    ],
+)
+def test_cli_window_before_the_year_1_is_one_line(capsys, args, days, as_of):
+    from billing import cli
+
+    assert cli.main(["purge", *args]) == 2
+    assert capsys.readouterr().err == (
+        f"billing: error: retention of {days} days before {as_of} reaches back before the "
+        "year 1; use a later as-of day or fewer days\n"
+    )
+
+
 def test_cutoff_counts_back_from_as_of():
     assert purge.cutoff(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 25)
     assert purge.first_kept_month(dt.date(2026, 3, 1), 400) == dt.date(2025, 1, 1)
