@@ -2,12 +2,14 @@
 # System tools the test suite needs beyond Python wheels: promtool (Debian package
 # `prometheus`) for the alert-rule tests, and Chromium (Debian package `chromium`) for the
 # Billing page browser test (Playwright drives /usr/bin/chromium; its own browser download
-# is not used). Idempotent; `make test` (and so .ci/run) calls it first.
+# is not used), and pdftotext (Debian package `poppler-utils`) to read invoice PDFs as a
+# person would. Idempotent; `make test` (and so .ci/run) calls it first.
 set -euo pipefail
 
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 { [ -x /usr/bin/chromium ] || [ -n "${BILLING_CHROMIUM:-}" ]; } || missing+=(chromium)
+command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
@@ -17,6 +19,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The prometheus package starts a server where systemd runs; CI only needs the binary.
     command -v promtool >/dev/null
+    command -v pdftotext >/dev/null
     [ -x /usr/bin/chromium ] || [ -n "${BILLING_CHROMIUM:-}" ]
     exit 0
 fi

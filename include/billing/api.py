@@ -75,8 +75,16 @@ def _lookup(cx, invoice_id: str) -> dict | None:
     q = sql.SQL(
         """SELECT i.invoice_id, i.org_id, i.period, i.currency, i.status,
                   i.base_fee_cents, i.total_cents, i.snapshot_hash,
-                  coalesce(o.name, i.org_id) AS org_name, coalesce(o.email, '') AS org_email
-           FROM {inv} AS i LEFT JOIN billing.organizations AS o ON o.org_id = i.org_id
+                  coalesce(o.name, i.org_id) AS org_name, coalesce(o.email, '') AS org_email,
+                  (s.finalized_at AT TIME ZONE 'UTC')::date AS issued_on,
+                  (s.due_at AT TIME ZONE 'UTC')::date AS due_on,
+                  (SELECT coalesce(jsonb_object_agg(m.metric, m.description), '{{}}')
+                     FROM billing.catalog_metrics AS m
+                    WHERE m.catalog_version = i.catalog_version) AS metric_names
+           FROM {inv} AS i
+           LEFT JOIN billing.organizations AS o ON o.org_id = i.org_id
+           LEFT JOIN billing.stripe_invoices AS s
+                  ON s.org_id = i.org_id AND s.period = i.period_start
            WHERE i.invoice_id = %s"""
     ).format(inv=_table("fct_invoices"))
     return cx.cursor(row_factory=dict_row).execute(q, (invoice_id,)).fetchone()
@@ -92,6 +100,10 @@ def etag_for(row: dict) -> str:
         row["org_email"],
         invoice_pdf.RENDERER_VERSION,
         "|".join(invoice_pdf.seller()),
+        str(row.get("issued_on")),
+        str(row.get("due_on")),
+        str(invoice_pdf.days_until_due()),
+        json.dumps(row.get("metric_names") or {}, sort_keys=True),
         os.pathsep.join(str(p) for p in invoice_pdf.fallback_font_paths()),
     ]
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
@@ -130,11 +142,19 @@ def _tiers(line: dict):
     return tuple(out)
 
 
-def to_pdf_invoice(inv, org_name: str, org_email: str):
-    """``billing.invoices.Invoice`` (the snapshot reader's type) -> the renderer's input."""
+def to_pdf_invoice(inv, org_name: str, org_email: str, row: dict | None = None):
+    """``billing.invoices.Invoice`` (the snapshot reader's type) -> the renderer's input.
+
+    ``row`` is the :func:`_lookup` row: Stripe's issue/due dates once finalized and the
+    catalog's display names of the metrics (the ETag covers both).
+    """
     from billing.invoice_pdf import Invoice, InvoiceLine
 
+    row = row or {}
+    names = row.get("metric_names") or {}
     return Invoice(
+        issued_on=row.get("issued_on"),
+        due_on=row.get("due_on"),
         invoice_id=inv.invoice_id,
         org_id=inv.org_id,
         org_name=org_name,
@@ -151,6 +171,7 @@ def to_pdf_invoice(inv, org_name: str, org_email: str):
                 quantity=Decimal(line.quantity),
                 amount_cents=int(line.amount_cents),
                 tiers=_tiers({"tiers": line.tiers}),
+                description=names.get(line.metric or ""),
             )
             for line in inv.usage_lines
         ),
@@ -420,7 +441,7 @@ def create_app() -> FastAPI:
         if pdf is None:
             if inv is None:  # deleted between the two reads
                 raise HTTPException(status.HTTP_404_NOT_FOUND, "invoice not found")
-            doc = to_pdf_invoice(inv, row["org_name"], row["org_email"])
+            doc = to_pdf_invoice(inv, row["org_name"], row["org_email"], row)
             pdf = cache.get_or_render(etag, lambda: invoice_pdf.render(doc))
         headers["Content-Disposition"] = f'inline; filename="{safe_filename(invoice_id)}"'
         headers["X-Content-Type-Options"] = "nosniff"

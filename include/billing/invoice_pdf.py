@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +28,7 @@ from fpdf.fonts import FontFace
 from billing.pricing import format_money
 
 FONT_DIR = Path(__file__).resolve().parent / "fonts"
-RENDERER_VERSION = "1"  # bump when the layout changes: it is part of the API's ETag
+RENDERER_VERSION = "2"  # bump when the layout changes: it is part of the API's ETag
 BASE_FEE_METRIC = "base_fee"
 
 SELLER_DEFAULT = (
@@ -74,10 +74,28 @@ class Invoice:
     total_cents: int
     snapshot_version: str
     lines: tuple[InvoiceLine, ...] = field(default_factory=tuple)
+    issued_on: date | None = None  # Stripe's finalization date; None while a draft
+    due_on: date | None = None  # Stripe's due date; None while a draft
 
     @property
     def usage_cents(self) -> int:
         return sum(line.amount_cents for line in self.lines)
+
+
+def days_until_due() -> int:
+    """Payment terms of a draft's estimated due date: the Stripe policy's ``days_until_due``."""
+    from billing.stripe_sync.client import Policy
+
+    return Policy.from_env().days_until_due
+
+
+def issue_and_due(invoice: Invoice) -> tuple[date, date, bool]:
+    """(issue date, due date, estimated?): Stripe's once finalized, else the period close
+    (the first day after the period) plus the payment terms."""
+    if invoice.issued_on is not None and invoice.due_on is not None:
+        return invoice.issued_on, invoice.due_on, False
+    issued = invoice.issued_on or period_end(invoice.period).date()
+    return issued, invoice.due_on or issued + timedelta(days=days_until_due()), True
 
 
 def seller() -> tuple[str, ...]:
@@ -189,9 +207,13 @@ def render(invoice: Invoice) -> bytes:
     for line in seller():
         pdf.cell(90, 5, t(line), new_x="LMARGIN", new_y="NEXT")
     left_bottom = pdf.get_y()
+    issued, due, estimated = issue_and_due(invoice)
+    note = " (estimated)" if estimated else ""
     facts = [
         ("Invoice", invoice.invoice_id),
         ("Period", invoice.period),
+        ("Issue date", f"{issued.isoformat()}{note}"),
+        ("Due date", f"{due.isoformat()}{note}"),
         ("Status", invoice.status),
         ("Currency", invoice.currency.upper()),
         ("Snapshot", invoice.snapshot_version[:16]),

@@ -8,6 +8,7 @@ from dataclasses import replace
 from decimal import Decimal
 
 import pytest
+from pdf_support import pdf_text
 
 from billing import invoice_pdf
 from billing.invoice_pdf import Invoice, InvoiceLine, Tier
@@ -117,3 +118,26 @@ def test_safe_text_replaces_only_uncovered_characters():
 def test_fonts_ship_with_their_licence():
     assert (invoice_pdf.FONT_DIR / "DejaVuSans.ttf").is_file()
     assert (invoice_pdf.FONT_DIR / "LICENSE-DejaVu.txt").is_file()
+
+
+def test_draft_shows_estimated_issue_and_due_dates_and_metric_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("BILLING_STRIPE_DAYS_UNTIL_DUE", "14")
+    inv = make_invoice(n_lines=1)
+    named = replace(inv, lines=(replace(inv.lines[0], description="API requests"),))
+    text = pdf_text(invoice_pdf.render(named), tmp_path)
+    assert re.search(r"Issue date +2026-02-01 \(estimated\)", text)  # the period close
+    assert re.search(r"Due date +2026-02-15 \(estimated\)", text)  # + 14 days of terms
+    assert "API requests" in text and "api_calls_00" not in text
+    # Without a catalog name the metric id still shows: never an empty row.
+    assert "api_calls_00" in pdf_text(invoice_pdf.render(inv), tmp_path)
+
+
+def test_finalized_invoice_shows_stripes_dates(tmp_path):
+    import datetime as dt
+
+    inv = replace(make_invoice(), issued_on=dt.date(2026, 2, 2), due_on=dt.date(2026, 3, 4))
+    text = pdf_text(invoice_pdf.render(inv), tmp_path)
+    assert re.search(r"Issue date +2026-02-02\n", text) and re.search(
+        r"Due date +2026-03-04\n", text
+    )
+    assert "estimated" not in text

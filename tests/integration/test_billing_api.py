@@ -22,6 +22,7 @@ SCHEMA = "billing_snapshot"
 ORG = "apitest-org"
 INVOICE = f"inv_{ORG}_202601"
 OTHER = f"inv_{ORG}_202602"
+CATALOG = "c" * 64  # a catalog version is a content hash
 
 DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -61,7 +62,7 @@ def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int
             f"""INSERT INTO {SCHEMA}.fct_invoice_lines (invoice_line_id, invoice_id, line_number,
                    org_id, period_start, line_type, metric, pricing_mode, quantity, amount_cents,
                    currency, tiers, catalog_version)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'usd', %s, 'c1')""",
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'usd', %s, %s)""",
             (
                 f"{invoice_id}.{n}",
                 invoice_id,
@@ -74,6 +75,7 @@ def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int
                 qty,
                 cents,
                 json.dumps(tiers),
+                CATALOG,
             ),
         )
     cx.execute(
@@ -81,7 +83,7 @@ def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int
                period_end, plan, currency, base_fee_cents, usage_cents, total_cents, line_count,
                status, catalog_version, snapshot_hash, as_of_day)
             VALUES (%s, %s, %s, %s, (%s::date + interval '1 month' - interval '1 day')::date, 'starter', 'usd', 4900,
-                    %s, %s, %s, 'final', 'c1', md5(%s), %s::date)""",
+                    %s, %s, %s, 'final', %s, md5(%s), %s::date)""",
         (
             invoice_id,
             ORG,
@@ -91,6 +93,7 @@ def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int
             total - 4900,
             total,
             len(lines),
+            CATALOG,
             f"{invoice_id}:{total}:{n_lines}",
             f"{period}-28",
         ),
@@ -295,3 +298,49 @@ def test_read_only_views_work_during_stripe_outage(client):
         assert client.get(pdf_path()).status_code == 200
     finally:
         stripe_sync.set_read_only(False)
+
+
+def test_pdf_shows_catalog_names_and_stripes_dates_once_finalized(client, tmp_path):
+    """The PDF a customer reads: metric display names from the catalog version that priced
+    the invoice, estimated dates while a draft in Stripe, Stripe's dates once finalized; each
+    change is a new ETag."""
+    import datetime as dt
+    import re
+
+    from pdf_support import pdf_text
+
+    from billing import db
+
+    with db.connect(autocommit=True) as cx:
+        cx.execute("INSERT INTO billing.catalog_versions (catalog_version) VALUES (%s)", (CATALOG,))
+        cx.execute(
+            "INSERT INTO billing.catalog_metrics VALUES (%s, 'metric_0', 'call', 'API requests')",
+            (CATALOG,),
+        )
+    try:
+        draft = client.get(pdf_path())
+        text = pdf_text(draft.content, tmp_path)
+        assert "API requests" in text and "metric_0" not in text and "metric_1" in text
+        assert re.search(r"Issue date +2026-02-01 \(estimated\)", text)
+        with db.connect(autocommit=True) as cx:
+            cx.execute(
+                """INSERT INTO billing.stripe_invoices (org_id, period, stripe_invoice_id, status,
+                       currency, amount_due_cents, amount_paid_cents, amount_remaining_cents,
+                       due_at, finalized_at)
+                   VALUES (%s, '2026-01-01', 'in_apitest', 'open', 'usd', 8003, 0, 8003, %s, %s)""",
+                (
+                    ORG,
+                    dt.datetime(2026, 3, 3, 9, tzinfo=dt.UTC),
+                    dt.datetime(2026, 2, 1, 6, tzinfo=dt.UTC),
+                ),
+            )
+        final = client.get(pdf_path(), headers={"If-None-Match": draft.headers["etag"]})
+        assert final.status_code == 200 and final.headers["etag"] != draft.headers["etag"]
+        text = pdf_text(final.content, tmp_path)
+        assert re.search(r"Due date +2026-03-03\n", text) and "estimated" not in text
+    finally:
+        with db.connect(autocommit=True) as cx:
+            cx.execute("DELETE FROM billing.stripe_invoices WHERE org_id = %s", (ORG,))
+            cx.execute(
+                "DELETE FROM billing.catalog_versions WHERE catalog_version = %s", (CATALOG,)
+            )
