@@ -14,7 +14,7 @@ only performs the two actions and writes their results with ``textContent``):
   the recent runs, read from Airflow's REST API with the caller's own token, so the page
   shows exactly the runs the user may see.
 * Stripe outage mode (``billing.api.stripe_status``) and the parked pushes
-  (``billing.stripe_sync.list_parked``) with a retry button each
+  (``billing.stripe_sync.list_parked``: the outbox's parked rows) with a retry button each
   (``POST /billing/stripe/parked/{key}/retry`` → ``billing.stripe_sync.retry_parked``).
 * The latest reconciliation (``billing.reconcile_runs``), its discrepancies
   (``billing.billing_audit``) and open incidents, and **Reconcile now**:
@@ -269,7 +269,7 @@ def parked() -> dict:
         from billing import stripe_sync
 
         items = [{k: p.get(k) for k in keys} for p in stripe_sync.list_parked()]
-    except Exception as exc:  # Redis down: show it, keep the page
+    except Exception as exc:  # Postgres down: show it, keep the page (Redis is only a copy)
         return {"items": [], "error": f"parked pushes unavailable: {type(exc).__name__}"}
     items.sort(key=lambda p: (p.get("parked_at") or "", p["idempotency_key"]), reverse=True)
     return {"items": items, "error": None}
@@ -565,13 +565,7 @@ def install(app: FastAPI) -> None:
         _require_json(request)
         try:
             if key not in {p["idempotency_key"] for p in stripe_sync.list_parked()}:
-                shown = None
-                try:
-                    shown = stripe_sync.show_parked(key)
-                except BillingError:
-                    pass
-                if not shown or (shown["outbox"] or {}).get("status") != "parked":
-                    raise HTTPException(status.HTTP_404_NOT_FOUND, "no parked push with this key")
+                raise HTTPException(status.HTTP_404_NOT_FOUND, "no parked push with this key")
             result = stripe_sync.retry_parked([key])
             still = key in {p["idempotency_key"] for p in stripe_sync.list_parked()}
         except ServiceError as exc:

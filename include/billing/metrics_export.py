@@ -2,7 +2,7 @@
 
 Airflow tasks are gone before Prometheus scrapes, so their in-process counters would be
 lost. Each flow already keeps durable state (the ingest manifest, the Stripe outbox, the
-reconciliation audit, dunning notices, Redis parking); ``DurableCollector`` turns that
+reconciliation audit, dunning notices, the Redis read-only flag); ``DurableCollector`` turns that
 state into metrics when Prometheus asks. A source whose table does not exist yet (or
 that fails) is skipped and reported as ``billing_metrics_source_up{source} 0``; a scrape
 never fails because one flow is missing. Names and help texts come from
@@ -118,6 +118,9 @@ def _stripe_outbox(cx, f: _Families) -> None:
     )
     for status in ("pending", "sent", "parked", "cancelled"):
         f.add("billing_stripe_outbox_rows", counts.get(status, 0), status)
+    # The outbox is the source of truth for parked writes (Redis holds a copy that a
+    # FLUSHALL or a restart without persistence can lose; the alert must not go quiet).
+    f.add("billing_stripe_parked_queue_depth", counts.get("parked", 0))
     attempts, retries = cx.execute(
         "SELECT coalesce(sum(attempts), 0), coalesce(sum(retries), 0) FROM billing.stripe_outbox"
     ).fetchone()
@@ -241,17 +244,15 @@ def collect_redis(f: _Families, up: dict[str, int]) -> None:
     import datetime as dt
     import json
 
-    parked_key, read_only_key = _stripe_keys()
+    _, read_only_key = _stripe_keys()
     try:
         r = redis_client()
-        depth = r.hlen(parked_key)
         raw = r.get(read_only_key)
         counters = r.hgetall(obs.DURABLE_COUNTERS_KEY)
     except Exception as exc:
         log.warning("metrics: Redis unavailable: %s", exc)
         up["redis"] = 0
         return
-    f.add("billing_stripe_parked_queue_depth", depth)
     f.add("billing_stripe_read_only", 1 if raw is not None else 0)
     since = 0.0
     if raw:

@@ -167,7 +167,7 @@ DURABLE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "billing_stripe_parked_queue_depth": (
         "gauge",
-        "Parked Stripe writes awaiting manual retry (Redis)",
+        "Parked Stripe writes awaiting manual retry (outbox rows with status parked)",
         (),
     ),
     "billing_stripe_read_only": ("gauge", "1 while Stripe outage (read-only) mode is on", ()),

@@ -176,6 +176,73 @@ def test_backoff_schedule_is_exact_then_parks(proxy, env):
     assert parked["redis"]["payload"]["metadata"]["org_id"] == row["org_id"]
 
 
+def test_parked_push_survives_a_redis_loss(proxy, env, capsys):
+    """The outbox is the truth for parked writes: after Redis loses everything (FLUSHALL on
+    the real server) the CLI list, the Billing page and the metric still show the parked
+    push, the Redis copy is written back, and a retry sends it to Stripe exactly once."""
+    from prometheus_client import CollectorRegistry
+
+    from billing import billing_page, cli, metrics_export
+
+    env.setenv("BILLING_STRIPE_CONCURRENCY", "1")
+    snap = random_snapshot(n_orgs=1, n_days=1, seed=1)
+    snap.save()
+    (org,) = snap.orgs
+    proxy.sticky_rate = 1.0  # every write answers 503: the customer is parked, items wait
+    stripe_sync.push_day(DAYS[0], engine=_engine([]))
+    (row,) = [r for r in outbox_rows() if r["status"] == "parked"]
+    key = row["idempotency_key"]
+    assert row["kind"] == "customer" and proxy.forwarded_paths["POST /v1/customers"] == 0
+    r = parking.client()
+    assert set(r.hkeys(parking.PARKED)) == {key}
+
+    def redis_loses_everything() -> None:
+        assert r.flushall() is True
+        assert r.hlen(parking.PARKED) == 0
+
+    def depth() -> float | None:
+        registry = CollectorRegistry()
+        registry.register(metrics_export.DurableCollector(airflow=False))
+        return registry.get_sample_value("billing_stripe_parked_queue_depth")
+
+    redis_loses_everything()
+    listed = stripe_sync.list_parked()
+    assert [(p["idempotency_key"], p["error_class"], p["attempts"]) for p in listed] == [
+        (key, "server", 6)
+    ]
+    assert "sticky fault" in listed[0]["last_error"]
+    assert set(r.hkeys(parking.PARKED)) == {key}  # the copy is rebuilt from the outbox
+    assert parking.show(r, key)["payload"]["metadata"]["org_id"] == org
+
+    redis_loses_everything()
+    assert cli.main(["parked", "list"]) == 0
+    out = capsys.readouterr().out
+    assert key in out and out.rstrip().endswith("1 parked write(s)")
+
+    redis_loses_everything()
+    page = billing_page.parked()
+    assert page["error"] is None
+    assert [(p["idempotency_key"], p["error_class"]) for p in page["items"]] == [(key, "server")]
+
+    redis_loses_everything()
+    assert depth() == 1
+
+    redis_loses_everything()
+    assert stripe_sync.show_parked(key)["outbox"]["status"] == "parked"
+    proxy.sticky_rate = 0.0  # Stripe is back
+    before = Counter(proxy.forwarded_paths)
+    result = stripe_sync.retry_parked([key], engine=_engine([]))
+    assert (result["requeued"], result["parked"], result["unknown"]) == (1, 0, [])
+    assert (Counter(proxy.forwarded_paths) - before)["POST /v1/customers"] == 1
+    assert {r["status"] for r in outbox_rows()} == {"sent"}  # the blocked items went too
+    email = f"billing+{org}@example.test"
+    in_stripe = direct_client().v1.customers.list(params={"email": email})["data"]
+    assert [c["id"] for c in in_stripe] == [customers()[org]]
+    assert stripe_sync.list_parked() == [] and r.hlen(parking.PARKED) == 0
+    assert depth() == 0
+    _assert_stripe_matches(snap, DAYS[0])
+
+
 def test_retry_after_is_honoured_when_longer(proxy, env):
     env.setenv("BILLING_STRIPE_CONCURRENCY", "1")
     snap = random_snapshot(n_orgs=1, n_days=1, seed=1)

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from billing import db
-from billing.errors import BillingError
+from billing.errors import BillingError, ServiceError
 from billing.stripe_sync import outbox, parking, push
 from billing.stripe_sync.client import Gateway, Policy
 from billing.stripe_sync.engine import Engine, upsert_invoice
@@ -148,14 +148,36 @@ def sync_invoices(*, engine: Engine | None = None, sleep: Sleep | None = None) -
 
 # ------------------------------------------------------------------ parked writes
 def list_parked() -> list[dict]:
-    return list(parking.parked(parking.client()).values())
+    """Parked writes as the outbox records them, oldest parking first.
+
+    The outbox is the source of truth; the Redis hash is its copy for manual retry. Reading
+    the list also repairs that copy (:func:`parking.mirror`): entries Redis lost are written
+    back, entries of writes sent since are dropped. Redis being down hides nothing here.
+    """
+    with db.connect() as cx:
+        records = [parking.record(row) for row in outbox.parked(cx)]
+        try:
+            r = parking.client()
+            extra = parking.keys(r) - {rec["idempotency_key"] for rec in records}
+            mirrored = parking.mirror(r, records, outbox.settled(cx, extra))
+        except ServiceError as exc:
+            log.warning("parked list from the outbox; Redis copy not repaired: %s", exc)
+        else:
+            if mirrored["restored"] or mirrored["dropped"]:
+                log.warning("Redis parked copy repaired from the outbox: %s", mirrored)
+    return records
 
 
 def show_parked(key: str) -> dict:
-    record = parking.show(parking.client(), key)
+    """One parked write: the outbox row (the truth) and its Redis copy (None if lost)."""
     with db.connect() as cx:
         row = outbox.get(cx, key)
-    if record is None and row is None:
+    try:
+        record = parking.show(parking.client(), key)
+    except ServiceError as exc:
+        log.warning("Redis copy of %s unavailable: %s", key, exc)
+        record = None
+    if row is None and record is None:
         raise BillingError(f"no parked write with key {key!r}")
     return {"redis": record, "outbox": row}
 

@@ -102,6 +102,31 @@ def get(cx, key: str) -> dict | None:
         ).fetchone()
 
 
+def parked(cx) -> list[dict]:
+    """Every parked row (the source of truth for ``billing parked``), oldest parking first."""
+    with cx.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            f"""SELECT {COLUMNS} FROM billing.stripe_outbox WHERE status = 'parked'
+                 ORDER BY parked_at, outbox_id"""
+        ).fetchall()
+
+
+def settled(cx, keys: Iterable[str]) -> set[str]:
+    """Those of ``keys`` with nothing left to retry: sent, cancelled, or no outbox row."""
+    keys = list(keys)
+    if not keys:
+        return set()
+    open_ = {
+        k
+        for (k,) in cx.execute(
+            """SELECT idempotency_key FROM billing.stripe_outbox
+                WHERE idempotency_key = ANY(%s) AND status IN ('pending', 'parked')""",
+            (keys,),
+        ).fetchall()
+    }
+    return set(keys) - open_
+
+
 def mark_attempting(cx, ids: Sequence[int]) -> None:
     cx.execute(
         """UPDATE billing.stripe_outbox SET first_attempt_at = coalesce(first_attempt_at, now()),

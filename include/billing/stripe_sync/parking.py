@@ -1,7 +1,11 @@
 """Redis: parked writes for manual retry, and the Stripe read-only (outage) flag.
 
 Parked writes are one hash (field = idempotency key, value = JSON with the payload and the
-last error); the outbox row says ``parked`` too, so either side can rebuild the other.
+last error). The outbox row (``status = 'parked'``, attempts, last error, ``parked_at``) is
+the source of truth: every reader (``billing parked``, the Billing page, the
+``billing_stripe_parked_queue_depth`` metric, retries) reads Postgres, and :func:`mirror`
+writes back a copy Redis lost (FLUSHALL, a restart without persistence), so the hash is
+always rebuildable from the outbox and never the only record.
 """
 
 from __future__ import annotations
@@ -42,28 +46,67 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+RECORD_FIELDS = (
+    "idempotency_key",
+    "kind",
+    "org_id",
+    "period",
+    "day",
+    "metric",
+    "amount_cents",
+    "currency",
+    "payload",
+    "attempts",
+    "first_attempt_at",
+)
+
+
+def record(
+    row: dict,
+    error: str | None = None,
+    error_class: str | None = None,
+    parked_at: dt.datetime | None = None,
+) -> dict:
+    """A parked write as JSON-able fields; error and time default to the outbox row's."""
+    rec = {k: _jsonable(row.get(k)) for k in RECORD_FIELDS}
+    rec.update(
+        last_error=row.get("last_error") if error is None else error,
+        error_class=row.get("last_error_class") if error_class is None else error_class,
+        parked_at=_jsonable(parked_at or row.get("parked_at") or dt.datetime.now(dt.UTC)),
+    )
+    return rec
+
+
 @_guard
 def park(r: redis.Redis, row: dict, error: str, error_class: str) -> None:
-    record = {
-        k: _jsonable(row.get(k))
-        for k in (
-            "idempotency_key",
-            "kind",
-            "org_id",
-            "period",
-            "day",
-            "metric",
-            "amount_cents",
-            "currency",
-            "payload",
-            "attempts",
-            "first_attempt_at",
-        )
+    rec = record(row, error, error_class, dt.datetime.now(dt.UTC))
+    r.hset(PARKED, row["idempotency_key"], json.dumps(rec, sort_keys=True))
+
+
+@_guard
+def mirror(r: redis.Redis, records: list[dict], settled: set[str]) -> dict[str, int]:
+    """Bring the hash in line with the outbox: write back ``records`` (the outbox's parked
+    rows) that Redis lost, drop entries whose write is ``settled`` (sent, cancelled or gone).
+
+    Entries of rows that are pending again (a retry in progress) are left alone.
+    """
+    present = set(r.hkeys(PARKED))
+    missing = {
+        rec["idempotency_key"]: json.dumps(rec, sort_keys=True)
+        for rec in records
+        if rec["idempotency_key"] not in present
     }
-    record.update(
-        last_error=error, error_class=error_class, parked_at=dt.datetime.now(dt.UTC).isoformat()
-    )
-    r.hset(PARKED, row["idempotency_key"], json.dumps(record, sort_keys=True))
+    stale = sorted(present & settled)
+    if missing:
+        r.hset(PARKED, mapping=missing)
+    if stale:
+        r.hdel(PARKED, *stale)
+    return {"restored": len(missing), "dropped": len(stale)}
+
+
+@_guard
+def keys(r: redis.Redis) -> set[str]:
+    return set(r.hkeys(PARKED))
 
 
 @_guard
