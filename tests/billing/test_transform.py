@@ -518,3 +518,44 @@ def test_cosmos_task_groups_render_from_manifest(stack):
     assert hourly.pool == CLICKHOUSE_POOL
     assert hourly.vars["day"] == "{{ data_interval_start.strftime('%Y-%m-%d') }}"
     assert not any(i.startswith("dbt_snapshot") and "usage_hourly" in i for i in ids)
+
+
+def test_every_column_is_documented_and_persisted_as_a_comment(fresh):
+    """Analysts read column meanings where they query: ClickHouse and Postgres comments,
+    written by persist_docs from the dbt yml; every rollup column has one."""
+    from billing import db, transform
+
+    with db.connect() as cx:
+        _seed_demo(cx)
+    transform.run_day(DAY1, dt.date(2025, 1, 1), full_refresh=True)
+    rollups = _analytics(
+        "SELECT table, name, comment FROM system.columns"
+        " WHERE database = 'analytics' AND table LIKE 'fct_usage_%' ORDER BY table, position"
+    )
+    assert {r["table"] for r in rollups} == {
+        "fct_usage_hourly",
+        "fct_usage_daily",
+        "fct_usage_monthly",
+    }
+    assert [(r["table"], r["name"]) for r in rollups if not r["comment"].strip()] == []
+    manifest = json.loads(transform.manifest_path("clickhouse").read_text())
+    hourly = manifest["nodes"]["model.billing.fct_usage_hourly"]["columns"]
+    got = {r["name"]: r["comment"] for r in rollups if r["table"] == "fct_usage_hourly"}
+    assert got == {name: c["description"] for name, c in hourly.items()}
+
+    manifest = json.loads(transform.manifest_path("postgres").read_text())
+    with db.connect() as cx:
+        for model in ("fct_invoices", "fct_invoice_lines", "fct_daily_charges"):
+            documented = manifest["nodes"][f"model.billing.{model}"]["columns"]
+            comments = dict(
+                cx.execute(
+                    """SELECT a.attname, col_description(a.attrelid, a.attnum)
+                         FROM pg_attribute a
+                        WHERE a.attrelid = format('billing_snapshot.%%I', %s::text)::regclass
+                          AND a.attnum > 0 AND NOT a.attisdropped""",
+                    (model,),
+                ).fetchall()
+            )
+            assert {n: comments[n] for n in documented} == {
+                n: c["description"] for n, c in documented.items()
+            }, model
