@@ -4,6 +4,19 @@ Only the ``billing_clickhouse`` connection decides which: ``extra.interface = "c
 ``extra.path`` selects the in-process engine; anything else is a ClickHouse server over
 HTTP(S). chDB allows one process per data path, so callers keep ClickHouse work in one
 process at a time (the ``billing_clickhouse`` pool in Airflow).
+
+Analysts' SQL (:func:`read_only_query`, ``billing sql``) is read-only by construction, on
+both setups (docs/ANALYSTS.md):
+
+1. it runs on a session with ``readonly=1``, checked before every query: the engine then
+   refuses writes, DDL, settings changes and every table function that needs CREATE
+   TEMPORARY TABLE (``file``, ``url``, ``postgresql``, ``s3``, ``remote``, ...);
+2. ClickHouse's own parser reads the text (``formatQuerySingleLine``, the query passed as a
+   bound parameter): more than one statement, or none, is its syntax error, and what runs
+   is the canonical statement it printed, so what was checked is what runs;
+3. that statement must be a read (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS) without
+   ``INTO OUTFILE``: embedded chDB writes an outfile in-process, outside the engine's
+   readonly check (a ClickHouse server never accepts INTO OUTFILE over HTTP).
 """
 
 from __future__ import annotations
@@ -11,9 +24,10 @@ from __future__ import annotations
 import re
 
 from billing import connections as conns
-from billing.errors import ConfigError
+from billing.errors import ConfigError, ServiceError
 
-_READ_ONLY = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE)
+READ_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
+_READONLY = 164  # ClickHouse error code READONLY
 
 
 def is_embedded(conn: conns.Conn | None = None) -> bool:
@@ -43,10 +57,75 @@ def client(conn: conns.Conn | None = None, **settings):
 
 
 def read_only_query(sql: str):
-    """Run an analyst's query; refuse anything that is not a read."""
-    if not _READ_ONLY.match(sql) or ";" in sql.strip().rstrip(";"):
+    """Run an analyst's query on a read-only session; refuse anything that is not one read.
+
+    Every refusal and every ClickHouse error (unknown table, syntax) is a one-line
+    :class:`~billing.errors.ConfigError`; an unreachable store is a ServiceError.
+    """
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseError
+
+    try:
+        c = client(readonly=1)
+    except ClickHouseError as exc:
+        raise ServiceError(f"cannot open the analytics store: {clickhouse_message(exc)}") from None
+    try:
+        try:
+            canonical, readonly = c.query(
+                "SELECT formatQuerySingleLine({q:String}), getSetting('readonly')",
+                parameters={"q": sql},
+            ).result_rows[0]
+        except ClickHouseError as exc:
+            raise ConfigError(f"not one ClickHouse statement: {clickhouse_message(exc)}") from None
+        if str(readonly) != "1":  # e.g. a server profile or a client that dropped the setting
+            raise ServiceError(
+                f"the analytics session is not read-only (readonly={readonly}); refusing to run"
+            )
+        check_read_statement(canonical)
+        try:
+            return c.query(canonical)
+        except ClickHouseError as exc:
+            if getattr(exc, "code", None) == _READONLY or "(READONLY)" in str(exc):
+                raise ConfigError(
+                    "billing sql is read-only: ClickHouse refused it "
+                    f"({clickhouse_message(exc)}); no writes, settings or table functions "
+                    "such as file(), url() or postgresql()"
+                ) from None
+            raise ConfigError(f"ClickHouse: {clickhouse_message(exc)}") from None
+    finally:
+        c.close()
+
+
+def check_read_statement(canonical: str) -> None:
+    """``canonical``: one statement as ClickHouse's formatter prints it (no comments, one
+    quoting style). Lexed with sqlglot's ClickHouse tokenizer, every clause as tokens."""
+    from sqlglot.dialects.clickhouse import ClickHouse
+    from sqlglot.errors import TokenError
+    from sqlglot.tokens import TokenType
+
+    class _Tokenizer(ClickHouse.Tokenizer):
+        COMMANDS: set = set()  # EXPLAIN/SHOW bodies as tokens too, not one opaque string
+
+    try:
+        tokens = _Tokenizer().tokenize(canonical)
+    except TokenError as exc:
+        raise ConfigError(f"cannot read the statement: {exc}") from None
+    first = tokens[0].text.upper() if tokens else ""
+    if first not in READ_STATEMENTS:
         raise ConfigError(
-            "only a single read-only statement (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN) is allowed"
+            "only a single read-only statement (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS) "
+            f"is allowed, got {first or 'nothing'}"
         )
-    c = client(readonly=1) if not is_embedded() else client()
-    return c.query(sql.strip().rstrip(";"))
+    for a, b in zip(tokens, tokens[1:], strict=False):
+        if a.token_type == TokenType.INTO and b.token_type == TokenType.VAR:
+            if b.text.upper() == "OUTFILE":
+                raise ConfigError("billing sql is read-only: INTO OUTFILE is not allowed")
+
+
+def clickhouse_message(exc: Exception) -> str:
+    """ClickHouse's own message in one line, without the version trailer or our wrapper."""
+    text = " ".join(str(exc).split())
+    text = re.split(r"DB::(?:Net)?Exception: ", text)[-1]  # the innermost of nested ones
+    text = re.sub(r"\s*\(version [^)]*\)", "", text)
+    text = re.sub(r"(\([A-Z_]+\))(?:\.? \1)+", r"\1", text)  # "(READONLY). (READONLY)"
+    text = re.sub(r"\s*:?\s*In scope SELECT formatQuerySingleLine\(.*?\)\.?(?=\s*\(|$)", "", text)
+    return text.strip()
