@@ -293,6 +293,19 @@ def cmd_transform(args) -> int:
     return 0
 
 
+def cmd_docs(args) -> int:
+    from billing import transform
+
+    if args.docs_command == "generate":
+        for target in args.target or transform.TARGETS:
+            print(f"{target:<10} {transform.docs_generate(target)}")
+        return 0
+    argv = transform.docs_serve_argv(args.target, args.port)
+    env = {**os.environ, **transform.dbt_env(args.target)}
+    print(f"dbt docs for {args.target}: http://127.0.0.1:{args.port}/  (Ctrl-C stops)")
+    return subprocess.run(argv, env=env).returncode
+
+
 def cmd_sql(args) -> int:
     from billing import analytics
     from billing.tables import number, render
@@ -552,6 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--parse", action="store_true", help="only write the manifests Cosmos renders the DAG from"
     )
     t.set_defaults(func=cmd_transform)
+
+    dc = sub.add_parser("docs", help="dbt docs per warehouse: generate, then serve one")
+    dcsub = dc.add_subparsers(dest="docs_command", required=True, parser_class=_Parser)
+    dg = dcsub.add_parser("generate", help="dbt docs generate into target/<target>/")
+    dg.add_argument("--target", action="append", choices=["postgres", "clickhouse"])
+    dg.set_defaults(func=cmd_docs)
+    dv = dcsub.add_parser("serve", help="serve one target's docs on localhost")
+    dv.add_argument("--target", choices=["postgres", "clickhouse"], default="postgres")
+    dv.add_argument("--port", type=_positive, default=8580)
+    dv.set_defaults(func=cmd_docs)
 
     q = sub.add_parser("sql", help="read-only query on the analytics store (ClickHouse)")
     q.add_argument("query")

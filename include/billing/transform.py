@@ -226,6 +226,44 @@ def parse(target: str) -> Path:
     return _write_cosmos_manifest(target)
 
 
+def docs_generate(target: str) -> Path:
+    """Build dbt docs for one target into its own target folder (``target/<target>/``), so
+    the Postgres snapshot's docs and the ClickHouse rollups' docs never overwrite each other;
+    return the ``index.html``."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown dbt target {target!r} (expected one of: {', '.join(TARGETS)})")
+    run_dbt(target, "docs generate", vars={"day": "2026-01-01"})
+    return target_path(target) / "index.html"
+
+
+def docs_serve_argv(target: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command that serves one target's generated docs (``billing docs serve``)."""
+    if not (target_path(target) / "catalog.json").exists():
+        raise ConfigError(
+            f"no docs for {target} yet: run `billing docs generate --target {target}`"
+        )
+    return [
+        sys.executable,
+        "-m",
+        "billing.transform",
+        "docs",
+        "serve",
+        "--target",
+        target,
+        "--project-dir",
+        str(settings.dbt_project_dir()),
+        "--profiles-dir",
+        str(settings.dbt_project_dir()),
+        "--target-path",
+        str(target_path(target)),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-browser",
+    ]
+
+
 # ---------------------------------------------------------------- nightly
 def prepare(cx, catalog=None) -> str:
     """Sync the catalog and check every org against it; return the catalog version.
