@@ -1,8 +1,10 @@
 {#-
-  ClickHouse reads Postgres through the postgresql() table function. Credentials come
-  from the environment (billing.transform fills them from the billing_postgres
-  connection), never from the repo; they do end up in target/ (gitignored) and in the
-  ClickHouse query log, which is why the staging model is ephemeral, not a view.
+  ClickHouse reads Postgres through the postgresql() table function with a named collection
+  (BILLING_DBT_PG_COLLECTION, default billing_postgres) that holds host, port, database, user
+  and password. The compiled SQL, manifest.json and run_results.json therefore name the
+  collection and hold no credentials. Embedded chDB: billing.transform creates it for each
+  dbt command and drops it after; a ClickHouse server: an admin provisions it
+  (docs/ANALYSTS.md). The staging model stays ephemeral, not a view over Postgres.
 -#}
 {% macro ch_quote(value) -%}
     '{{ value | replace("\\", "\\\\") | replace("'", "\\'") }}'
@@ -10,12 +12,9 @@
 
 {% macro postgres_table(relation) -%}
     postgresql(
-        {{ ch_quote(env_var('BILLING_DBT_PG_FROM_CH_HOST', '127.0.0.1') ~ ':' ~ env_var('BILLING_DBT_PG_PORT', '5432')) }},
-        {{ ch_quote(env_var('BILLING_DBT_PG_DBNAME', 'billing')) }},
-        {{ ch_quote(relation.identifier) }},
-        {{ ch_quote(env_var('BILLING_DBT_PG_USER', 'billing')) }},
-        {{ ch_quote(env_var('BILLING_DBT_PG_PASSWORD', '')) }},
-        {{ ch_quote(relation.schema) }}
+        {{ env_var('BILLING_DBT_PG_COLLECTION', 'billing_postgres') }},
+        schema = {{ ch_quote(relation.schema) }},
+        table = {{ ch_quote(relation.identifier) }}
     )
 {%- endmacro %}
 

@@ -129,3 +129,47 @@ def clickhouse_message(exc: Exception) -> str:
     text = re.sub(r"(\([A-Z_]+\))(?:\.? \1)+", r"\1", text)  # "(READONLY). (READONLY)"
     text = re.sub(r"\s*:?\s*In scope SELECT formatQuerySingleLine\(.*?\)\.?(?=\s*\(|$)", "", text)
     return text.strip()
+
+
+# ---------------------------------------------------------------- ClickHouse -> Postgres
+POSTGRES_COLLECTION = "billing_postgres"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def postgres_collection_name(conn: conns.Conn | None = None) -> str:
+    """The named collection ClickHouse reads Postgres through (dbt's rollup staging model):
+    ``extra.postgres_collection`` of the clickhouse connection, default ``billing_postgres``.
+    """
+    c = conn or conns.get(conns.CLICKHOUSE)
+    return _collection(str(c.extra.get("postgres_collection") or POSTGRES_COLLECTION))
+
+
+def _collection(name: str) -> str:
+    if not _IDENTIFIER.match(name):
+        raise ConfigError(f"connection billing_clickhouse: bad postgres_collection {name!r}")
+    return name
+
+
+def create_postgres_collection(ch, name: str, pg: conns.Conn, host: str | None = None) -> None:
+    """(Re)create the named collection ``name`` with ``pg``'s credentials on ``ch``.
+
+    Embedded chDB only (the dbt child calls it before dbt, :func:`drop_collection` after):
+    dbt's compiled SQL then names the collection instead of holding the password. On a
+    ClickHouse server an admin provisions the collection (docs/ANALYSTS.md).
+    """
+    from clickhouse_connect.driver.binding import format_str
+
+    keys = {
+        "host": host or pg.host or "127.0.0.1",
+        "port": str(pg.port or 5432),
+        "database": pg.schema or "billing",
+        "user": pg.login or "",
+        "password": pg.password or "",
+    }
+    body = ", ".join(f"{k} = {format_str(v)}" for k, v in keys.items())  # DDL takes no binds
+    drop_collection(ch, name)
+    ch.command(f"CREATE NAMED COLLECTION {_collection(name)} AS {body}")
+
+
+def drop_collection(ch, name: str) -> None:
+    ch.command(f"DROP NAMED COLLECTION IF EXISTS {_collection(name)}")

@@ -11,6 +11,7 @@ child routes dbt-clickhouse's HTTP client through chDB and must be the only chDB
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from billing import analytics, settings
 from billing import connections as conns
-from billing import settings
 from billing.errors import BillingError, ConfigError
 
 TARGETS = ("postgres", "clickhouse")
@@ -75,12 +76,9 @@ def dbt_env(target: str) -> dict[str, str]:
                     str(ch.extra.get("secure", "")).lower() in ("1", "true", "yes")
                 ),
                 "BILLING_DBT_CH_SCHEMA": ch.schema or "analytics",
-                # ClickHouse reads Postgres itself (postgresql() table function); the host it
-                # sees may differ from ours, so the clickhouse connection may override it.
-                "BILLING_DBT_PG_FROM_CH_HOST": str(
-                    ch.extra.get("postgres_host") or pg.host or "127.0.0.1"
-                ),
-                "BILLING_DBT_PG_PASSWORD": pg.password or "",
+                # ClickHouse reads Postgres itself, through a named collection: the SQL dbt
+                # compiles names it and holds no credentials (macros/postgres_from_clickhouse).
+                "BILLING_DBT_PG_COLLECTION": analytics.postgres_collection_name(ch),
             }
         )
     return env
@@ -88,6 +86,14 @@ def dbt_env(target: str) -> dict[str, str]:
 
 def target_path(target: str) -> Path:
     return settings.dbt_project_dir() / "target" / target
+
+
+def _private_target_path(target: str) -> Path:
+    """``target_path`` as a 0700 folder: compiled SQL and logs are for this user only."""
+    path = target_path(target)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def manifest_path(target: str) -> Path:
@@ -167,7 +173,7 @@ def run_dbt(
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         "DBT_USE_COLORS": "false",
     }
-    run_results = target_path(target) / "run_results.json"
+    run_results = _private_target_path(target) / "run_results.json"
     run_results.unlink(missing_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(
@@ -206,6 +212,7 @@ def parse(target: str) -> Path:
 
     Parsing connects to nothing, so it works without connections (placeholders are used).
     """
+    _private_target_path(target)
     argv = ["parse", "--target", target, "--project-dir", str(settings.dbt_project_dir())]
     argv += ["--profiles-dir", str(settings.dbt_project_dir())]
     argv += ["--target-path", str(target_path(target)), "--vars", '{"day": "2026-01-01"}']
@@ -463,14 +470,15 @@ def _profile_mapping(target: str):
 
 
 # ---------------------------------------------------------------- child process
-def _route_clickhouse_through_chdb() -> None:
-    """If the clickhouse connection is embedded chDB, make dbt-clickhouse's client chDB."""
+def _route_clickhouse_through_chdb() -> str | None:
+    """If the clickhouse connection is embedded chDB, make dbt-clickhouse's client chDB;
+    return the chDB path (None for a ClickHouse server)."""
     try:
         ch = conns.get(conns.CLICKHOUSE)
     except ConfigError:
-        return
+        return None
     if ch.extra.get("interface") != "chdb":
-        return
+        return None
     import clickhouse_connect
 
     path = ch.extra.get("path") or str(settings.local_dir() / "clickhouse")
@@ -486,11 +494,44 @@ def _route_clickhouse_through_chdb() -> None:
         )
 
     clickhouse_connect.get_client = get_client
+    return path
+
+
+# dbt commands that run SQL on the target (parse, deps, ls... connect to nothing).
+_RUNS_SQL = {"build", "run", "test", "seed", "snapshot", "compile", "show", "docs", "run-operation"}
+
+
+@contextlib.contextmanager
+def _postgres_collection(argv: Sequence[str], chdb_path: str | None):
+    """Embedded chDB: the named collection the rollups read Postgres through, for the
+    duration of this dbt command only (so the password is on disk, in the 0700 chDB
+    folder, only while dbt runs). A ClickHouse server has it provisioned by an admin."""
+    runs_sql = _RUNS_SQL & set(argv) and "serve" not in argv  # docs serve: static files
+    if chdb_path is None or _child_target(argv) != "clickhouse" or not runs_sql:
+        yield
+        return
+    ch_conn = conns.get(conns.CLICKHOUSE)
+    name = analytics.postgres_collection_name(ch_conn)
+    ch = analytics.client(ch_conn)
+    try:
+        analytics.create_postgres_collection(
+            ch, name, conns.get(conns.POSTGRES), ch_conn.extra.get("postgres_host")
+        )
+        yield
+    finally:
+        try:
+            analytics.drop_collection(ch, name)
+        finally:
+            ch.close()
+
+
+def _child_target(argv: Sequence[str]) -> str:
+    return "clickhouse" if "clickhouse" in argv else "postgres"
 
 
 def _child_env_from_connections() -> None:
     """Under Cosmos the child gets a profile but not our model env vars: fill them in."""
-    target = "clickhouse" if "clickhouse" in sys.argv else "postgres"
+    target = _child_target(sys.argv)
     try:
         for key, value in dbt_env(target).items():
             os.environ.setdefault(key, value)
@@ -504,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _child_env_from_connections()
-    _route_clickhouse_through_chdb()
-    result = dbtRunner().invoke(argv)
+    chdb_path = _route_clickhouse_through_chdb()
+    os.umask(0o077)  # dbt's target files (compiled SQL, logs, results) are the user's only
+    with _postgres_collection(argv, chdb_path):
+        result = dbtRunner().invoke(argv)
     if result.exception is not None:
         print(f"dbt: {result.exception}", file=sys.stderr)
         return 2

@@ -478,6 +478,43 @@ def test_rollups_match_postgres_and_late_event_reaggregates_only_its_day(fresh):
     assert hourly == [{"n": 2}]  # jp: 03:00 and 04:00 (billable and not) in separate hours
 
 
+def test_clickhouse_run_writes_no_postgres_password(fresh, stack):
+    """The rollups read Postgres through a named collection: after a real full and an
+    incremental clickhouse run, no file dbt wrote (compiled SQL, manifest.json,
+    run_results.json, logs) nor the chDB folder holds the Postgres password."""
+    from billing import connections as conns
+    from billing import db, settings, transform
+
+    password = conns.get(conns.POSTGRES).password
+    assert len(password) >= 16
+    assert "BILLING_DBT_PG_PASSWORD" not in transform.dbt_env("clickhouse")
+    with db.connect() as cx:
+        _seed_demo(cx)
+    for full_refresh in (True, False):  # the incremental run also reads the dates to redo
+        transform.run_dbt(
+            "clickhouse",
+            "build",
+            vars=transform.run_vars(DAY1, dt.date(2025, 1, 1)),
+            full_refresh=full_refresh,
+        )
+    with db.connect() as cx:
+        [(expected,)] = cx.execute(
+            """SELECT count(DISTINCT (org_id, metric, source, (occurred_at AT TIME ZONE 'UTC')::date))
+                 FROM billing.usage_events"""
+        ).fetchall()
+    days = _analytics("SELECT count() AS n FROM analytics.fct_usage_daily")
+    assert days == [{"n": expected}] and expected == 4  # the named collection reached Postgres
+
+    target = transform.target_path("clickhouse")
+    assert target.stat().st_mode & 0o777 == 0o700
+    roots = [settings.dbt_project_dir() / "target", stack.clickhouse_path]
+    files = [f for root in roots for f in root.rglob("*") if f.is_file()]
+    assert any(f.name == "run_results.json" for f in files)
+    assert any("stg_pg_billing__usage_events" in f.read_text(errors="ignore") for f in files)
+    leaking = [str(f) for f in files if password.encode() in f.read_bytes()]
+    assert leaking == []
+
+
 def test_sql_rejects_writes(stack):
     out = subprocess.run(
         [sys.executable, "-m", "billing.cli", "sql", "DROP DATABASE analytics"],
