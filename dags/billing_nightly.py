@@ -1,7 +1,11 @@
 """
 ### billing_nightly
 
-The nightly billing cycle for one **arrival day** (the run's data interval, UTC day D):
+The nightly billing cycle for one **arrival day** D (the landing zone's `dt=D` folder).
+**The logical date is the arrival day**: the run for D has logical date D 00:00 UTC and
+data interval [D, D+1), and the scheduler starts it once D has ended. A backfill from D1 to
+D2 bills D1..D2; the Trigger form's logical date is the day to bill (its default, now, bills
+today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`).
 
 1. `ingest`: the day's usage files from the landing zone into Postgres, exactly once.
 2. `prepare_pricing`: load the pricing catalog, check every org's plan and currency.
@@ -13,7 +17,7 @@ The nightly billing cycle for one **arrival day** (the run's data interval, UTC 
 7. `stripe_sync_invoices`: invoice status back into Postgres for dunning.
 
 **Triage notes**
-- Every task works on the run's data interval and writes with upserts, claims or the
+- Every task works on the run's arrival day and writes with upserts, claims or the
   outbox: clearing a failed task, re-running a day or backfilling is always safe.
 - `ingest` failed: read the log's per-file summary. A failed file is rolled back whole;
   fix the cause (often the database) and clear the task. Bad lines never fail the task:
@@ -23,20 +27,31 @@ The nightly billing cycle for one **arrival day** (the run's data interval, UTC 
 - `dbt_*` failed: a dbt test names the broken rule; nothing partial reaches the marts.
 - `stripe_push` succeeded with `parked > 0`: see `billing parked list` and the
   `billing_retry_parked` DAG. With Stripe read-only on, writes stay queued in the outbox.
-- Re-run one day from a shell: `billing run-day YYYY-MM-DD`.
+- Re-run a day: clear its run (UI, or `airflow tasks clear billing_nightly -s D -e D -y`);
+  a day never run: trigger logical date D. Without a scheduler: `billing run-day D`, which
+  refuses while a run of D is running or a scheduler is up, and keeps earlier runs of D.
+  See docs/runbooks/clearing-failed-tasks.md.
 """
 
 from __future__ import annotations
 
 from airflow.sdk import DAG, task
-from airflow.timetables.interval import CronDataIntervalTimetable
 
-from billing.orchestration import DEFAULT_ARGS, START_DATE, STRIPE_POOL, STRIPE_PUSHED, day_of
+from billing.orchestration import (
+    DEFAULT_ARGS,
+    START_DATE,
+    STRIPE_POOL,
+    STRIPE_PUSHED,
+    arrival_day,
+    arrival_interval,
+)
+from billing.timetables import ArrivalDayTimetable
 from billing.transform import dbt_task_group
 
 with DAG(
     dag_id="billing_nightly",
-    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    schedule=ArrivalDayTimetable(),
+    description="Nightly billing of one arrival day: logical date = arrival day (UTC)",
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
@@ -46,11 +61,12 @@ with DAG(
 ) as dag:
 
     @task
-    def ingest(data_interval_start=None, data_interval_end=None) -> dict:
+    def ingest(logical_date=None) -> dict:
         """Load the arrival day's usage files; returns the per-file summary."""
         from billing.ingest import ingest_day
 
-        return ingest_day(day_of(data_interval_start), data_interval_end)
+        day = arrival_day(logical_date)
+        return ingest_day(day, arrival_interval(day)[1])
 
     @task
     def prepare_pricing() -> str:
@@ -61,18 +77,20 @@ with DAG(
             return transform.prepare(cx)
 
     @task(pool=STRIPE_POOL, outlets=[STRIPE_PUSHED])
-    def stripe_push(data_interval_start=None) -> dict:
+    def stripe_push(logical_date=None, outlet_events=None) -> dict:
         """Push day D's overage items (C_now(D) minus what was pushed) via the outbox."""
         from billing.stripe_sync import push_day
 
-        return push_day(day_of(data_interval_start))
+        day = arrival_day(logical_date)
+        outlet_events[STRIPE_PUSHED].extra = {"day": day.isoformat()}  # billing_reconcile's day
+        return push_day(day)
 
     @task(pool=STRIPE_POOL)
-    def stripe_close_period(data_interval_start=None) -> dict:
+    def stripe_close_period(logical_date=None) -> dict:
         """On a month's last day, create and finalize each org's Stripe invoice."""
         from billing.stripe_sync import close_period_if_month_end
 
-        return close_period_if_month_end(day_of(data_interval_start))
+        return close_period_if_month_end(arrival_day(logical_date))
 
     @task(pool=STRIPE_POOL)
     def stripe_sync_invoices() -> dict:

@@ -33,22 +33,22 @@ with DAG(
     doc_md=__doc__,
     params={
         "period": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             pattern=r"^$|^[0-9]{4}-(0[1-9]|1[0-2])$",
             title="Period (YYYY-MM)",
             description="Empty: the period of the pushed day (or of the run's data interval).",
         ),
         "org_ids": Param(
             [],
-            type="array",
+            type=["null", "array"],
             items={"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
             title="Org ids",
             description="Only these orgs. Empty: every org in the snapshot or in Stripe.",
         ),
         "idempotency_key": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             maxLength=200,
             title="Idempotency key",
             description="Same key, same stored result. Empty: derived from this run's id.",

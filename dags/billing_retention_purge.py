@@ -10,8 +10,9 @@ before a purged month as `too_late` (it could no longer tell a re-sent one from 
 
 - **Weekly (scheduled)**: always a dry run; the log and `billing.retention_purge_audit`
   list, per partition, what would go and why anything stays.
-- **Manual trigger**: set `dry_run` to false and type `CONFIRM` exactly in `confirm`.
-  Anything else fails the run with a clear message and deletes nothing.
+- **Manual trigger**: the form's defaults (dry run, confirmation empty) submit as they
+  are: a dry run. For a real purge untick `dry_run` and type `CONFIRM` exactly in `confirm`;
+  anything else fails the run with a clear message and deletes nothing.
 
 **Triage notes**
 - "refusing to purge": the confirm field was not exactly `CONFIRM`; nothing was deleted.
@@ -48,8 +49,8 @@ with DAG(
             description="Report only. Untick (and type CONFIRM below) to really delete.",
         ),
         "confirm": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             title="Confirmation",
             description="Type CONFIRM exactly to allow a real purge; ignored for dry runs.",
         ),

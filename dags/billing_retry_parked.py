@@ -37,7 +37,7 @@ with DAG(
     params={
         "keys": Param(
             [],
-            type="array",
+            type=["null", "array"],
             items={"type": "string"},
             title="Idempotency keys",
             description="Parked writes to retry (from 'billing parked list'). Leave empty with 'all'.",
@@ -56,7 +56,7 @@ with DAG(
         """Re-send the chosen parked writes; returns sent/adopted/parked counts."""
         from billing.stripe_sync import retry_parked as retry
 
-        return retry(params["keys"], all=params["all"])
+        return retry(params["keys"] or [], all=bool(params["all"]))
 
     retry_parked()
 

@@ -115,9 +115,9 @@ def cmd_generate_usage(args) -> int:
 
 def cmd_ingest_run(args) -> int:
     from billing import ingest
+    from billing.orchestration import arrival_interval
 
-    run_end = dt.datetime.combine(args.day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-    summary = ingest.ingest_day(args.day, run_end)
+    summary = ingest.ingest_day(args.day, arrival_interval(args.day)[1])
     print(json.dumps(summary, indent=2) if args.format == "json" else ingest.format_report(summary))
     return 0
 
@@ -525,9 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     irp.add_argument("--format", choices=["table", "json"], default="table")
     irp.set_defaults(func=cmd_ingest_report)
 
-    r = sub.add_parser("run-day", help="run the nightly DAG for one day without a scheduler")
+    r = sub.add_parser(
+        "run-day",
+        help="billing_nightly for one arrival day (logical date D) without a scheduler; "
+        "refused while D runs or a scheduler is up",
+    )
     r.add_argument("day", type=_day)
-    r.add_argument("--dag", default="billing_nightly")
+    r.add_argument("--dag", default="billing_nightly", choices=["billing_nightly"])
     r.set_defaults(func=cmd_run_day)
 
     d = sub.add_parser("demo", help="stack up, demo orgs, one day of usage, run-day, summary")

@@ -32,7 +32,11 @@ def run(day: dt.date, orgs: int = 8, events: int = 20_000, seed: int = 42) -> in
     )
     usage_gen.write_day(spec, sorted(catalog.metrics), settings.landing_uri(), files=2)
 
-    print(f"4/6 running billing_nightly for {day} (airflow dags test; ~2 min) ...", flush=True)
+    print(
+        f"4/6 running billing_nightly for arrival day {day} (logical date {day}; "
+        "airflow dags test; ~2 min) ...",
+        flush=True,
+    )
     runner.run_day(day, quiet=True)
 
     print("5/6 reconciling the period with Stripe ...", flush=True)

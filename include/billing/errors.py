@@ -15,3 +15,9 @@ class ServiceError(BillingError):
     """A service could not be started, reached or stopped."""
 
     exit_code = 3
+
+
+class RunRefused(BillingError):
+    """A run would collide with another run of the same day (or with a live scheduler)."""
+
+    exit_code = 4

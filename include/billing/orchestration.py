@@ -67,6 +67,46 @@ DEFAULT_ARGS = {
 }
 
 
-def day_of(data_interval_start) -> dt.date:
-    """The arrival day a run is responsible for: the start of its data interval, in UTC."""
-    return dt.datetime.fromtimestamp(data_interval_start.timestamp(), tz=dt.UTC).date()
+def day_of(moment) -> dt.date:
+    """The UTC day of an aware datetime (a data interval bound, a logical date)."""
+    return dt.datetime.fromtimestamp(moment.timestamp(), tz=dt.UTC).date()
+
+
+# ---------------------------------------------------------------- the arrival-day convention
+# billing_nightly works on one *arrival day* D (the landing zone's dt=D folder): the UTC day of
+# its logical date, data interval [D 00:00, D+1 00:00) UTC. The scheduler creates that run once D
+# has ended (run after D+1 00:00); backfills, the Trigger form, `airflow dags test` and
+# `billing run-day` all give the same logical date for the same day (billing.timetables makes
+# manual runs infer the same interval), so a day has one logical date however it was run.
+NIGHTLY_DAG_ID = "billing_nightly"
+
+
+def arrival_day(logical_date) -> dt.date:
+    """The arrival day of a billing_nightly run: the UTC day of its logical date."""
+    if logical_date is None:
+        raise ValueError(
+            f"{NIGHTLY_DAG_ID} needs a logical date: its UTC day is the arrival day it bills"
+        )
+    return day_of(logical_date)
+
+
+def arrival_interval(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    """Arrival day ``day`` as the run's data interval: [D 00:00, D+1 00:00) UTC."""
+    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    return start, start + dt.timedelta(days=1)
+
+
+def logical_date_of(day: dt.date, rerun: int = 0) -> dt.datetime:
+    """The logical date of arrival day ``day``: D 00:00 UTC, as the scheduler and backfills use.
+
+    ``rerun`` > 0 is ``billing run-day``'s n-th re-run of a day that already has a finished
+    run: n seconds after midnight, still day D, so the earlier run and its history are kept
+    (Airflow allows one run per logical date)."""
+    if not 0 <= rerun < 86_400:
+        raise ValueError(f"rerun must be in 0..86399, got {rerun}")
+    return arrival_interval(day)[0] + dt.timedelta(seconds=rerun)
+
+
+def arrival_run_id(run_type: str, day: dt.date, run_after: dt.datetime) -> str:
+    """A run id that names the arrival day: ``scheduled__arrival-2026-11-03_<run after>``."""
+    return f"{run_type}__arrival-{day.isoformat()}_{run_after.isoformat()}"

@@ -334,7 +334,9 @@ class Simulation:
     # ---------------------------------------------------------------- nightly steps
     @staticmethod
     def run_end(day: dt.date) -> dt.datetime:
-        return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+        from billing.orchestration import arrival_interval
+
+        return arrival_interval(day)[1]
 
     def ingest(self, day: dt.date) -> dict:
         from billing import ingest
@@ -528,9 +530,11 @@ class Simulation:
         return res
 
     def airflow_task(self, day: dt.date, task_id: str, *, kill_when_blocked: bool = False):
-        """``airflow tasks test billing_nightly TASK`` for ``day``'s run (interval [day, day+1))."""
+        """``airflow tasks test billing_nightly TASK`` for arrival day ``day`` (logical date D)."""
+        from billing.orchestration import logical_date_of
+
         airflow = Path(sys.executable).parent / "airflow"
-        run_at = f"{(day + dt.timedelta(days=1)).isoformat()}T00:00:00+00:00"
+        run_at = logical_date_of(day).isoformat()
         cmd = [str(airflow), "tasks", "test", "billing_nightly", task_id, run_at]
         logf = open(self.stack.root / f"airflow-{task_id}-{day}.log", "ab")
         proc = subprocess.Popen(

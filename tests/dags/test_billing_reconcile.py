@@ -36,7 +36,9 @@ def _validated(dag, **values) -> dict:
 
 
 def test_params_defaults_and_good_values_validate(dag):
-    assert _validated(dag) == {"period": "", "org_ids": [], "idempotency_key": ""}
+    assert _validated(dag) == {"period": None, "org_ids": [], "idempotency_key": None}
+    # An empty string (an older client) still means "derive".
+    assert _validated(dag, period="", idempotency_key="")["period"] == ""
     assert _validated(dag, period="2026-11", org_ids=["acme", "beta-2"], idempotency_key="k1") == {
         "period": "2026-11",
         "org_ids": ["acme", "beta-2"],
