@@ -9,7 +9,10 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
 
 1. `ingest`: the day's usage files from the landing zone into Postgres, exactly once.
 2. `prepare_pricing`: load the pricing catalog, check every org's plan and currency.
-3. `dbt_snapshot` (Cosmos): daily charges and the invoice snapshot in Postgres.
+3. `dbt_snapshot` (Cosmos): daily charges and the invoice snapshot in Postgres, built in
+   `billing_snapshot_build`, which no reader uses.
+   `publish_snapshot`: once every model and test passed, the build replaces the published
+   snapshot (`billing_snapshot`) in one transaction, so readers never see it half-built.
 4. `dbt_rollups` (Cosmos): hourly/daily/monthly usage rollups in ClickHouse.
 5. `stripe_push`: the day's overage items through the outbox (updates the
    `billing://stripe/pushed` asset, which schedules `billing_reconcile`).
@@ -24,7 +27,8 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
   they are quarantined with a reason (`billing ingest report --day D`).
 - `prepare_pricing` failed: the message names the catalog field, or the org on an
   unknown plan / with the wrong currency. Fix the catalog or the org, then clear.
-- `dbt_*` failed: a dbt test names the broken rule; nothing partial reaches the marts.
+- `dbt_*` failed: a dbt test names the broken rule; nothing partial reaches the published
+  snapshot (readers keep the previous one until `publish_snapshot` runs).
 - `stripe_push` succeeded with `parked > 0`: see `billing parked list` and the
   `billing_retry_parked` DAG. With Stripe read-only on, writes stay queued in the outbox.
 - Re-run a day: clear its run (UI, or `airflow tasks clear billing_nightly -s D -e D -y`);
@@ -76,6 +80,13 @@ with DAG(
         with db.connect() as cx:
             return transform.prepare(cx)
 
+    @task
+    def publish_snapshot() -> dict:
+        """Swap the built (and tested) snapshot in for every reader, all marts at once."""
+        from billing import transform
+
+        return transform.publish_snapshot()
+
     @task(pool=STRIPE_POOL, outlets=[STRIPE_PUSHED])
     def stripe_push(logical_date=None, outlet_events=None) -> dict:
         """Push day D's overage items (C_now(D) minus what was pushed) via the outbox."""
@@ -102,7 +113,7 @@ with DAG(
     snapshot = dbt_task_group("postgres")
     rollups = dbt_task_group("clickhouse")
     push = stripe_push()
-    ingest() >> prepare_pricing() >> snapshot >> [rollups, push]
+    ingest() >> prepare_pricing() >> snapshot >> publish_snapshot() >> [rollups, push]
     push >> stripe_close_period() >> stripe_sync_invoices()
 
 

@@ -27,7 +27,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from psycopg import errors, sql
+from psycopg import IsolationLevel, errors, sql
 from psycopg.rows import dict_row
 
 from billing import db, invoices
@@ -316,6 +316,9 @@ def _snapshot():
     """A read connection; a snapshot dbt has not built yet is a 503, not a 500."""
     try:
         with db.connect() as cx:  # tuple rows: billing.invoices expects them
+            # The ETag lookup and the invoice it describes come from one snapshot.
+            cx.isolation_level = IsolationLevel.REPEATABLE_READ
+            cx.read_only = True
             yield cx
     except (errors.UndefinedTable, errors.InvalidSchemaName, ConfigError):
         raise HTTPException(

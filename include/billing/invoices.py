@@ -95,8 +95,17 @@ def _period(value: str | dt.date) -> dt.date:
 
 
 def _fetch(cx, where: sql.Composable, params: tuple) -> list[Invoice]:
-    q = sql.SQL("SELECT {cols} FROM {inv} WHERE {where} ORDER BY org_id, period_start").format(
-        cols=sql.SQL(_INVOICE_COLUMNS), inv=_rel("fct_invoices"), where=where
+    """Invoices and their lines in one statement: one MVCC snapshot, so the lines always
+    belong to the invoice row they are returned with (the snapshot is published whole)."""
+    cols = ", ".join(f"i.{c.strip()}" for c in _INVOICE_COLUMNS.split(","))
+    q = sql.SQL(
+        "SELECT {cols}, l.line_number, l.line_type, l.metric, l.pricing_mode, l.quantity,"
+        " l.amount_cents, l.tiers::text"
+        " FROM (SELECT * FROM {inv} WHERE {where}) AS i"
+        " LEFT JOIN {lines} AS l ON l.invoice_id = i.invoice_id"
+        " ORDER BY i.org_id, i.period_start, l.line_number"
+    ).format(
+        cols=sql.SQL(cols), inv=_rel("fct_invoices"), lines=_rel("fct_invoice_lines"), where=where
     )
     try:
         rows = cx.execute(q, params).fetchall()
@@ -107,19 +116,19 @@ def _fetch(cx, where: sql.Composable, params: tuple) -> list[Invoice]:
                 f"no invoice snapshot in schema {schema()!r} yet: run 'billing transform --day D'"
             ) from None
         raise
-    if not rows:
-        return []
-    ids = [r[0] for r in rows]
-    lq = sql.SQL(
-        "SELECT invoice_id, line_number, line_type, metric, pricing_mode, quantity, amount_cents,"
-        " tiers::text FROM {lines} WHERE invoice_id = ANY(%s) ORDER BY invoice_id, line_number"
-    ).format(lines=_rel("fct_invoice_lines"))
+    n = len(_INVOICE_COLUMNS.split(","))
+    heads: dict[str, tuple] = {}
     lines: dict[str, list[Line]] = {}
-    for inv_id, number, ltype, metric, mode, qty, cents, tiers in cx.execute(lq, (ids,)):
-        lines.setdefault(inv_id, []).append(
-            Line(number, ltype, metric, mode, qty, cents, json.loads(tiers, parse_float=Decimal))
-        )
-    return [Invoice(*r, lines=lines.get(r[0], [])) for r in rows]
+    for r in rows:
+        head, (number, ltype, metric, mode, qty, cents, tiers) = r[:n], r[n:]
+        heads.setdefault(head[0], head)
+        if number is not None:
+            lines.setdefault(head[0], []).append(
+                Line(
+                    number, ltype, metric, mode, qty, cents, json.loads(tiers, parse_float=Decimal)
+                )
+            )
+    return [Invoice(*h, lines=lines.get(i, [])) for i, h in heads.items()]
 
 
 def list_invoices(cx, period: str | dt.date, org_id: str | None = None) -> list[Invoice]:

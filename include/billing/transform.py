@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,8 +27,18 @@ from billing import analytics, settings
 from billing import connections as conns
 from billing.errors import BillingError, ConfigError
 
+log = logging.getLogger(__name__)
+
 TARGETS = ("postgres", "clickhouse")
-SNAPSHOT_SCHEMA = "billing_snapshot"
+# dbt builds the invoice snapshot here; readers never look at it. Once a build (with its
+# tests) succeeds, publish_snapshot() copies the marts into the published schema
+# (billing.invoices.schema(), default billing_snapshot) in one transaction.
+SNAPSHOT_SCHEMA = "billing_snapshot_build"
+PUBLISHED_TABLES = {  # mart -> its key
+    "fct_daily_charges": ("org_id", "period_start", "metric", "usage_date"),
+    "fct_invoice_lines": ("invoice_line_id",),
+    "fct_invoices": ("invoice_id",),
+}
 
 
 class TransformError(BillingError):
@@ -330,6 +341,77 @@ def run_day(
             vars=run_vars(day, since, version if target == "postgres" else None),
             full_refresh=full_refresh,
         )
+        if target == "postgres":
+            publish_snapshot()
+    return out
+
+
+def publish_snapshot(cx=None) -> dict[str, dict[str, int]]:
+    """Make the last successful dbt build what every reader sees, all marts at once.
+
+    One transaction applies the difference between the build schema and the published one
+    (delete changed or gone rows by key, insert new or changed rows). Deletes and inserts
+    are MVCC: a reader's statement (or repeatable-read transaction) sees the whole old
+    snapshot or the whole new one, never lines of one with totals of the other, and no
+    reader waits. Idempotent: publishing the same build twice changes nothing.
+    """
+    from psycopg import sql
+
+    from billing import db, invoices
+
+    build, published = SNAPSHOT_SCHEMA, invoices.schema()
+    if build == published:
+        raise ConfigError(f"the published snapshot schema must differ from dbt's ({build!r})")
+    out: dict[str, dict[str, int]] = {}
+    with db.transaction() if cx is None else contextlib.nullcontext(cx) as cx:
+        # One publisher at a time (a backfill and a nightly may finish together).
+        cx.execute("SELECT pg_advisory_xact_lock(hashtext('billing.publish_snapshot'))")
+        cx.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(published)))
+        for table, key in PUBLISHED_TABLES.items():
+            src = sql.Identifier(build, table)
+            dst = sql.Identifier(published, table)
+            columns = [
+                r[0]
+                for r in cx.execute(
+                    """SELECT attname FROM pg_attribute
+                        WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
+                        ORDER BY attnum""",
+                    (f"{build}.{table}",),
+                )
+            ]
+            if not columns:
+                raise TransformError(f"nothing to publish: {build}.{table} was not built")
+            have = [
+                r[0]
+                for r in cx.execute(
+                    """SELECT attname FROM pg_attribute
+                        WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
+                        ORDER BY attnum""",
+                    (f"{published}.{table}",),
+                )
+            ]
+            if have != columns:  # first publish, or the contract changed: same shape as dbt's
+                cx.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(dst))
+                cx.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(dst, src))
+            cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+            match = sql.SQL(" AND ").join(
+                sql.SQL("p.{k} = g.{k}").format(k=sql.Identifier(k)) for k in key
+            )
+            deleted = cx.execute(
+                sql.SQL(
+                    "DELETE FROM {dst} AS p USING "
+                    "(SELECT {cols} FROM {dst} EXCEPT ALL SELECT {cols} FROM {src}) AS g "
+                    "WHERE {match}"
+                ).format(dst=dst, src=src, cols=cols, match=match)
+            ).rowcount
+            inserted = cx.execute(
+                sql.SQL(
+                    "INSERT INTO {dst} ({cols}) SELECT {cols} FROM {src} "
+                    "EXCEPT ALL SELECT {cols} FROM {dst}"
+                ).format(dst=dst, src=src, cols=cols)
+            ).rowcount
+            out[table] = {"deleted": deleted, "inserted": inserted}
+    log.info("published the invoice snapshot into %s: %s", published, out)
     return out
 
 
