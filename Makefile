@@ -64,6 +64,10 @@ lock: $(BIN)/python ## Re-resolve requirements.in into the pinned requirements.t
 	$(BIN)/pip install --quiet -r requirements.in
 	$(BIN)/pip freeze --exclude-editable | grep -v '^billing' > requirements.txt
 
-clean: ## Stop the stack and remove local state (keeps .venv)
-	-$(BIN)/billing stack down
+# Every stack under .local (the dev stack, simulate's, leftover test sessions'): stop it and
+# delete its data, including PostgreSQL's folder outside the checkout (/var/tmp/billing-*)
+# when the checkout is one the unprivileged postgres user cannot enter (root under /root).
+clean: ## Stop every local stack and delete its data, also outside .local (keeps .venv)
+	-@for f in $$(find .local -name stack.json 2>/dev/null); do \
+		BILLING_LOCAL_DIR="$$(dirname "$$f")" $(BIN)/billing stack destroy >/dev/null; done
 	rm -rf .local

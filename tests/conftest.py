@@ -46,7 +46,7 @@ def stack():
     s.up()
     yield s
     if not _REUSE:
-        s.down()
+        s.destroy()  # with PostgreSQL's data outside the checkout (/var/tmp/billing-*), if any
 
 
 @pytest.fixture

@@ -70,11 +70,11 @@ def cmd_stack(args) -> int:
         result = stack.up()
         _print_status(stack.status(), result)
         print(f"\nshell env: source {stack.root / 'stack.env'}")
-    elif args.action == "down":
-        for name, state in stack.down().items():
+    elif args.action in ("down", "destroy"):
+        for name, state in (stack.down() if args.action == "down" else stack.destroy()).items():
             print(f"{name:<10} {state}")
     else:
-        status = stack.status()
+        status = stack.status(show_secrets=args.show_secrets)
         if args.format == "json":
             print(json.dumps(status, indent=2))
         else:
@@ -83,11 +83,9 @@ def cmd_stack(args) -> int:
 
 
 def _print_status(status: dict, result: dict | None = None) -> None:
-    from billing.connections import redact
-
-    for name, info in status.items():
+    for name, info in status.items():  # URIs come masked unless --show-secrets
         note = f"  ({result[name]})" if result and name in result else ""
-        uri = redact(info["uri"]) if info.get("uri") else ""
+        uri = info.get("uri") or ""
         print(f"{name:<10} {info['state']:<8} {uri}{note}")
 
 
@@ -485,9 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("stack", help="start/stop/inspect the embedded local services")
-    s.add_argument("action", choices=["up", "down", "status"])
+    s = sub.add_parser(
+        "stack",
+        help="start/stop/inspect the embedded local services; destroy = stop + delete their data",
+    )
+    s.add_argument("action", choices=["up", "down", "status", "destroy"])
     s.add_argument("--format", choices=["table", "json"], default="table")
+    s.add_argument(
+        "--show-secrets", action="store_true", help="status: print passwords in URIs unmasked"
+    )
     s.set_defaults(func=cmd_stack)
 
     o = sub.add_parser("orgs", help="organisations")

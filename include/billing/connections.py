@@ -137,7 +137,7 @@ def redis_url(conn: Conn | None = None) -> str:
 def redact(uri: str) -> str:
     """Hide the password of a URI for printing."""
     parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:  # the raw userinfo, however the password is encoded
+        userinfo, hostport = parts.netloc.rsplit("@", 1)
+        return parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hostport}").geturl()
     return uri

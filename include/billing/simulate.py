@@ -123,7 +123,7 @@ def prepare_environment(stack_dir: Path, *, wipe: bool = True):
     if wipe and stack_dir.exists():
         if stack.state_file.exists():
             os.environ["BILLING_LOCAL_DIR"] = str(stack_dir)
-            stack.down()
+            stack.destroy()  # also PostgreSQL's data outside the checkout, if any
         shutil.rmtree(stack_dir)
     os.environ["BILLING_LOCAL_DIR"] = str(stack_dir)
     os.environ["BILLING_LANDING_URI"] = (stack_dir / "landing").as_uri()

@@ -4,8 +4,6 @@ and every failure counted. Outage tests use a throwaway Postgres, never the shar
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -115,10 +113,7 @@ def throwaway_pg(stack, tmp_path, monkeypatch):
     conn = s.connections(state)[conns.POSTGRES]
     monkeypatch.setenv(conns.env_var(conns.POSTGRES), conn.to_json())
     yield s, state
-    s.postgres_down(state)
-    base = Path(state["postgres"]["base_dir"])
-    if base.parent.name.startswith("billing-") and str(base).startswith("/var/tmp/"):
-        shutil.rmtree(base.parent, ignore_errors=True)
+    s.destroy()  # also its data folder outside tmp_path (/var/tmp/billing-*), if any
 
 
 def test_postgres_stopped_mid_task_is_counted_then_retry_recovers(throwaway_pg):

@@ -30,7 +30,15 @@ def report(tmp_path_factory) -> dict:
     cmd += ["--events-per-day", "200", "--seed", "11", "--faults", "all"]
     cmd += ["--stack-dir", str(base / "stack"), "--report", str(out), "--json"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    finally:  # the private stack's data, also PostgreSQL's outside tmp (/var/tmp/billing-*)
+        subprocess.run(
+            [str(billing), "stack", "destroy"],
+            env={**env, "BILLING_LOCAL_DIR": str(base / "stack")},
+            capture_output=True,
+            timeout=300,
+        )
     if not out.exists():
         pytest.fail(
             f"billing simulate wrote no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}"

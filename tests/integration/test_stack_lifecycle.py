@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +36,7 @@ def own_stack_env(tmp_path):
     }
     env["BILLING_LOCAL_DIR"] = str(tmp_path / "local")
     yield env
-    billing("stack", "down", env=env)
+    billing("stack", "destroy", env=env)  # also PostgreSQL's folder outside tmp_path, if any
 
 
 def _pids(root):
@@ -63,12 +65,27 @@ def test_up_twice_is_harmless_and_down_stops_everything(own_stack_env, stack):
     assert second.stdout.count("already running") == 4  # postgres, redis, stripe, smtp
     assert json.loads(open(os.path.join(root, "stack.json")).read())["ports"] == ports_before
 
-    status = json.loads(
-        billing("stack", "status", "--format", "json", env=own_stack_env, check=True).stdout
-    )
+    out = billing("stack", "status", "--format", "json", env=own_stack_env, check=True).stdout
+    status = json.loads(out)
     assert {
         s["state"] for n, s in status.items() if n in ("postgres", "redis", "stripe", "smtp")
     } == {"running"}
+    # Passwords stay in their 0600 files unless asked for explicitly.
+    secrets = json.loads(open(os.path.join(root, "stack.json")).read())["secrets"]
+    assert secrets["postgres_password"] not in out and secrets["redis_password"] not in out
+    assert status["postgres"]["uri"].startswith("postgresql://billing:***@127.0.0.1:")
+    assert status["redis"]["uri"].startswith("redis://:***@127.0.0.1:")
+    shown = json.loads(
+        billing(
+            "stack", "status", "--format", "json", "--show-secrets", env=own_stack_env, check=True
+        ).stdout
+    )
+    assert f":{secrets['postgres_password']}@" in shown["postgres"]["uri"]
+    assert f":{secrets['redis_password']}@" in shown["redis"]["uri"]
+    for name in ("stack.json", "stack.env", "airflow/passwords.json", "redis/redis.conf"):
+        assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o600, name
+    for name in ("airflow", "redis", "clickhouse"):
+        assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o700, name
     # The second stack has its own ports, so two checkouts run side by side.
     main_ports = json.loads(stack.state_file.read_text())["ports"]
     assert set(ports_before.values()).isdisjoint(main_ports.values())
@@ -86,6 +103,57 @@ def test_up_twice_is_harmless_and_down_stops_everything(own_stack_env, stack):
     assert {
         s["state"] for n, s in status.items() if n in ("postgres", "redis", "stripe", "smtp")
     } == {"stopped"}
+
+
+def _password_works(state: dict) -> bool:
+    import psycopg
+
+    from billing import connections as conns
+    from billing.stack.manager import Stack
+
+    c = Stack(Path("/nonexistent")).connections(state)[conns.POSTGRES]
+    with psycopg.connect(conns.postgres_dsn(c), connect_timeout=10) as cx:
+        return cx.execute("SELECT current_user").fetchone() == ("billing",)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL leaves the root only when run as root")
+def test_destroy_removes_postgres_outside_the_checkout_and_a_re_up_starts_afresh(own_stack_env):
+    """tmp_path is inside a 0700 folder the unprivileged postgres user cannot enter (like a
+    checkout under /root), so PostgreSQL's data lives in /var/tmp/billing-<hash>: `stack
+    destroy` (make clean) removes it, and so does the next `up` after a bare `rm -rf`."""
+    from billing.stack.manager import Stack
+
+    root = Path(own_stack_env["BILLING_LOCAL_DIR"])
+    stack = Stack(root)
+
+    def up() -> dict:
+        out = billing("stack", "up", env=own_stack_env)
+        assert out.returncode == 0, out.stderr
+        return json.loads(stack.state_file.read_text())
+
+    first = up()
+    assert first["postgres"]["base_dir"] == str(stack.external_dir / "postgres")
+    assert (stack.external_dir / "postgres" / "data" / "PG_VERSION").exists()
+    pids = _pids(root)
+    assert len(pids) == 4 and all(_alive(p) for p in pids)
+
+    out = billing("stack", "destroy", env=own_stack_env)
+    assert out.returncode == 0, out.stderr
+    assert not any(_alive(p) for p in pids)
+    assert not stack.external_dir.exists()
+    assert sorted(os.listdir(root)) == []
+
+    second = up()  # a new stack: new passwords, and PostgreSQL accepts the new one
+    assert second["secrets"]["postgres_password"] != first["secrets"]["postgres_password"]
+    assert _password_works(second)
+
+    # The old `make clean` (stop, then rm -rf the root) left the data with the old password.
+    assert billing("stack", "down", env=own_stack_env).returncode == 0
+    shutil.rmtree(root)
+    assert (stack.external_dir / "postgres" / "data" / "PG_VERSION").exists()
+    third = up()
+    assert third["secrets"]["postgres_password"] != second["secrets"]["postgres_password"]
+    assert _password_works(third)
 
 
 def test_taken_port_is_a_one_line_error(own_stack_env):
