@@ -24,7 +24,6 @@ SQL path keeps (``tests/billing/test_ingest_paths.py``).
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ from billing.errors import BillingError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+BOM = b"\xef\xbb\xbf"
 RAW_KEEP = 4096  # characters of a quarantined line kept in billing.usage_quarantine.raw
 FUTURE_SLACK = dt.timedelta(minutes=5)
 REASONS = (
@@ -54,6 +54,7 @@ REASONS = (
     "bad_type",
     "negative_quantity",
     "non_finite_quantity",
+    "quantity_out_of_range",
     "bad_timestamp",
     "future_event",
     "too_late",
@@ -62,12 +63,26 @@ REASONS = (
     "conflict",
 )
 _OUTCOMES = ("accepted", "non_billable", "duplicate", "quarantined")
+# Why a whole file was rejected (billing.usage_files.reject_reason): nothing of it is loaded.
+REJECT_REASONS = ("corrupt_gzip",)
+# Why an entry of a day folder was not read (billing.usage_skipped.reason).
+SKIP_REASONS = ("in_flight", "unsupported_extension", "directory", "symlink", "not_a_file")
+# Loaded file names, matched case-insensitively (part.JSONL, part.jsonl.GZ).
+EXTENSIONS = (".jsonl", ".jsonl.gz")
 
 
 class IngestError(BillingError):
     """Some files could not be loaded (they were rolled back whole; a re-run retries them)."""
 
     exit_code = 4
+
+
+class CorruptFile(Exception):
+    """A file's bytes cannot be decoded (e.g. a broken gzip stream): it is rejected whole."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
 
 
 def workers() -> int:
@@ -97,7 +112,8 @@ def ingest_day(
         raise ValueError("run_end must be timezone-aware")
     started = time.perf_counter()
     root = _day_root(day, landing_uri)
-    files = _list_files(root)
+    files, skipped = _scan(root)
+    _record_skipped(day, run_end, skipped)
     ctx = _Context(
         day=day,
         run_end=run_end,
@@ -123,7 +139,15 @@ def ingest_day(
             initargs=(_worker_env(),),
         ) as pool:
             results = list(pool.map(_load, files, [ctx] * len(files)))
+    for s in skipped:
+        obs.INGEST_SKIPPED.labels(s["reason"]).inc()
+        (log.info if s["reason"] == "in_flight" else log.warning)(
+            "usage entry %s not read (%s): %s", s["path"], s["reason"], s["detail"]
+        )
     for res in results:
+        if res["status"] == "rejected":
+            obs.INGEST_REJECTED.labels(res["reason"]).inc()
+            obs.INGEST_BYTES.inc(res["bytes"])
         if res["status"] == "loaded":
             for outcome in _OUTCOMES:
                 obs.INGEST_EVENTS.labels(outcome).inc(res[outcome])
@@ -136,7 +160,8 @@ def ingest_day(
         "run_end": run_end.isoformat(),
         "landing": str(root),
         "files": results,
-        "total": _totals(results),
+        "skipped": skipped,
+        "total": _totals(results, skipped),
         "seconds": round(time.perf_counter() - started, 3),
     }
     log.info("usage ingest summary: %s", json.dumps(summary, sort_keys=True))
@@ -188,7 +213,8 @@ def report(day: dt.date) -> dict:
         cur = cx.execute(
             """SELECT path, size_bytes, checksum, status, lines, blank, accepted, non_billable,
                       duplicate, quarantined, reasons, seconds, loaded_at,
-                      changed_size, changed_checksum, changed_seen_at
+                      changed_size, changed_checksum, changed_seen_at,
+                      reject_reason AS reason, reject_detail AS detail
                  FROM billing.usage_files WHERE arrival_day = %s ORDER BY path""",
             (day,),
         )
@@ -200,7 +226,17 @@ def report(day: dt.date) -> dict:
             rec["seconds"] = float(rec["seconds"])
             for k in ("loaded_at", "changed_seen_at"):
                 rec[k] = rec[k].isoformat() if rec[k] else None
+            if rec["status"] != "rejected":
+                del rec["reason"], rec["detail"]
             files.append(rec)
+        skipped = [
+            {"path": p, "reason": r, "detail": d}
+            for p, r, d in cx.execute(
+                """SELECT path, reason, detail FROM billing.usage_skipped
+                    WHERE arrival_day = %s ORDER BY path""",
+                (day,),
+            ).fetchall()
+        ]
         samples = [
             {"path": p, "line_no": n, "reason": r, "detail": d, "raw": raw}
             for p, n, r, d, raw in cx.execute(
@@ -212,7 +248,13 @@ def report(day: dt.date) -> dict:
                 (day,),
             ).fetchall()
         ]
-    return {"day": day.isoformat(), "files": files, "total": _totals(files), "samples": samples}
+    return {
+        "day": day.isoformat(),
+        "files": files,
+        "skipped": skipped,
+        "total": _totals(files, skipped),
+        "samples": samples,
+    }
 
 
 def format_report(rep: dict) -> str:
@@ -280,14 +322,18 @@ def format_report(rep: dict) -> str:
             out.append(f"WARNING {f['path']}: changed after it was loaded; not reloaded")
         if f["status"] == "failed":
             out.append(f"FAILED {f['path']}: {f.get('error')}")
+        if f["status"] == "rejected":
+            out.append(f"REJECTED {f['path']}: {f['reason']}: {f['detail']}; nothing loaded")
+    for e in rep.get("skipped", []):
+        out.append(f"NOT READ {e['path']}: {e['reason']}: {e['detail']}")
     for s in rep.get("samples", []):
         out.append(
-            f"  {s['reason']:<20} {s['path'].rsplit('/', 1)[-1]}:{s['line_no']}  {s['detail']}"
+            f"  {s['reason']:<22} {s['path'].rsplit('/', 1)[-1]}:{s['line_no']}  {s['detail']}"
         )
     return "\n".join(out)
 
 
-def _totals(files: list[dict]) -> dict:
+def _totals(files: list[dict], skipped: list[dict] = ()) -> dict:
     total = {k: 0 for k in ("files", "lines", "blank", *_OUTCOMES, "bytes")}
     reasons: Counter[str] = Counter()
     for f in files:
@@ -300,6 +346,10 @@ def _totals(files: list[dict]) -> dict:
     total["quarantined_total"] = total.pop("quarantined")
     total["quarantined"] = dict(sorted(reasons.items()))
     total["status"] = dict(sorted(Counter(f["status"] for f in files).items()))
+    total["rejected"] = dict(
+        sorted(Counter(f["reason"] for f in files if f["status"] == "rejected").items())
+    )
+    total["skipped"] = dict(sorted(Counter(e["reason"] for e in skipped).items()))
     return total
 
 
@@ -317,19 +367,66 @@ def _day_root(day: dt.date, landing_uri: str | None):
 
 
 def _list_files(root) -> list:
-    """The day's ``*.jsonl`` and ``*.jsonl.gz`` files, in name order; ``.``-files are in flight."""
+    """The day's files to load, in name order (see :func:`_scan`)."""
+    return _scan(root)[0]
+
+
+def _scan(root) -> tuple[list, list[dict]]:
+    """The day folder's entries: (files to load in name order, entries not read with why).
+
+    Loaded: regular files named ``*.jsonl`` / ``*.jsonl.gz``, case-insensitively. Not read:
+    ``.``-names (in flight), other names, directories, symlinks (never followed, dangling or
+    not, wherever they point) and other non-files. Locally (``file://``) the day folder itself
+    must resolve to where it is named: a day folder reached through a symlink below the
+    landing root is not read at all. Object stores have no links; the same rules apply."""
+    fs = root.fs
     if not root.exists():
-        return []
-    return sorted(
-        (
-            p
-            for p in root.iterdir()
-            if not p.name.startswith(".")
-            and p.name.endswith((".jsonl", ".jsonl.gz"))
-            and p.is_file()
-        ),
-        key=lambda p: p.name,
-    )
+        return [], []
+    if root.protocol in ("file", "local"):
+        landing = os.path.realpath(root.parent.parent.path)
+        where = os.path.realpath(root.path)
+        if where != os.path.join(landing, "usage", root.name):
+            detail = f"the day folder resolves to {where}, not below the landing root"
+            return [], [{"path": str(root), "reason": "symlink", "detail": detail}]
+    files, skipped = [], []
+    for info in sorted(fs.ls(root.path, detail=True), key=lambda i: i["name"]):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        p = root / name
+        kind = info.get("type")
+        if name.startswith("."):
+            why = ("in_flight", "a name starting with '.' is still being written")
+        elif info.get("islink"):
+            target = os.readlink(p.path) if root.protocol in ("file", "local") else "?"
+            why = ("symlink", f"symlinks are never followed (it points to {target})")
+        elif kind == "directory":
+            why = ("directory", "a directory; files must sit directly in the day folder")
+        elif kind != "file":
+            why = ("not_a_file", f"not a regular file ({kind})")
+        elif not name.lower().endswith(EXTENSIONS):
+            why = ("unsupported_extension", "only *.jsonl and *.jsonl.gz files are loaded")
+        else:
+            files.append(p)
+            continue
+        skipped.append({"path": str(p), "reason": why[0], "detail": why[1]})
+    return files, skipped
+
+
+def _record_skipped(day: dt.date, run_end: dt.datetime, skipped: list[dict]) -> None:
+    """Make billing.usage_skipped say what this listing of the day saw (idempotent)."""
+    with db.connect() as cx, cx.transaction():
+        cx.execute(
+            "DELETE FROM billing.usage_skipped WHERE arrival_day = %s AND NOT (path = ANY(%s))",
+            (day, [e["path"] for e in skipped]),
+        )
+        for e in skipped:
+            cx.execute(
+                """INSERT INTO billing.usage_skipped (path, arrival_day, reason, detail, run_end)
+                   VALUES (%(path)s, %(day)s, %(reason)s, %(detail)s, %(run_end)s)
+                   ON CONFLICT (path) DO UPDATE SET reason = excluded.reason,
+                          detail = excluded.detail, run_end = excluded.run_end,
+                          last_seen_at = now()""",
+                {**e, "day": day, "run_end": run_end},
+            )
 
 
 class _HashingReader:
@@ -347,6 +444,82 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(CHUNK):
             pass
+
+
+def _is_gzip(path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+class _Gunzip:
+    """The decompressed bytes of a gzip file (one or more members) read through ``raw``.
+
+    Anything but a complete gzip stream raises :class:`CorruptFile` with the (compressed)
+    byte offset: not gzip at all, corrupt data, truncated before the end marker, or other
+    bytes after the last member. Output is bounded per read (a 1 MiB input chunk can
+    inflate to far more)."""
+
+    def __init__(self, raw):
+        self.raw, self.buf, self.pos, self.members, self.eof = raw, b"", 0, 0, False
+        self.d = None  # the current member's decompressor; None between members
+
+    def read(self, n: int = -1) -> bytes:
+        import zlib
+
+        while not self.eof:
+            if not self.buf or (self.d is None and len(self.buf) < 2):
+                more = self.raw.read(CHUNK)
+                if more:
+                    self.buf += more
+                    continue
+                if self.d is not None:
+                    raise CorruptFile(
+                        "corrupt_gzip",
+                        f"truncated at byte {self.pos + len(self.buf)}: the file ends "
+                        "before the gzip end-of-stream marker",
+                    )
+                if self.buf:
+                    self._not_gzip()
+                self.eof = True
+                break
+            if self.d is None:
+                if self.buf[:2] != b"\x1f\x8b":
+                    self._not_gzip()
+                self.d = zlib.decompressobj(31)
+            try:
+                out = self.d.decompress(self.buf, CHUNK)
+            except zlib.error as exc:
+                raise CorruptFile(
+                    "corrupt_gzip", f"invalid gzip data at byte {self.pos} or later: {exc}"
+                ) from None
+            rest = self.d.unused_data if self.d.eof else self.d.unconsumed_tail
+            if self.d.eof:
+                self.d, self.members = None, self.members + 1
+            self.pos += len(self.buf) - len(rest)
+            self.buf = rest
+            if out:
+                return out
+        return b""
+
+    def _not_gzip(self):
+        if self.members:
+            raise CorruptFile(
+                "corrupt_gzip",
+                f"trailing garbage at byte {self.pos}: {len(self.buf)}+ byte(s) after the end "
+                "of the gzip stream",
+            )
+        raise CorruptFile(
+            "corrupt_gzip",
+            f"not a gzip file at byte 0 (it starts with {self.buf[:8]!r})",
+        )
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _checksum(path) -> tuple[int, str]:
@@ -527,8 +700,11 @@ def _pump(fh, st: _Stream) -> None:
     """Read ``fh`` in bounded chunks; a line over the limit is skipped, never held whole."""
     carry = b""
     skipping: list | None = None  # [prefix, nbytes]
+    first = True
     while chunk := fh.read(CHUNK):
         st.bytes_in += len(chunk)
+        if first:  # a UTF-8 byte-order mark (Windows tools) is not part of line 1
+            chunk, first = chunk.removeprefix(BOM), False
         if skipping is not None:
             i = chunk.find(b"\n")
             if i < 0:
@@ -586,6 +762,8 @@ _PARSE = """
            OR jsonb_typeof(g.b) NOT IN ('boolean', 'null') OR jsonb_typeof(g.src) NOT IN ('string', 'null')
            OR jsonb_typeof(g.props) NOT IN ('object', 'null') THEN 'bad_type'
       WHEN g.quantity < 0 THEN 'negative_quantity'
+      WHEN g.quantity > %(quantity_max)s OR min_scale(g.quantity) > %(quantity_decimals)s
+           THEN 'quantity_out_of_range'
       WHEN g.occurred_at IS NULL THEN 'bad_timestamp'
       WHEN g.occurred_at > %(latest)s THEN 'future_event'
       WHEN g.occurred_at < %(earliest)s THEN 'too_late'
@@ -663,7 +841,9 @@ SELECT x.line_no, md5(x.event_id)::uuid AS event_key, x.event_id, x.org_id, x.me
        AND f.event_id <> '' AND f.org_id <> '' AND f.metric = ANY(%(metrics)s) AND f.org_id = ANY(%(orgs)s)
     OFFSET 0
   ) x
- WHERE x.quantity >= 0 AND x.occurred_at BETWEEN %(earliest)s AND %(latest)s
+ WHERE x.quantity >= 0 AND x.quantity <= %(quantity_max)s
+   AND min_scale(x.quantity) <= %(quantity_decimals)s
+   AND x.occurred_at BETWEEN %(earliest)s AND %(latest)s
 """
 
 # Staged lines for SQL that did not make it into ingest_ok: classified again (safe casts) with
@@ -699,6 +879,12 @@ SELECT c.line_no, c.reason, c.event_id,
               CASE WHEN coalesce(jsonb_typeof(c.q), 'null') = 'null' THEN 'quantity' END,
               CASE WHEN coalesce(c.t_text, '') = '' THEN 'occurred_at' END)
          WHEN 'negative_quantity' THEN format('quantity %%s is negative', c.quantity)
+         WHEN 'quantity_out_of_range' THEN format(
+              'quantity %%s is outside the accepted range (0 to %%s, at most %%s decimal places)',
+              CASE WHEN length(c.quantity::text) > 40
+                   THEN left(c.quantity::text, 24) || '... (' || length(c.quantity::text) || ' characters)'
+                   ELSE c.quantity::text END,
+              %(quantity_max)s, %(quantity_decimals)s)
          WHEN 'bad_timestamp' THEN format('occurred_at %%s is not an RFC 3339 timestamp with offset', c.t_text)
          WHEN 'future_event' THEN format('occurred_at %%s is more than 5 minutes after the run end %%s',
                                          c.t_text, %(run_end)s::timestamptz)
@@ -818,6 +1004,8 @@ def _lock_key(uri: str) -> int:
 
 
 def _params(ctx: _Context) -> dict:
+    from billing.pricing import QUANTITY_DECIMALS, QUANTITY_MAX
+
     earliest, too_late = ctx.run_end - ctx.lateness, "older than the lateness window"
     if ctx.horizon is not None and ctx.horizon > earliest:
         earliest, too_late = ctx.horizon, "in or before a month purged by retention"
@@ -827,6 +1015,8 @@ def _params(ctx: _Context) -> dict:
         "earliest": earliest,
         "too_late": too_late,
         "metrics": ctx.metrics,
+        "quantity_max": QUANTITY_MAX,
+        "quantity_decimals": QUANTITY_DECIMALS,
     }
 
 
@@ -881,9 +1071,7 @@ def _classify(cx, ctx: _Context, sql_lines: int) -> tuple[str, int]:
 def _open(path):
     """The file opened for reading, and its bytes (decompressed for ``.gz``)."""
     raw_fh = path.open("rb")
-    return raw_fh, (
-        gzip.GzipFile(fileobj=raw_fh, mode="rb") if path.name.endswith(".gz") else raw_fh
-    )
+    return raw_fh, (_Gunzip(raw_fh) if _is_gzip(path) else raw_fh)
 
 
 def _read_lines(fh, wanted: list[int]) -> dict[int, bytes]:
@@ -918,6 +1106,8 @@ def _fill_raw(cx, path, line_nos: list[int]) -> None:
     raw_fh, fh = _open(path)
     with raw_fh, fh:
         lines = _read_lines(fh, sorted(line_nos))
+    if 1 in lines:
+        lines[1] = lines[1].removeprefix(BOM)
     cx.execute("CREATE TEMP TABLE ingest_raw (line_no bigint, raw text) ON COMMIT DROP")
     with cx.cursor().copy("COPY ingest_raw (line_no, raw) FROM STDIN") as copy:
         for n, line in lines.items():
@@ -951,6 +1141,43 @@ def _register(cx, p: dict) -> tuple[int, str]:
     return cx.execute(sql, p).rowcount, "on_conflict"
 
 
+def _reject(cx, file_id: int, uri: str, ctx: _Context, raw, exc: CorruptFile, started) -> dict:
+    """Record a file that cannot be decoded: a manifest row, nothing of its lines."""
+    log.warning("usage file %s rejected, nothing loaded: %s: %s", uri, exc.reason, exc.detail)
+    seconds = round(time.perf_counter() - started, 3)
+    checksum = raw.sha.hexdigest()
+    cx.execute(
+        """INSERT INTO billing.usage_files (file_id, path, arrival_day, size_bytes, checksum,
+               status, lines, blank, accepted, non_billable, duplicate, quarantined, seconds,
+               run_end, reject_reason, reject_detail)
+           VALUES (%s, %s, %s, %s, %s, 'rejected', 0, 0, 0, 0, 0, 0, %s, %s, %s, %s)""",
+        (
+            file_id,
+            uri,
+            ctx.day,
+            raw.size,
+            checksum,
+            Decimal(str(seconds)),
+            ctx.run_end,
+            exc.reason,
+            exc.detail,
+        ),
+    )
+    zeros = dict.fromkeys(("lines", "blank", *_OUTCOMES), 0)
+    return {
+        "path": uri,
+        "status": "rejected",
+        "file_id": file_id,
+        "reason": exc.reason,
+        "detail": exc.detail,
+        **zeros,
+        "reasons": {},
+        "bytes": raw.size,
+        "checksum": checksum,
+        "seconds": seconds,
+    }
+
+
 def _ingest_file(cx, path, ctx: _Context) -> dict:
     uri = str(path)
     started = time.perf_counter()
@@ -960,8 +1187,19 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
         cx.execute("SET LOCAL work_mem = '256MB'")
         cx.execute("SET LOCAL TimeZone = 'UTC'")
         seen = cx.execute(
-            "SELECT file_id, size_bytes, checksum FROM billing.usage_files WHERE path = %s", (uri,)
+            "SELECT file_id, size_bytes, checksum, status FROM billing.usage_files WHERE path = %s",
+            (uri,),
         ).fetchone()
+        if seen is not None and seen[3] == "rejected":
+            size, checksum = _checksum(path)
+            if checksum == seen[2]:
+                result.update(status="skipped", bytes=size, checksum=checksum)
+                result["seconds"] = round(time.perf_counter() - started, 3)
+                return result
+            # nothing of a rejected file was loaded: new bytes under its name load afresh
+            log.warning("rejected usage file %s was replaced; loading its new bytes", uri)
+            cx.execute("DELETE FROM billing.usage_files WHERE file_id = %s", (seen[0],))
+            seen = None
         if seen is not None:
             size, checksum = _checksum(path)
             if checksum == seen[2]:
@@ -996,16 +1234,23 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
             params["earliest"],
             params["latest"],
         )
-        cx.execute(_STAGE)
+        corrupt = None
         with path.open("rb") as raw_fh:
             raw = _HashingReader(raw_fh)
-            fh = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
-            with cx.cursor().copy(
-                f"COPY ingest_stage ({usage_line.STAGE_COLUMNS}) FROM STDIN"
-            ) as copy:
-                st = _Stream(copy.write, ctx.max_line, typer)
-                _pump(fh, st)
-            raw.drain()  # gzip may stop before trailing bytes; hash the whole file
+            fh = _Gunzip(raw) if _is_gzip(path) else raw
+            try:
+                with cx.transaction():  # a corrupt file leaves nothing staged
+                    cx.execute(_STAGE)
+                    with cx.cursor().copy(
+                        f"COPY ingest_stage ({usage_line.STAGE_COLUMNS}) FROM STDIN"
+                    ) as copy:
+                        st = _Stream(copy.write, ctx.max_line, typer)
+                        _pump(fh, st)
+            except CorruptFile as exc:
+                corrupt = exc
+            raw.drain()  # hash the whole file, also what a decoder did not read
+        if corrupt is not None:
+            return _reject(cx, file_id, uri, ctx, raw, corrupt, started)
         t_copy = time.perf_counter()
         candidates = st.line_no - st.blank - st.rejected  # lines that may be events
         mode, marked = _classify(cx, ctx, candidates - st.typed)

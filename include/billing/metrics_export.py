@@ -110,6 +110,23 @@ def _ingest(cx, f: _Families) -> None:
                   jsonb_each_text(u.reasons) r GROUP BY r.key ORDER BY r.key"""
     ):
         f.add("billing_ingest_quarantined_total", n, reason)
+    from billing.ingest import REJECT_REASONS, SKIP_REASONS
+
+    rejected = dict.fromkeys(REJECT_REASONS, 0)
+    rejected.update(
+        cx.execute(
+            """SELECT reject_reason, count(*) FROM billing.usage_files
+                WHERE status = 'rejected' GROUP BY 1"""
+        ).fetchall()
+    )
+    for reason, n in sorted(rejected.items()):
+        f.add("billing_ingest_files_rejected_total", n, reason)
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    skipped.update(
+        cx.execute("SELECT reason, count(*) FROM billing.usage_skipped GROUP BY 1").fetchall()
+    )
+    for reason, n in sorted(skipped.items()):
+        f.add("billing_ingest_entries_skipped", n, reason)
 
 
 def _stripe_outbox(cx, f: _Families) -> None:

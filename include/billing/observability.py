@@ -21,6 +21,18 @@ INGEST_QUARANTINED = Counter(
     registry=REGISTRY,
 )
 INGEST_BYTES = Counter("billing_ingest_bytes_total", "Bytes of usage files read", registry=REGISTRY)
+INGEST_REJECTED = Counter(
+    "billing_ingest_files_rejected_total",
+    "Usage files rejected whole (nothing loaded), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+INGEST_SKIPPED = Counter(
+    "billing_ingest_entries_skipped_total",
+    "Day-folder entries not read (in flight, unsupported name, directory, symlink), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
 INGEST_DURATION = Histogram(
     "billing_ingest_file_duration_seconds",
     "Time to ingest one usage file",
@@ -122,6 +134,17 @@ DURABLE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("reason",),
     ),
     "billing_ingest_bytes_total": ("counter", "Bytes of usage files read", ()),
+    # exported from zero for every reason (billing.ingest.REJECT_REASONS), so increase() works
+    "billing_ingest_files_rejected_total": (
+        "counter",
+        "Usage files rejected whole (nothing loaded), by reason",
+        ("reason",),
+    ),
+    "billing_ingest_entries_skipped": (
+        "gauge",
+        "Day-folder entries the latest listing did not read, by reason (billing.usage_skipped)",
+        ("reason",),
+    ),
     "billing_ingest_file_duration_seconds": ("histogram", "Time to ingest one usage file", ()),
     "billing_ingest_last_loaded_timestamp_seconds": (
         "gauge",

@@ -45,8 +45,12 @@ from billing import settings
 from billing.errors import ConfigError
 
 __all__ = [
+    "AMOUNT_MAX_MINOR",
     "CURRENCIES",
     "MODES",
+    "MONTHLY_QUANTITY_MAX",
+    "QUANTITY_DECIMALS",
+    "QUANTITY_MAX",
     "Catalog",
     "Metric",
     "MetricPrice",
@@ -103,6 +107,18 @@ _ROUNDING = Context(
     rounding=ROUND_HALF_UP,
     traps=[InvalidOperation, DivisionByZero, Overflow],
 )
+
+# The quantity range (docs/USAGE_EVENTS.md "Quantity range", docs/PRICING.md "Range").
+# One event: 0 <= quantity <= QUANTITY_MAX with at most QUANTITY_DECIMALS decimal places, so
+# every event fits Decimal(18, 9) exactly (ClickHouse reads Postgres numeric as Decimal(38, 19):
+# more decimals would be cut there, and a sum past 10^19 wraps). Ingest quarantines anything
+# else as quantity_out_of_range. One org's month of one metric: every plan must price
+# MONTHLY_QUANTITY_MAX units (1,000 maximal events) at no more than AMOUNT_MAX_MINOR minor
+# units, so a base fee plus 90 such lines stays inside the bigint of the invoice snapshot.
+QUANTITY_MAX = Decimal(10**9)
+QUANTITY_DECIMALS = 9
+MONTHLY_QUANTITY_MAX = Decimal(10**12)
+AMOUNT_MAX_MINOR = 10**17
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _PLAIN_DECIMAL_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
@@ -449,6 +465,41 @@ def _parse_metric_price(plan: str, metric: str, spec: Any) -> MetricPrice:
     return MetricPrice(metric=metric, mode=mode, tiers=_parse_tiers(spec["tiers"], where))
 
 
+def _check_range(where: str, mp: MetricPrice, currency: str) -> None:
+    """Refuse a price that could overflow within the quantity range: the most a month of up
+    to MONTHLY_QUANTITY_MAX units can cost must stay within AMOUNT_MAX_MINOR minor units.
+    Graduated and package prices grow with the quantity; a volume price peaks at the top of
+    some tier, so each tier's top (capped at the range) is priced."""
+    top = MONTHLY_QUANTITY_MAX
+    if mp.mode == PACKAGE:
+        candidates = [("package_price", top)]
+    elif mp.mode == VOLUME:
+        lows = [_ZERO, *(t.up_to for t in mp.tiers[:-1])]
+        candidates = [
+            (f"tiers[{i}].unit_price", top if t.up_to is None else min(t.up_to, top))
+            for i, t in enumerate(mp.tiers)
+            if lows[i] < top
+        ]
+    else:  # graduated: name the tier that adds the most
+        lows = [_ZERO, *(t.up_to for t in mp.tiers[:-1])]
+        adds = [
+            (max(_ZERO, min(top, t.up_to or top) - lows[i]) * t.unit_price, i)
+            for i, t in enumerate(mp.tiers)
+        ]
+        candidates = [(f"tiers[{max(adds)[1]}].unit_price", top)]
+    for fld, q in candidates:
+        try:
+            minor = to_minor(price(mp, q), currency)
+        except (Inexact, Overflow, InvalidOperation):
+            raise _Invalid(f"{where} {fld}", "cannot be priced exactly within 50 digits") from None
+        if minor > AMOUNT_MAX_MINOR:
+            raise _Invalid(
+                f"{where} {fld}",
+                f"{q} units in a month would cost {minor} minor units, above the limit of "
+                f"{AMOUNT_MAX_MINOR} (the quantity range is in docs/PRICING.md)",
+            )
+
+
 def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
     where = f"plan {name!r}"
     spec = _check_keys(spec, where, {"currency", "base_fee"}, {"metrics"})
@@ -479,6 +530,12 @@ def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
                 "not declared under the top-level 'metrics:'",
             )
         priced[metric] = _parse_metric_price(name, metric, mp_spec)
+        _check_range(f"{where} metric {metric!r}", priced[metric], currency)
+    if base_fee.scaleb(exponent, _EXACT) > AMOUNT_MAX_MINOR:
+        raise _Invalid(
+            f"{where} base_fee",
+            f"{spec['base_fee']!r} is above the limit of {AMOUNT_MAX_MINOR} minor units",
+        )
     return Plan(
         name=name,
         currency=currency,

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 
 import msgspec
 
+from billing.pricing import QUANTITY_DECIMALS, QUANTITY_MAX
+
 _DIGITS = frozenset(b"0123456789")
+_INT_DIGITS = len(str(int(QUANTITY_MAX))) - 1  # 9: below QUANTITY_MAX = 10^9
+_DECIMALS = QUANTITY_DECIMALS
+_QUANTITY_CHARS = _INT_DIGITS + 1 + _DECIMALS
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r\x00]").search  # needs COPY escaping: left for SQL
 _md5 = hashlib.md5
 _fromisoformat = dt.datetime.fromisoformat
@@ -153,8 +158,15 @@ class Typer:
                 if props is None:
                     return None
         q = bytes(e.quantity)
-        # no sign or exponent; short (PostgreSQL's numeric takes at most 16383 decimals)
-        if q[0] not in _DIGITS or b"e" in q or b"E" in q or len(q) > 64:
+        # no sign or exponent; inside the range (billing.pricing.QUANTITY_MAX, _DECIMALS)
+        # by its spelling: at most 9 digits before and 9 after the point (10^9 itself, or
+        # trailing zeros past the 9th decimal, are in range too: left for SQL)
+        if q[0] not in _DIGITS or b"e" in q or b"E" in q or len(q) > _QUANTITY_CHARS:
+            return None
+        dot = q.find(b".")
+        if (dot if dot >= 0 else len(q)) > _INT_DIGITS or (
+            dot >= 0 and len(q) - dot - 1 > _DECIMALS
+        ):
             return None
         t = e.occurred_at
         if (

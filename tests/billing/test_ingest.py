@@ -104,6 +104,7 @@ def test_every_reason_and_exact_counts(db, landing):
         ev(15, occurred_at="2026-11-03T00:05:00+00:00", quantity=1.50),  # edge: exactly +5 min
         ev(16, occurred_at="2026-09-29T01:00:00+01:00"),  # edge: exactly run_end - 35 days
         ev(17, occurred_at="2026-02-30T10:00:00Z"),  # impossible date -> bad_timestamp (safe path)
+        ev(18, quantity=18446744073709551615),  # quantity_out_of_range (above 10^9)
     ]
     write(landing, "part-0.jsonl", lines)
     summary = run(landing)
@@ -117,12 +118,12 @@ def test_every_reason_and_exact_counts(db, landing):
         f["duplicate"],
         f["quarantined"],
     ) == (
-        20,
+        21,
         1,
         3,
         1,
         1,
-        14,
+        15,
     )
     expected = {r: 1 for r in ingest.REASONS}
     expected["bad_timestamp"] = 2
@@ -158,6 +159,7 @@ def test_every_reason_and_exact_counts(db, landing):
         ("unknown_metric", 15),
         ("conflict", 16),
         ("bad_timestamp", 20),
+        ("quantity_out_of_range", 21),
     ]
 
 

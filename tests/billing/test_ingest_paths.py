@@ -185,6 +185,27 @@ EDGE_LINES = [
     '{"event_id": "e-1", "org_id": "org-1"',
     '{"event_id":"e-\\u0000","org_id":"org-1","metric":"api_calls","quantity":2,"occurred_at":"2026-11-02T10:00:00Z"}',
     '{"event_id":"e-1","org_id":"org-1","metric":"api_calls","quantity":1e400000,"occurred_at":"2026-11-02T10:00:00Z"}',
+    # the quantity range (billing.pricing.QUANTITY_MAX = 10^9, QUANTITY_DECIMALS = 9)
+    *(
+        obj(quantity=...)[:-1] + f', "quantity": {q}}}'
+        for q in (
+            "1000000000",
+            "1000000000.000000000000",
+            "1000000000.000000001",
+            "1000000001",
+            "999999999.999999999",
+            "0.000000001",
+            "0.0000000001",
+            "1.5000000000000",
+            "1.0000000001",
+            "18446744073709551615",
+            "1e9",
+            "1e308",
+            "1E-9",
+            "1e-10",
+            "9" * 1000,
+        )
+    ),
     # values PostgreSQL cannot take: must never reach a typed COPY row (the file would fail)
     obj(quantity=...)[:-1] + ', "quantity": 0.' + "1" * 20000 + "}",
     obj(properties=...)[:-1] + ', "properties": ' + "[" * 30000 + "]" * 30000 + "}",
