@@ -3,12 +3,12 @@
 
 Manual retry of Stripe writes that were **parked** after the push's retry policy gave up
 (1, 2, 4, 8, 16 s backoff) or after a non-retryable error. Trigger it with the keys to
-retry, or with *all* ticked. Writes older than Stripe's 24 h idempotency window are first
-looked up in Stripe by the idempotency key in their metadata and adopted, never sent twice.
+retry, or with *all* ticked. Every write that was tried before is first looked up in
+Stripe by the idempotency key in its metadata and adopted if Stripe has it, never sent twice.
 
 **Triage notes**
-- See what is parked and why: `billing parked list`, `billing parked show KEY` (Redis
-  record + outbox row with attempts, error class, last error).
+- See what is parked and why: `billing parked list`, `billing parked show KEY` (outbox
+  row with attempts, error class, last error, and its Redis copy).
 - `not_found` / `invalid_request` errors will fail again until their cause is fixed (a
   deleted customer, a wrong currency): fix it first, then retry.
 - `auth`/`permission` errors fail this task at once: the key in `stripe_default` is wrong

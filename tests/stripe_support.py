@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import os
 import random
+import urllib.parse
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
@@ -34,11 +36,22 @@ def direct_client() -> stripe.StripeClient:
     return stripe.StripeClient(key, base_addresses={"api": emulator_url()}, max_network_retries=0)
 
 
-def point_stripe_at(monkeypatch, url: str) -> None:
+def point_stripe_at(monkeypatch, url: str, key: str | None = None) -> None:
+    """Point ``stripe_default`` at ``url`` (a proxy), optionally with another secret key."""
     emulator_url()
     conn = connections.get(connections.STRIPE)
-    moved = connections.Conn(conn.conn_id, conn.conn_type, url, None, None, conn.password, None)
+    moved = connections.Conn(
+        conn.conn_id, conn.conn_type, url, None, None, key or conn.password, None
+    )
     monkeypatch.setenv(connections.env_var(conn.conn_id), moved.to_json())
+
+
+def emulator_admin(path: str, **params) -> dict:
+    """POST a test hook of the emulator (``/_emulator/<path>``), e.g. ``clock/advance``."""
+    body = urllib.parse.urlencode({k: str(v) for k, v in params.items()}).encode()
+    request = urllib.request.Request(f"{emulator_url()}/_emulator/{path}", data=body)
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 def reset_state() -> None:

@@ -190,8 +190,9 @@ class FaultProxy:
         elif fault == "409":
             status, err, extra = (
                 409,
-                {
-                    "type": "idempotency_error",
+                {  # what Stripe (and the emulator) answer while the key is in flight
+                    "type": "invalid_request_error",
+                    "code": "idempotency_key_in_use",
                     "message": "There is currently another in-progress request "
                     "using this Idempotent Key",
                 },

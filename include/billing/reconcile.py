@@ -139,26 +139,29 @@ class StripeReader:
             params["starting_after"] = data[-1]["id"]
 
     def customers(self, cx, org_ids: Sequence[str] | None) -> dict[str, str]:
-        """org_id -> customer id: our mapping plus Stripe customers tagged with an org_id."""
+        """org_id -> customer id: our mapping plus Stripe customers tagged with an org_id.
+
+        Stripe-only customers are found by listing customers (strongly consistent), never by
+        search: Stripe's search lags new objects by up to a minute (longer in an outage), so
+        a customer created just before the run would be reported missing. With ``org_ids``
+        the listing stops as soon as every wanted org is found.
+        """
         found = dict(cx.execute("SELECT org_id, stripe_customer_id FROM billing.stripe_customers"))
-        if org_ids is None:
+        wanted = None if org_ids is None else set(org_ids) - set(found)
+        if wanted is None or wanted:
             for c in self._pages(
                 "list_customers", lambda p: self.gw.v1.customers.list(params=p), {}
             ):
                 org = _field(_field(c, "metadata", {}), "org_id")
-                if org and org not in found:
-                    found[org] = c["id"]
+                if not org or org in found or (wanted is not None and org not in wanted):
+                    continue
+                found[org] = c["id"]  # newest first: the newest customer tagged with it
+                if wanted is not None:
+                    wanted.discard(org)
+                    if not wanted:
+                        break
+        if org_ids is None:
             return found
-        for org in org_ids:
-            if org not in found:
-                res = self._call(
-                    "search_customers",
-                    lambda o=org: self.gw.v1.customers.search(
-                        params={"query": f"metadata['org_id']:'{o}'", "limit": 10}
-                    ),
-                )
-                if res["data"]:
-                    found[org] = res["data"][0]["id"]
         return {o: c for o, c in found.items() if o in org_ids}
 
     def side(self, customer_id: str, period: dt.date, invoice_id: str | None) -> Side | None:

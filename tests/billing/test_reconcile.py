@@ -252,7 +252,12 @@ def test_one_sided_orgs_and_currency_mismatch_are_discrepancies(period):
         (orgs,) = cx.execute("SELECT org_ids FROM billing.billing_incidents").fetchone()
     assert sorted(orgs) == sorted([only_internal, only_stripe, eur])
 
-    # An org filter reads just those orgs (Stripe-only ones found by metadata search).
+    # An org filter reads just those orgs. The Stripe-only customer was created a moment ago:
+    # Stripe's (and the emulator's) search does not show it yet, the customer list does.
+    from stripe_support import direct_client
+
+    query = {"query": f"metadata['org_id']:'{only_stripe}'"}
+    assert direct_client().v1.customers.search(params=query)["data"] == []
     with pytest.raises(ReconcileMismatch) as one:
         reconcile.reconcile(period, [only_stripe], idempotency_key=f"{key}-one")
     assert [d["org_id"] for d in one.value.payload["discrepancies"]] == [only_stripe]

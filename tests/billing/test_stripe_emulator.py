@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +25,7 @@ import pytest
 import stripe
 
 API_KEY = "sk_test_emulatorSecret0123456789"
-OTHER_KEY = "sk_test_anotherAccount9876543210"
+ROLLED_KEY = "sk_test_rolledSameAccount9876543210"  # another key of the same account
 START_TIMEOUT = 20.0
 
 
@@ -106,6 +107,14 @@ class Emulator:
     def client(self, key: str = API_KEY) -> stripe.StripeClient:
         return stripe.StripeClient(key, base_addresses={"api": self.url})
 
+    def admin(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        """A test hook under /_emulator/ (no key); fails the test on an error status."""
+        query = "?" + urllib.parse.urlencode(params) if method == "GET" and params else ""
+        data = {k: str(v) for k, v in params.items()} if method == "POST" else None
+        status, _, body = self.http(method, f"/_emulator/{path}{query}", data, key=None)
+        assert status == 200, body
+        return body
+
     def http(
         self,
         method: str,
@@ -183,14 +192,141 @@ def test_idempotent_replay_returns_original_response_and_creates_one_object(
     assert _headers(second)["idempotency-key"] == key
     assert [c.id for c in client.v1.customers.list(params={"email": email}).data] == [first.id]
 
-    # Keys are scoped per API key: another key's identical request is a new request.
-    other = emulator.client(OTHER_KEY).v1.customers.create(
-        params=params, options={"idempotency_key": key}
+
+def test_idempotency_is_per_account_so_a_rolled_key_shares_it(emulator: Emulator) -> None:
+    """Stripe scopes idempotency keys to the account and mode, not to the API key: after a
+    key roll, a retry with the new key replays the old key's request (never a second write),
+    and reusing the key with other parameters is refused whichever key sends it."""
+    old, new = emulator.client(API_KEY), emulator.client(ROLLED_KEY)
+    email = f"roll-{_uid()}@example.com"
+    key = f"roll-{_uid()}"
+    params = {"email": email, "metadata": {"org_id": "roll"}}
+    first = old.v1.customers.create(params=params, options={"idempotency_key": key})
+
+    retried = new.v1.customers.create(params=params, options={"idempotency_key": key})
+    assert retried.id == first.id
+    assert _headers(retried)["idempotent-replayed"] == "true"
+    assert retried.last_response.body == first.last_response.body
+    with pytest.raises(stripe.IdempotencyError) as excinfo:
+        new.v1.customers.create(params={"email": "x" + email}, options={"idempotency_key": key})
+    assert excinfo.value.http_status == 400
+    assert excinfo.value.json_body["error"]["type"] == "idempotency_error"
+    assert [c.id for c in new.v1.customers.list(params={"email": email}).data] == [first.id]
+    assert new.v1.customers.list(params={"email": "x" + email}).data == []
+
+    # A write first sent with the new key replays for the old one too (the overlap window).
+    key2 = f"roll-{_uid()}"
+    second = new.v1.customers.create(
+        params={"email": "2" + email}, options={"idempotency_key": key2}
     )
-    assert other.id != first.id
-    assert "idempotent-replayed" not in _headers(other)
+    again = old.v1.customers.create(
+        params={"email": "2" + email}, options={"idempotency_key": key2}
+    )
+    assert (again.id, _headers(again)["idempotent-replayed"]) == (second.id, "true")
+
+
+def test_idempotency_records_expire_after_24_hours(emulator: Emulator) -> None:
+    """Stripe may prune a key once it is at least 24 hours old; reusing it then is a new
+    request. The emulator clock is advanced instead of waiting."""
+    client = emulator.client()
+    email = f"ttl-{_uid()}@example.com"
+    key = f"ttl-{_uid()}"
+    first = client.v1.customers.create(params={"email": email}, options={"idempotency_key": key})
+    emulator.admin("POST", "clock/advance", seconds=24 * 3600 - 60)
+    replay = client.v1.customers.create(params={"email": email}, options={"idempotency_key": key})
+    assert (replay.id, _headers(replay)["idempotent-replayed"]) == (first.id, "true")
+    emulator.admin("POST", "clock/advance", seconds=61)
+    later = client.v1.customers.create(params={"email": email}, options={"idempotency_key": key})
+    assert later.id != first.id and "idempotent-replayed" not in _headers(later)
     listed = client.v1.customers.list(params={"email": email}).data
-    assert sorted(c.id for c in listed) == sorted([first.id, other.id])
+    assert sorted(c.id for c in listed) == sorted([first.id, later.id])
+
+
+def _held_request(
+    emulator: Emulator, key: str, form: dict[str, str]
+) -> tuple[threading.Thread, list]:
+    """Start a POST /v1/customers with ``key`` in a thread and return once the emulator holds
+    it in flight (a hook event, not a sleep)."""
+    emulator.admin("POST", "holds", idempotency_key=key)
+    answer: list = []
+    thread = threading.Thread(
+        target=lambda: answer.append(
+            emulator.http("POST", "/v1/customers", form, {"Idempotency-Key": key})
+        )
+    )
+    thread.start()
+    assert emulator.admin("GET", "holds/wait", idempotency_key=key, timeout=20)["held"] is True
+    return thread, answer
+
+
+def test_same_key_while_the_first_request_is_in_flight_is_409(emulator: Emulator) -> None:
+    key = f"inflight-{_uid()}"
+    form = {"email": f"inflight-{_uid()}@example.com"}
+    thread, answer = _held_request(emulator, key, form)
+    try:
+        status, headers, body = emulator.http(
+            "POST", "/v1/customers", form, {"Idempotency-Key": key}
+        )
+        assert status == 409
+        assert body["error"]["type"] == "invalid_request_error"
+        assert body["error"]["code"] == "idempotency_key_in_use"
+        assert "another in-progress request" in body["error"]["message"]
+        assert "idempotent-replayed" not in headers
+        # Another key is not blocked by the held request.
+        status, _, other = emulator.http(
+            "POST", "/v1/customers", {"email": "x" + form["email"]}, {"Idempotency-Key": key + "x"}
+        )
+        assert status == 200 and other["email"] == "x" + form["email"]
+        assert emulator.admin("GET", "health")["in_flight"] == 1
+    finally:
+        emulator.admin("POST", "holds/release", idempotency_key=key)
+        thread.join(timeout=20)
+    ((status, _, created),) = answer
+    assert status == 200
+    # The 409 saved nothing: the key now replays the first request's answer.
+    status, headers, replayed = emulator.http(
+        "POST", "/v1/customers", form, {"Idempotency-Key": key}
+    )
+    assert (status, headers["idempotent-replayed"], replayed) == (200, "true", created)
+    assert [c.id for c in emulator.client().v1.customers.list(params=form).data] == [created["id"]]
+
+
+def test_gateway_backs_off_on_idempotency_key_in_use_then_gets_the_first_answer(
+    emulator: Emulator,
+) -> None:
+    """Our client treats 409 idempotency_key_in_use as retryable with backoff: two real
+    concurrent requests, the first held in flight by the emulator until the backoff."""
+    from billing.stripe_sync.client import Gateway, Policy
+
+    key = f"gw-{_uid()}"
+    form = {"email": f"gw-{_uid()}@example.com"}
+    thread, answer = _held_request(emulator, key, form)
+    slept: list[float] = []
+    failures: list[tuple[str, float | None]] = []
+
+    def sleep(delay: float) -> None:  # the backoff: let the first request finish meanwhile
+        slept.append(delay)
+        emulator.admin("POST", "holds/release", idempotency_key=key)
+        thread.join(timeout=20)
+
+    sdk = stripe.StripeClient(API_KEY, base_addresses={"api": emulator.url}, max_network_retries=0)
+    gw = Gateway(Policy(max_rps=0), sleep=sleep, client=sdk)
+    try:
+        customer, attempts = gw.call(
+            "create_customer",
+            lambda: gw.v1.customers.create(params=form, options={"idempotency_key": key}),
+            lambda f, delay: failures.append((f.error_class, delay)),
+        )
+    finally:
+        if thread.is_alive():
+            emulator.admin("POST", "holds/release", idempotency_key=key)
+            thread.join(timeout=20)
+    ((status, _, first),) = answer
+    assert status == 200
+    assert (attempts, slept, failures) == (2, [1.0], [("idempotency_conflict", 1.0)])
+    assert customer.id == first["id"]
+    assert _headers(customer)["idempotent-replayed"] == "true"
+    assert [c.id for c in sdk.v1.customers.list(params=form).data] == [first["id"]]
 
 
 def test_idempotency_key_reused_with_other_parameters_is_rejected(
@@ -457,11 +593,64 @@ def test_pay_with_card_and_declined_card(client: stripe.StripeClient) -> None:
 # ----------------------------------------------------------------------------- search and lists
 
 
-def test_customer_search_by_metadata(client: stripe.StripeClient) -> None:
+def test_search_is_eventually_consistent(emulator: Emulator, client: stripe.StripeClient) -> None:
+    """Like Stripe, new objects are not searchable at once (default lag 60 s, the documented
+    bound); lists and retrieves are. The emulator clock moves instead of the test sleeping."""
+    assert emulator.admin("GET", "health")["search_lag_seconds"] == 60
+    org = f"lag-{_uid()}"
+    query = {"query": f"metadata['org_id']:'{org}'"}
+    cus = _customer(client, metadata={"org_id": org})
+    inv = _invoice(client, cus.id, 100, metadata={"org_id": org})
+    assert client.v1.customers.search(params=query).data == []
+    assert client.v1.invoices.search(params=query).data == []
+    assert [c.id for c in client.v1.customers.list(params={"email": cus.email}).data] == [cus.id]
+    assert client.v1.customers.retrieve(cus.id).metadata["org_id"] == org
+    assert [i.id for i in client.v1.invoices.list(params={"customer": cus.id}).data] == [inv.id]
+    emulator.admin("POST", "clock/advance", seconds=58)
+    assert client.v1.customers.search(params=query).data == []
+    emulator.admin("POST", "clock/advance", seconds=3)
+    assert [c.id for c in client.v1.customers.search(params=query).data] == [cus.id]
+    assert [i.id for i in client.v1.invoices.search(params=query).data] == [inv.id]
+
+    # search/flush indexes what is pending now; search/lag changes it for new objects.
+    late = _customer(client, metadata={"org_id": org})
+    assert [c.id for c in client.v1.customers.search(params=query).data] == [cus.id]
+    assert emulator.admin("POST", "search/flush")["indexed"] == 1
+    assert sorted(c.id for c in client.v1.customers.search(params=query).data) == sorted(
+        [cus.id, late.id]
+    )
+    try:
+        assert emulator.admin("POST", "search/lag", seconds=0)["search_lag_seconds"] == 0
+        now = _customer(client, metadata={"org_id": org})
+        assert now.id in {c.id for c in client.v1.customers.search(params=query).data}
+    finally:
+        emulator.admin("POST", "search/lag", seconds=60)
+
+
+def test_customer_list_filters_created_and_email_newest_first(client: stripe.StripeClient) -> None:
+    email = f"list-{_uid()}@example.com"
+    made = [_customer(client, email=email) for _ in range(3)]
+    newest_first = [c.id for c in reversed(made)]
+    assert [c.id for c in client.v1.customers.list(params={"email": email}).data] == newest_first
+    since = {"gte": made[0].created}
+    page = client.v1.customers.list(params={"email": email, "created": since, "limit": 2})
+    assert ([c.id for c in page.data], page.has_more) == (newest_first[:2], True)
+    rest = client.v1.customers.list(
+        params={"email": email, "limit": 2, "starting_after": page.data[-1].id}
+    )
+    assert ([c.id for c in rest.data], rest.has_more) == (newest_first[2:], False)
+    future = {"gt": made[-1].created + 3600}
+    assert client.v1.customers.list(params={"email": email, "created": future}).data == []
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.customers.list(params={"colour": "blue"})
+
+
+def test_customer_search_by_metadata(emulator: Emulator, client: stripe.StripeClient) -> None:
     acme, globex = f"acme-{_uid()}", f"globex-{_uid()}"
     a1 = _customer(client, name="Acme One", metadata={"org_id": acme, "tier": "gold"})
     a2 = _customer(client, name="Acme Two", metadata={"org_id": acme})
     g1 = _customer(client, name="Globex", metadata={"org_id": globex})
+    emulator.admin("POST", "search/flush")  # past the search lag
 
     result = client.v1.customers.search(params={"query": f"metadata['org_id']:'{acme}'"})
     assert result.object == "search_result"
@@ -489,12 +678,15 @@ def test_customer_search_by_metadata(client: stripe.StripeClient) -> None:
     assert excinfo.value.http_status == 400
 
 
-def test_invoice_search_by_customer_status_and_metadata(client: stripe.StripeClient) -> None:
+def test_invoice_search_by_customer_status_and_metadata(
+    emulator: Emulator, client: stripe.StripeClient
+) -> None:
     cus = _customer(client)
     run = f"run-{_uid()}"
     draft = _invoice(client, cus.id, 100, metadata={"run": run})
     opened = _invoice(client, cus.id, 2500, metadata={"run": run})
     client.v1.invoices.finalize_invoice(opened.id)
+    emulator.admin("POST", "search/flush")  # past the search lag
 
     def ids(query: str) -> list[str]:
         return [inv.id for inv in client.v1.invoices.search(params={"query": query}).data]

@@ -15,6 +15,7 @@ from stripe_support import (
     PERIOD,
     customers,
     direct_client,
+    emulator_admin,
     emulator_url,
     env_for_tests,
     outbox_rows,
@@ -301,7 +302,11 @@ def test_adopts_writes_stripe_has_after_the_idempotency_window(proxy):
     stripe_sync.push_day(DAYS[0], engine=_engine([]))
     assert {r["kind"] for r in outbox_rows() if r["status"] == "parked"} == {"customer"}
     age_attempts()
-    # 2. A day later: customers adopted (search by metadata.org_id); items created, responses lost.
+    # 2. A day later: customers adopted (listed by creation time, matched on metadata.org_id;
+    #    a search would miss them: the emulator's search lags 60 s, as Stripe documents);
+    #    items created, responses lost.
+    org_query = {"query": f"metadata['org_id']:'{next(iter(snap.orgs))}'"}
+    assert direct_client().v1.customers.search(params=org_query)["data"] == []
     proxy.fault_paths = ("/v1/invoiceitems",)
     before = Counter(proxy.forwarded_paths)
     stripe_sync.retry_parked(all=True, engine=_engine([]))
@@ -318,6 +323,36 @@ def test_adopts_writes_stripe_has_after_the_idempotency_window(proxy):
     assert posts(before)["POST /v1/invoiceitems"] == 0
     assert all(r["status"] == "sent" and r["is_adopted"] for r in outbox_rows())
     assert stripe_sync.list_parked() == []
+    _assert_stripe_matches(snap, DAYS[0])
+
+
+def test_retry_after_a_key_roll_and_a_forgotten_idempotency_key_is_exactly_once(proxy, env):
+    """A customer reached Stripe but every response was lost (parked). Then the API key is
+    rolled and Stripe forgets the idempotency key (emulator clock +24 h): the retry finds
+    the customer by listing and adopts it, it does not create a second one."""
+    env.setenv("BILLING_STRIPE_CONCURRENCY", "1")
+    snap = random_snapshot(n_orgs=1, n_days=1, seed=2)
+    snap.save()
+    (org,) = snap.orgs
+    proxy.rates, proxy.fault_paths = {"lost": 1.0}, ("/v1/customers",)
+    stripe_sync.push_day(DAYS[0], engine=_engine([]))
+    (row,) = [r for r in outbox_rows() if r["status"] == "parked"]
+    assert (row["kind"], row["last_error_class"]) == ("customer", "connection")
+    email = f"billing+{org}@example.test"
+    (created,) = direct_client().v1.customers.list(params={"email": email})["data"]
+
+    point_stripe_at(env, proxy.url, key="sk_test_rolledKey0123456789abcdef")
+    emulator_admin("clock/advance", seconds=24 * 3600 + 60)
+    proxy.rates = {}
+    before = Counter(proxy.forwarded_paths)
+    result = stripe_sync.retry_parked(all=True, engine=_engine([]))
+    assert (result["parked"], result["adopted"]) == (0, 1), result
+    assert (Counter(proxy.forwarded_paths) - before)["POST /v1/customers"] == 0
+    assert customers() == {org: created["id"]}
+    assert [
+        c["id"] for c in direct_client().v1.customers.list(params={"email": email})["data"]
+    ] == [created["id"]]
+    assert {r["status"] for r in outbox_rows()} == {"sent"}
     _assert_stripe_matches(snap, DAYS[0])
 
 

@@ -7,10 +7,13 @@ Run it as::
 It serves localstripe's own routes (customers, payment methods, subscriptions, ...) and adds,
 in front of them, what localstripe lacks or gets wrong for this project:
 
-* ``Idempotency-Key`` on POST requests, scoped per API key: a replay with the same parameters
-  returns the saved status and body with ``Idempotent-Replayed: true``; reuse with other
-  parameters (or another endpoint) is a 400 ``idempotency_error``. Records live 24 hours and
-  are persisted together with the objects they created.
+* ``Idempotency-Key`` on POST requests, scoped to the account and mode as in Stripe (the
+  emulator is one test-mode account: every ``sk_test_``/``rk_test_`` key is one of its keys,
+  so a rolled key sees the old key's records): a replay with the same parameters returns the
+  saved status and body with ``Idempotent-Replayed: true``; reuse with other parameters (or
+  another endpoint) is a 400 ``idempotency_error``; a request whose key is still being
+  executed by another request is a 409 ``idempotency_key_in_use`` (nothing saved, retry
+  later). Records live 24 hours (emulator clock) and are persisted with the objects.
 * One-off invoices built from a customer's pending invoice items (``POST /v1/invoices``
   without a subscription), with ``finalize``, ``pay``, ``void`` and ``mark_uncollectible``
   following Stripe's status machine (draft -> open -> paid | void | uncollectible,
@@ -19,7 +22,18 @@ in front of them, what localstripe lacks or gets wrong for this project:
   ``customer``, ``invoice`` and ``pending`` filters and cursor pagination.
 * ``GET /v1/customers/search`` and ``GET /v1/invoices/search`` (Stripe's search query
   language: ``field:'v'``, ``metadata['k']:'v'``, ``~``, ``>``/``<``, ``-`` negation, ``null``,
-  clauses joined with ``AND`` or ``OR``).
+  clauses joined with ``AND`` or ``OR``), **eventually consistent** like Stripe's ("don't use
+  search for read-after-write flows ... data is searchable in under 1 minute"): a new
+  customer or invoice becomes searchable ``--search-lag-seconds`` (default 60, the
+  documented bound) after its creation. List and retrieve endpoints are always current.
+* ``GET /v1/customers`` with Stripe's filters (``email``, ``created``) and cursors, newest
+  first.
+* Test hooks under ``/_emulator/`` (no key, loopback only): ``POST clock/advance``
+  (``seconds``: moves the emulator clock that ages idempotency records and the search
+  index), ``POST search/flush`` (index everything now), ``POST search/lag`` (``seconds``),
+  and ``POST holds`` / ``GET holds/wait`` / ``POST holds/release`` (``idempotency_key``: hold
+  the next request with that key before it executes, wait until one is held, let it go),
+  so tests see "not yet indexed" or "in flight" deterministically, without sleeping.
 * Stripe-shaped JSON errors everywhere (404 ``Unrecognized request URL``, 401, 500
   ``api_error``), a ``Request-Id`` on every response and one stderr log line per request
   (method, path, status; never the query string or the key).
@@ -30,7 +44,9 @@ in front of them, what localstripe lacks or gets wrong for this project:
 
 Known limits (deliberate, documented): customer credit balances are not applied to one-off
 invoices (``starting_balance`` is 0), ``auto_advance`` is recorded but no clock advances
-drafts, taxes only come from explicit tax rates.
+drafts, taxes only come from explicit tax rates; search lags only for new objects (updates
+are searchable at once), and a restart indexes everything; the clock moves only what the
+emulator itself ages (object ``created`` times stay real).
 """
 
 from __future__ import annotations
@@ -74,6 +90,13 @@ STATE_FILE = "state.pickle"
 LOCK_FILE = "emulator.lock"
 STATE_FORMAT = 1
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+# Stripe: "Under normal operating conditions, data is searchable in under 1 minute."
+DEFAULT_SEARCH_LAG_SECONDS = 60.0
+SEARCH_LAG_ENV = "BILLING_STRIPE_EMULATOR_SEARCH_LAG_SECONDS"
+SEARCHABLE = ("customer:", "invoice:")  # store key prefixes of the searchable resources
+# The emulator is one Stripe account; all its keys are test-mode keys.
+ACCOUNT_ID = "acct_1BillingEmulator0"
+MODE = "test"
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 DEFAULT_CURRENCY = "usd"
 DEFAULT_DAYS_UNTIL_DUE = 30
@@ -1448,10 +1471,14 @@ def _search(
     if not 1 <= limit <= 100:
         raise _invalid("limit", "Limit must be between 1 and 100.")
     offset = _decode_page(params["page"]) if params.get("page") else 0
+    not_yet = request.app[STATE_KEY].unindexed()
     found = [
         obj
         for obj in _objects(cls)
-        if obj.id and not obj.id.startswith("upcoming_") and combine(m(obj) for m in matchers)
+        if obj.id
+        and not obj.id.startswith("upcoming_")
+        and f"{cls.object}:{obj.id}" not in not_yet
+        and combine(m(obj) for m in matchers)
     ]
     page = found[offset : offset + limit]
     has_more = len(found) > offset + limit
@@ -1476,6 +1503,21 @@ async def search_invoices(request: web.Request) -> web.Response:
     return _search(request, ls.Invoice, INVOICE_SEARCH_FIELDS, "invoices")
 
 
+async def list_customers(request: web.Request) -> web.Response:
+    """Stripe's customer list: ``email`` (exact, case-sensitive), ``created``, newest first."""
+    params = _query_params(request)
+    filters: list[Callable[[Any], bool]] = []
+    if "email" in params:
+        email = _as_str(params.pop("email"), "email")
+        filters.append(lambda c: c.email == email)
+    if "created" in params:
+        created_ok = _created_filter(params.pop("created"))
+        filters.append(lambda c: created_ok(c.created))
+    _reject_unknown(params, {"limit", "starting_after", "ending_before", "expand"})
+    found = [c for c in _objects(ls.Customer) if c.id and all(f(c) for f in filters)]
+    return _json(_export_list(found, params, "/v1/customers"))
+
+
 # --------------------------------------------------------------------------------------
 # Emulator-only routes
 # --------------------------------------------------------------------------------------
@@ -1488,20 +1530,113 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok",
             "objects": len(ls.store),
             "idempotency_records": len(state.idempotency),
+            "in_flight": len(state.in_flight),
+            "search_lag_seconds": state.search_lag,
+            "search_unindexed": len(state.unindexed()),
+            "clock_offset_seconds": state.clock_offset,
         }
     )
+
+
+async def _admin_params(request: web.Request) -> dict[str, Any]:
+    data = await request.post() if request.method == "POST" else {}
+    return {**request.query, **data}
+
+
+def _seconds(params: dict[str, Any]) -> float:
+    try:
+        value = float(params["seconds"])
+    except (KeyError, ValueError):
+        raise _invalid("seconds", "seconds must be a number") from None
+    if not 0 <= value < 10 * 365 * 86400:
+        raise _invalid("seconds", "seconds must be >= 0 (and under ten years)")
+    return value
+
+
+def _hold_key(params: dict[str, Any]) -> str:
+    key = params.get("idempotency_key")
+    if not key:
+        raise _missing("idempotency_key")
+    return str(key)
+
+
+async def advance_clock(request: web.Request) -> web.Response:
+    """Move the emulator clock forward: idempotency records age, pending search entries index."""
+    state = request.app[STATE_KEY]
+    state.clock_offset += _seconds(await _admin_params(request))
+    state.dirty = True
+    state.save()
+    return _json({"clock_offset_seconds": state.clock_offset, "now": state.now()})
+
+
+async def flush_search(request: web.Request) -> web.Response:
+    """Index every object now (what Stripe's search shows after its lag has passed)."""
+    state = request.app[STATE_KEY]
+    n = len(state.unindexed())
+    state.search_pending.clear()
+    return _json({"indexed": n})
+
+
+async def set_search_lag(request: web.Request) -> web.Response:
+    """Lag for objects created from now on (already pending ones keep their time)."""
+    state = request.app[STATE_KEY]
+    state.search_lag = _seconds(await _admin_params(request))
+    return _json({"search_lag_seconds": state.search_lag})
+
+
+async def add_hold(request: web.Request) -> web.Response:
+    """Hold the next request with this idempotency key after it is accepted (in flight),
+    before it executes, until ``holds/release``."""
+    state = request.app[STATE_KEY]
+    key = _hold_key(await _admin_params(request))
+    state.holds.setdefault(key, _Hold(asyncio.Event(), asyncio.Event()))
+    return _json({"idempotency_key": key, "held": False})
+
+
+async def wait_hold(request: web.Request) -> web.Response:
+    """Block until a request with this key is held (``timeout`` seconds, default 10)."""
+    state = request.app[STATE_KEY]
+    params = await _admin_params(request)
+    key = _hold_key(params)
+    hold = state.holds.get(key)
+    if hold is None:
+        raise _no_such("hold", key, "idempotency_key")
+    try:
+        timeout = float(params.get("timeout", 10))
+        await asyncio.wait_for(hold.held.wait(), timeout)
+    except TimeoutError:
+        return _error_json({"type": "api_error", "message": f"nothing held for {key}"}, 408)
+    return _json({"idempotency_key": key, "held": True})
+
+
+async def release_hold(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    key = _hold_key(await _admin_params(request))
+    hold = state.holds.pop(key, None)
+    if hold is None:
+        raise _no_such("hold", key, "idempotency_key")
+    hold.release.set()
+    return _json({"idempotency_key": key, "released": hold.held.is_set()})
 
 
 async def flush_data(request: web.Request) -> web.Response:
     """localstripe's ``DELETE /_config/data``, also forgetting idempotency records."""
     ls.store.clear()
     request.app[STATE_KEY].idempotency.clear()
+    request.app[STATE_KEY].search_pending.clear()
     return web.Response(status=200)
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/_emulator/health", health),
+    ("POST", "/_emulator/clock/advance", advance_clock),
+    ("POST", "/_emulator/search/flush", flush_search),
+    ("POST", "/_emulator/search/lag", set_search_lag),
+    ("POST", "/_emulator/holds", add_hold),
+    ("GET", "/_emulator/holds/wait", wait_hold),
+    ("POST", "/_emulator/holds/release", release_hold),
     ("DELETE", "/_config/data", flush_data),
+    ("GET", "/v1/customers", list_customers),
     ("GET", "/v1/customers/search", search_customers),
     ("GET", "/v1/invoices/search", search_invoices),
     ("POST", "/v1/invoices", create_invoice),
@@ -1525,10 +1660,20 @@ ROUTES: list[tuple[str, str, Handler]] = [
 # --------------------------------------------------------------------------------------
 
 
-class EmulatorState:
-    """localstripe's object store plus idempotency records, persisted as one atomic file."""
+@dataclass
+class _Hold:
+    held: asyncio.Event  # set when a request with the key reached the hold point
+    release: asyncio.Event  # set by holds/release
 
-    def __init__(self, state_dir: Path) -> None:
+
+class EmulatorState:
+    """localstripe's object store plus idempotency records, persisted as one atomic file.
+
+    Also the emulator clock (real time plus ``clock_offset``, persisted), requests in flight
+    per idempotency scope, test holds, and when each new searchable object gets indexed.
+    """
+
+    def __init__(self, state_dir: Path, search_lag: float = DEFAULT_SEARCH_LAG_SECONDS) -> None:
         self.dir = Path(state_dir)
         self.path = self.dir / STATE_FILE
         self.idempotency: dict[str, dict[str, Any]] = {}
@@ -1536,6 +1681,33 @@ class EmulatorState:
         self.in_request = False
         self.dirty = False
         self._save_scheduled = False
+        self.clock_offset = 0.0
+        self.search_lag = search_lag
+        self.search_pending: dict[str, float] = {}  # store key -> emulator time it is indexed
+        self.in_flight: set[str] = set()
+        self.holds: dict[str, _Hold] = {}
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
+
+    def created(self, store_key: str) -> None:
+        """A new object entered the store: searchable only after the lag."""
+        if self.search_lag > 0 and store_key.startswith(SEARCHABLE):
+            self.search_pending[store_key] = self.now() + self.search_lag
+
+    def unindexed(self) -> set[str]:
+        """Store keys of objects not searchable yet (entries past their time are dropped)."""
+        if self.search_pending:
+            now = self.now()
+            for key in [k for k, at in self.search_pending.items() if at <= now]:
+                del self.search_pending[key]
+        return set(self.search_pending)
+
+    async def hold_point(self, idem_key: str) -> None:
+        hold = self.holds.get(idem_key)
+        if hold is not None and not hold.held.is_set():
+            hold.held.set()
+            await hold.release.wait()
 
     def load(self) -> None:
         ls.store.clear()
@@ -1553,12 +1725,13 @@ class EmulatorState:
             raise EmulatorError(
                 f"{self.path} is not a Stripe emulator state file (format {STATE_FORMAT})"
             )
-        ls.store.update(data["store"])  # dict.update: bypasses Store.__setitem__
+        ls.store.update(data["store"])  # dict.update: bypasses Store.__setitem__ (all indexed)
         self.idempotency.update(data["idempotency"])
+        self.clock_offset = float(data.get("clock_offset", 0.0))
         self.prune()
 
     def prune(self) -> None:
-        horizon = time.time() - IDEMPOTENCY_TTL_SECONDS
+        horizon = self.now() - IDEMPOTENCY_TTL_SECONDS
         for key in [k for k, rec in self.idempotency.items() if rec["created"] < horizon]:
             del self.idempotency[key]
 
@@ -1569,6 +1742,7 @@ class EmulatorState:
                 "saved_at": time.time(),
                 "store": dict(ls.store),
                 "idempotency": self.idempotency,
+                "clock_offset": self.clock_offset,
             },
             protocol=pickle.HIGHEST_PROTOCOL,
         )
@@ -1643,6 +1817,15 @@ def _install_patches() -> None:
     _PATCHED = True
     ls.Store.dump_to_disk = _store_dump_hook
     ls.Store.try_load_from_disk = _no_disk_load
+    original_setitem = ls.Store.__setitem__
+
+    def store_setitem(self: Any, key: str, value: Any) -> None:
+        new = key not in self
+        original_setitem(self, key, value)
+        if new and _ACTIVE_STATE is not None:
+            _ACTIVE_STATE.created(key)
+
+    ls.Store.__setitem__ = store_setitem
 
     original_create = ls.Customer._api_create.__func__
 
@@ -1765,83 +1948,131 @@ def _should_record(status: int) -> bool:
     return status < 400 or status == 402 or status >= 500
 
 
+def _idempotency_scope(request: web.Request) -> str:
+    """Stripe scopes idempotency keys to the account (and mode), not to the API key: every
+    key the emulator accepts is a key of its one test-mode account."""
+    return f"{ACCOUNT_ID}:{MODE}"
+
+
+def _replay(
+    state: EmulatorState, request: web.Request, record_key: str, idem_key: str, fingerprint: str
+) -> web.Response | None:
+    """The saved response for this key (or the 400 for a mismatched reuse); None if none."""
+    record = state.idempotency.get(record_key)
+    if record is not None and record["created"] < state.now() - IDEMPOTENCY_TTL_SECONDS:
+        del state.idempotency[record_key]
+        record = None
+    if record is None:
+        return None
+    endpoint = f"{request.method} {request.path}"
+    if record["endpoint"] != endpoint:
+        raise StripeAPIError(
+            400,
+            "Keys for idempotent requests can only be used for the same endpoint "
+            f"they were first used for ('{record['endpoint'].split(' ', 1)[1]}' vs "
+            f"'{request.path}'). Try using a key other than '{idem_key}' if you "
+            "meant to execute a different request.",
+            type="idempotency_error",
+        )
+    if record["fingerprint"] != fingerprint:
+        raise StripeAPIError(
+            400,
+            "Keys for idempotent requests can only be used with the same parameters "
+            f"they were first used with. Try using a key other than '{idem_key}' if "
+            "you meant to execute a different request.",
+            type="idempotency_error",
+        )
+    return web.Response(
+        body=record["body"],
+        status=record["status"],
+        content_type="application/json",
+        headers={
+            "Idempotent-Replayed": "true",
+            "Idempotency-Key": idem_key,
+            "Original-Request": record["request_id"],
+        },
+    )
+
+
 @web.middleware
 async def _state_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Serialize requests, apply idempotency, persist after every mutating request."""
-    state = request.app[STATE_KEY]
-    mutating = request.method in ("POST", "DELETE", "PUT", "PATCH")
-    async with state.lock:
-        idem_key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
-        record_key = fingerprint = None
-        if idem_key is not None:
-            if not idem_key or len(idem_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-                raise _invalid(
-                    "Idempotency-Key",
-                    f"Idempotency keys must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
-                )
-            scope = hashlib.sha256((request.get("api_key") or "").encode()).hexdigest()[:24]
-            record_key = f"{scope}:{idem_key}"
-            fingerprint = await _request_fingerprint(request)
-            record = state.idempotency.get(record_key)
-            if record is not None and record["created"] < time.time() - IDEMPOTENCY_TTL_SECONDS:
-                del state.idempotency[record_key]
-                record = None
-            if record is not None:
-                endpoint = f"{request.method} {request.path}"
-                if record["endpoint"] != endpoint:
-                    raise StripeAPIError(
-                        400,
-                        "Keys for idempotent requests can only be used for the same endpoint "
-                        f"they were first used for ('{record['endpoint'].split(' ', 1)[1]}' vs "
-                        f"'{request.path}'). Try using a key other than '{idem_key}' if you "
-                        "meant to execute a different request.",
-                        type="idempotency_error",
-                    )
-                if record["fingerprint"] != fingerprint:
-                    raise StripeAPIError(
-                        400,
-                        "Keys for idempotent requests can only be used with the same parameters "
-                        f"they were first used with. Try using a key other than '{idem_key}' if "
-                        "you meant to execute a different request.",
-                        type="idempotency_error",
-                    )
-                return web.Response(
-                    body=record["body"],
-                    status=record["status"],
-                    content_type="application/json",
-                    headers={
-                        "Idempotent-Replayed": "true",
-                        "Idempotency-Key": idem_key,
-                        "Original-Request": record["request_id"],
-                    },
-                )
+    """Serialize requests, apply idempotency, persist after every mutating request.
 
-        state.in_request = True
-        state.dirty = False
+    Test hooks (``/_emulator/``) bypass the lock, so a held request never blocks them. An
+    idempotent request is *in flight* from the moment it is accepted until its response is
+    saved: a second request with the same key meanwhile gets Stripe's 409
+    ``idempotency_key_in_use`` and nothing is saved for it.
+    """
+    if request.path.startswith("/_emulator/"):
+        return await handler(request)
+    state = request.app[STATE_KEY]
+    idem_key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
+    if idem_key is None:
+        async with state.lock:
+            return await _execute(state, request, handler)
+    if not idem_key or len(idem_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise _invalid(
+            "Idempotency-Key",
+            f"Idempotency keys must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
+        )
+    record_key = f"{_idempotency_scope(request)}:{idem_key}"
+    fingerprint = await _request_fingerprint(request)
+    # No await between these checks and marking the key in flight: atomic on the loop.
+    replayed = _replay(state, request, record_key, idem_key, fingerprint)
+    if replayed is not None:
+        return replayed
+    if record_key in state.in_flight:
+        raise StripeAPIError(
+            409,
+            "There is currently another in-progress request using this Idempotent Key "
+            "(that probably means you submitted twice, and the other request is still "
+            f"going through): {idem_key}. Please try again later.",
+            code="idempotency_key_in_use",
+        )
+    state.in_flight.add(record_key)
+    try:
+        await state.hold_point(idem_key)
+        async with state.lock:
+            return await _execute(state, request, handler, (record_key, idem_key, fingerprint))
+    finally:
+        state.in_flight.discard(record_key)
+
+
+async def _execute(
+    state: EmulatorState,
+    request: web.Request,
+    handler: Handler,
+    idempotent: tuple[str, str, str] | None = None,
+) -> web.StreamResponse:
+    """Run the handler under the state lock; save the idempotent result; persist."""
+    mutating = request.method in ("POST", "DELETE", "PUT", "PATCH")
+    state.in_request = True
+    state.dirty = False
+    try:
         try:
-            try:
-                response = await handler(request)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                response = _error_response(exc, request)
-            if record_key is not None and isinstance(response, web.Response):
-                response.headers["Idempotency-Key"] = idem_key
-                if _should_record(response.status):
-                    state.prune()
-                    state.idempotency[record_key] = {
-                        "endpoint": f"{request.method} {request.path}",
-                        "fingerprint": fingerprint,
-                        "status": response.status,
-                        "body": response.body,
-                        "request_id": request["request_id"],
-                        "created": time.time(),
-                    }
-            if mutating or state.dirty:
-                state.save()
-            return response
-        finally:
-            state.in_request = False
+            response = await handler(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            response = _error_response(exc, request)
+        if idempotent is not None and isinstance(response, web.Response):
+            record_key, idem_key, fingerprint = idempotent
+            response.headers["Idempotency-Key"] = idem_key
+            if _should_record(response.status):
+                state.prune()
+                state.idempotency[record_key] = {
+                    "endpoint": f"{request.method} {request.path}",
+                    "fingerprint": fingerprint,
+                    "status": response.status,
+                    "body": response.body,
+                    "request_id": request["request_id"],
+                    "created": state.now(),
+                }
+        if mutating or state.dirty:
+            state.save()
+        return response
+    finally:
+        state.in_request = False
 
 
 # --------------------------------------------------------------------------------------
@@ -1927,9 +2158,17 @@ def _configure_logging(level: str = "INFO") -> None:
         )
 
 
-def serve(host: str, port: int, state_dir: Path, *, allow_all_interfaces: bool = False) -> None:
+def serve(
+    host: str,
+    port: int,
+    state_dir: Path,
+    *,
+    allow_all_interfaces: bool = False,
+    search_lag: float = DEFAULT_SEARCH_LAG_SECONDS,
+) -> None:
     """Run the emulator until SIGTERM/SIGINT (blocking). State is loaded from and saved to
-    ``state_dir``; binding to all interfaces needs ``allow_all_interfaces``."""
+    ``state_dir``; binding to all interfaces needs ``allow_all_interfaces``; new objects
+    become searchable ``search_lag`` seconds after creation."""
     _configure_logging()
     if host.strip() in WILDCARD_HOSTS and not allow_all_interfaces:
         raise EmulatorError(
@@ -1940,13 +2179,14 @@ def serve(host: str, port: int, state_dir: Path, *, allow_all_interfaces: bool =
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock_fd = _lock_state_dir(state_dir)
     try:
-        state = EmulatorState(state_dir)
+        state = EmulatorState(state_dir, search_lag)
         state.load()
         log.info(
-            "state %s: %d objects, %d idempotency records",
+            "state %s: %d objects, %d idempotency records, search lag %gs",
             state.path,
             len(ls.store),
             len(state.idempotency),
+            state.search_lag,
         )
         app = build_app(state)
         asyncio.run(_serve_async(app, host, port))
@@ -1969,11 +2209,35 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="permit binding to 0.0.0.0/:: (the emulator accepts any test key)",
     )
+    parser.add_argument(
+        "--search-lag-seconds",
+        type=float,
+        default=None,
+        help=f"seconds before a new customer/invoice is searchable (default ${SEARCH_LAG_ENV} "
+        f"or {DEFAULT_SEARCH_LAG_SECONDS:g}, Stripe's documented bound; 0 = at once)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
+    lag = args.search_lag_seconds
+    if lag is None:
+        raw = os.environ.get(SEARCH_LAG_ENV, "")
+        try:
+            lag = float(raw) if raw else DEFAULT_SEARCH_LAG_SECONDS
+        except ValueError:
+            log.error("%s=%r is not a number", SEARCH_LAG_ENV, raw)
+            return 2
+    if lag < 0:
+        log.error("the search lag must not be negative (%g)", lag)
+        return 2
     try:
-        serve(args.host, args.port, args.state_dir, allow_all_interfaces=args.allow_all_interfaces)
+        serve(
+            args.host,
+            args.port,
+            args.state_dir,
+            allow_all_interfaces=args.allow_all_interfaces,
+            search_lag=lag,
+        )
     except EmulatorError as exc:
         log.error("%s", exc)
         return 2

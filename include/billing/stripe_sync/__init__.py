@@ -9,9 +9,9 @@ DAG are thin shells over the functions here.
 * ``outbox``: every write is a row (idempotency key, payload, status, counters) before any
   HTTP call; the same key goes to the SDK and into the object's metadata.
 * ``client``: SDK client from ``stripe_default``, retry policy 1/2/4/8/16 s, rate limit.
-* ``engine``: drains the outbox per org, parks failures in Redis, adopts writes Stripe
-  already has once its idempotency window has passed.
-* ``parking``: the Redis side (parked writes, read-only flag).
+* ``engine``: drains the outbox per org, parks failures (outbox + Redis copy), and before
+  re-sending a write an earlier drain tried, adopts it if Stripe already has it.
+* ``parking``: the Redis side (the parked writes' copy, read-only flag).
 """
 
 from __future__ import annotations

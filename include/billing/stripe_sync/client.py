@@ -1,15 +1,16 @@
 """Talking to Stripe: one SDK client built from ``stripe_default``, our retry policy, a rate limit.
 
 The SDK's own retries are off (``max_network_retries=0``) so the policy here is the only
-one: retryable failures back off 1, 2, 4, 8, 16 s (or the server's ``Retry-After`` when
-longer), then the caller parks the write. The secret key is read from the connection and
+one: retryable failures (connection errors, timeouts, 409 ``idempotency_key_in_use``, 429,
+5xx) back off 1, 2, 4, 8, 16 s (or the server's ``Retry-After`` when longer), then the
+caller parks the write. A 400 ``idempotency_error`` (the key reused with other parameters)
+is final. The secret key is read from the connection and
 handed to the SDK; it is never logged or stored, and error texts are scrubbed of key-like
 strings before they reach the outbox or Redis.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import re
@@ -52,7 +53,6 @@ class Policy:
     max_rps: float = 25.0
     concurrency: int = 4
     timeout: float = 30.0
-    idempotency_window: dt.timedelta = dt.timedelta(hours=24)
     days_until_due: int = 30
 
     @classmethod
@@ -63,10 +63,6 @@ class Policy:
             max_rps=_env_float("BILLING_STRIPE_MAX_RPS", 25.0),
             concurrency=max(1, int(_env_float("BILLING_STRIPE_CONCURRENCY", 4))),
             timeout=_env_float("BILLING_STRIPE_TIMEOUT_SECONDS", 30.0),
-            # Stripe keeps keys for at least 24 h; look up by metadata an hour before that.
-            idempotency_window=dt.timedelta(
-                hours=_env_float("BILLING_STRIPE_IDEMPOTENCY_WINDOW_HOURS", 23.0)
-            ),
             days_until_due=int(_env_float("BILLING_STRIPE_DAYS_UNTIL_DUE", 30)),
         )
 
@@ -148,6 +144,9 @@ def classify(exc: stripe.StripeError) -> Failure:
     except ValueError:
         after = None
     if status == 409:
+        # idempotency_key_in_use: a request with this key is still executing (e.g. the
+        # attempt whose response was lost). Nothing was saved for this one: back off and
+        # send it again; once the first finishes, Stripe replays its answer.
         cls, retryable = "idempotency_conflict", True
     elif status == 429:
         cls, retryable = "rate_limit", True

@@ -4,9 +4,12 @@ Each org's pending rows are sent one after another (customer first, then items, 
 invoice), different orgs in parallel up to ``Policy.concurrency`` and ``Policy.max_rps``.
 A write that exhausts the retry policy is parked (outbox status + Redis); an org whose
 customer or invoice is not in Stripe yet keeps its later rows pending ("blocked") for the
-next drain. Before re-sending a write whose first attempt is older than Stripe's
-idempotency window, the write is looked up by the idempotency key in its metadata and
-adopted if Stripe already has it.
+next drain. Before re-sending a write that an earlier drain already tried (it may have
+reached Stripe: a lost response, a timeout), the write is looked up by the idempotency key
+in its metadata and adopted if Stripe already has it, so exactly-once does not depend on
+Stripe still holding the key (24 h) or on which API key sent the first attempt. Look-ups use list endpoints (strongly consistent), never
+search, which Stripe documents as eventually consistent (up to a minute, longer in an
+outage).
 """
 
 from __future__ import annotations
@@ -254,12 +257,15 @@ class Engine:
             parking.unpark(self.redis, row["idempotency_key"])
 
     def _needs_lookup(self, row: dict) -> bool:
+        """Look in Stripe before sending: invoices always; other writes when an earlier
+        drain already tried them (``first_attempt_at`` as loaded, before this drain stamped
+        it), since that attempt may have reached Stripe. Stripe replays a key it still
+        holds, but only documents holding it for 24 h, and not whether a rolled API key
+        sees it (docs/STRIPE_KEYS_ROTATION.md): the look-up (lists, strongly consistent)
+        keeps a retry exactly-once without relying on either."""
         if row["kind"] in ("invoice", "finalize"):
             return True  # once per org per month, and never two invoices
-        first = row["first_attempt_at"]  # as loaded, before this drain stamped it
-        return (
-            first is not None and dt.datetime.now(dt.UTC) - first >= self.policy.idempotency_window
-        )
+        return row["first_attempt_at"] is not None
 
     def _create(self, cx, row: dict, customer_id: str | None) -> Any:
         params = dict(row["payload"])
@@ -322,11 +328,15 @@ class Engine:
         since = row["first_attempt_at"] or row["created_at"]
         created = {"gte": _ts(since - dt.timedelta(hours=1))}
         if kind == "customer":
-            res = self.gw.v1.customers.search(
-                params={"query": f"metadata['org_id']:'{row['org_id']}'", "limit": 10}
-            )
-            for c in res["data"]:
-                return c["id"]
+            # Not customers.search: Stripe's search is eventually consistent ("don't use
+            # search for read-after-write flows"); the list is current. Our own earlier
+            # attempt created it at or after its first attempt, with the payload's email.
+            params: dict[str, Any] = {"created": created}
+            if row["payload"].get("email"):
+                params["email"] = row["payload"]["email"]
+            for c in self._iter_list(lambda p: self.gw.v1.customers.list(params=p), params):
+                if field(field(c, "metadata", {}), "org_id") == row["org_id"]:
+                    return c["id"]
             return None
         if kind in ("usage_item", "base_fee"):
             for ii in self._iter_list(
