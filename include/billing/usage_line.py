@@ -9,7 +9,8 @@ accept it with exactly the same values, which ``tests/billing/test_ingest_paths.
 line by line against the SQL paths.
 
 Lines left for SQL, by design: ``properties`` PostgreSQL might not parse (see
-:func:`_properties`), a quantity with an exponent, a timestamp not in
+:func:`_properties`), a quantity with an exponent or a sign or more than 9 digits before or
+after the point (the range: ``billing.pricing.QUANTITY_MAX``), a timestamp not in
 ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)`` (offset at most 15:59), strings needing COPY
 escapes, and anything invalid. Nothing PostgreSQL could reject reaches a typed row: one such
 row would fail the file's COPY, on every retry.

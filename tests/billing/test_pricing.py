@@ -750,3 +750,61 @@ def test_catalog_version_is_canonical(tmp_path):
     # A price change does.
     doc["plans"]["starter"]["metrics"]["api_calls"]["tiers"][1]["unit_price"] = "0.00021"
     assert catalog_version(parse_catalog(doc)) != version
+
+
+# ---------------------------------------------------------------- the quantity range
+def _shipped() -> dict:
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d["plans"]["starter"]["metrics"]["api_calls"]["tiers"][2].update(
+                unit_price="100000"
+            ),
+            "catalog: plan 'starter' metric 'api_calls' tiers[2].unit_price: 1000000000000 units"
+            " in a month would cost 9999990000000018000 minor units, above the limit of"
+            " 100000000000000000 (the quantity range is in docs/PRICING.md)",
+        ),
+        (  # volume: the peak is at the top of a tier, not at the top of the range
+            lambda d: d["plans"]["growth"]["metrics"]["api_calls"]["tiers"][1].update(
+                unit_price="100000000.01"
+            ),
+            "catalog: plan 'growth' metric 'api_calls' tiers[1].unit_price: 10000000 units in a"
+            " month would cost 100000000010000000 minor units",
+        ),
+        (
+            lambda d: d["plans"]["growth"]["metrics"]["storage_gb"].update(
+                package_size="0.000001"
+            ),
+            "catalog: plan 'growth' metric 'storage_gb' package_price: 1000000000000 units in a"
+            " month would cost 125000000000000000000 minor units",
+        ),
+        (
+            lambda d: d["plans"]["tokyo"].update(base_fee="100000000000000001"),
+            "catalog: plan 'tokyo' base_fee: '100000000000000001' is above the limit of"
+            " 100000000000000000 minor units",
+        ),
+    ],
+)
+def test_catalog_refuses_prices_that_overflow_within_the_quantity_range(edit, message):
+    doc = _shipped()
+    edit(doc)
+    with pytest.raises(ConfigError) as err:
+        parse_catalog(doc)
+    assert str(err.value).startswith(message)
+
+
+def test_the_shipped_catalog_prices_the_whole_range():
+    from billing.pricing import AMOUNT_MAX_MINOR, MONTHLY_QUANTITY_MAX
+
+    catalog = load_catalog()
+    for plan in catalog.plans.values():
+        for mp in plan.metrics.values():
+            assert to_minor(price(mp, MONTHLY_QUANTITY_MAX), plan.currency) <= AMOUNT_MAX_MINOR
+    # a volume price that reaches the limit exactly is accepted (the edge of the check)
+    doc = _shipped()
+    doc["plans"]["growth"]["metrics"]["api_calls"]["tiers"][1]["unit_price"] = "100000000"
+    parse_catalog(doc)
