@@ -33,25 +33,66 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def failure_message(
+    *,
+    dag_id: str,
+    task_id: str,
+    run_id: str,
+    try_number: int | str,
+    exc: BaseException | None,
+    cause: str | None = None,
+    log_url: str | None = None,
+) -> tuple[str, str]:
+    """(subject, body) of the failure email: what failed, why, and where the log is.
+
+    ``cause`` is what a dbt child left (failed models and tests with their messages): Cosmos
+    itself only raises "dbt command failed", which says nothing to on-call.
+    """
+    error = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+    why = cause or str(exc or "") or error
+    first = " ".join(why.split())[:140]
+    subject = f"[billing] {dag_id}.{task_id} failed: {first}"
+    body = "\n".join(
+        [
+            f"DAG: {dag_id}",
+            f"Task: {task_id} (try {try_number})",
+            f"Run: {run_id}",
+            f"Cause: {why}",
+            *([f"Error: {error}"] if cause else []),
+            f"Log: {log_url or 'open the task in the Airflow UI'}",
+            "",
+            "Triage: the task's doc and the DAG's Triage notes say what to check; tasks are "
+            "idempotent, so clear and re-run once the cause is fixed.",
+        ]
+    )
+    return subject, body
+
+
 def alert_on_failure(context) -> None:
     """Email on-call when a task fails for good. Never raises: alerting must not mask the error."""
     try:
         from billing import mailer
+        from billing.transform import take_failure_cause
 
         ti = context.get("task_instance") or context.get("ti")
         dag_id = getattr(ti, "dag_id", "?")
         task_id = getattr(ti, "task_id", "?")
         run_id = context.get("run_id", "?")
-        exc = context.get("exception")
-        to = mailer.addresses()["engineering"]
-        msg = mailer.build(
-            to,
-            f"[billing] task failed: {dag_id}.{task_id}",
-            f"DAG: {dag_id}\nTask: {task_id}\nRun: {run_id}\nError: {exc}\n\n"
-            "Triage: open the task log in the Airflow UI; tasks are idempotent, so clear and re-run "
-            "once the cause is fixed.",
+        try_number = getattr(ti, "try_number", "?")
+        try:
+            log_url = ti.log_url
+        except Exception:  # a context without a base URL still gets its email
+            log_url = None
+        subject, body = failure_message(
+            dag_id=dag_id,
+            task_id=task_id,
+            run_id=run_id,
+            try_number=try_number,
+            exc=context.get("exception"),
+            cause=take_failure_cause(dag_id, run_id, task_id, try_number),
+            log_url=log_url,
         )
-        mailer.send(msg)
+        mailer.send(mailer.build(mailer.addresses()["engineering"], subject, body))
     except Exception:  # pragma: no cover - alert path must never raise
         log.exception("failure alert could not be sent")
 
