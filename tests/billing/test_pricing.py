@@ -776,9 +776,7 @@ def _shipped() -> dict:
             " month would cost 100000000010000000 minor units",
         ),
         (
-            lambda d: d["plans"]["growth"]["metrics"]["storage_gb"].update(
-                package_size="0.000001"
-            ),
+            lambda d: d["plans"]["growth"]["metrics"]["storage_gb"].update(package_size="0.000001"),
             "catalog: plan 'growth' metric 'storage_gb' package_price: 1000000000000 units in a"
             " month would cost 125000000000000000000 minor units",
         ),
