@@ -43,9 +43,10 @@ def prepare(monkeypatch) -> dt.date:
                     org_id text, metric text, usage_date date, period_start date, currency text,
                     cumulative_charge_cents bigint, daily_charge_cents bigint)"""
         )
-    from billing.stripe_sync import parking
+    from billing.stripe_sync import mode, parking
 
-    parking.client().delete(parking.PARKED, parking.READ_ONLY)
+    parking.client().delete(parking.PARKED)
+    mode.set_mode(False)
     # a period of its own, far from what other tests write to the shared emulator
     n = next(_PERIODS) + uuid.uuid4().int % 600 * 12
     return dt.date(2100 + n // 12, n % 12 + 1, 1)

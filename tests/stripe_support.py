@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import stripe
 
 from billing import connections, db
-from billing.stripe_sync import parking
+from billing.stripe_sync import mode, parking
 
 SNAPSHOT_SCHEMA = "stripe_sync_test_snapshot"
 PERIOD = dt.date(2026, 11, 1)
@@ -69,8 +69,8 @@ def reset_state() -> None:
                     invoice_id text, org_id text, period_start date, plan text, currency text,
                     base_fee_cents bigint, usage_cents bigint, total_cents bigint)"""
         )
-    r = parking.client()
-    r.delete(parking.PARKED, parking.READ_ONLY)
+    parking.client().delete(parking.PARKED)
+    mode.set_mode(False)
 
 
 @dataclass

@@ -286,8 +286,8 @@ def _stripe_ttl_s() -> float:
 def stripe_status() -> dict | None:
     """Stripe outage mode for the read-only views, from ``billing.stripe_sync`` when present.
 
-    Cached for a few seconds: the flag lives in Redis, and neither Redis latency nor a Redis
-    outage may slow down or break invoice reads.
+    Cached for a few seconds: the flag is a Postgres row (``billing.stripe_sync.mode``), and
+    neither its latency nor an outage may slow down or break invoice reads.
     """
     global _stripe_cache
     now = time.monotonic()
@@ -304,7 +304,7 @@ def stripe_status() -> dict | None:
         try:
             info = probe()
             value = {"read_only": info is not None, **(info or {})}
-        except Exception as exc:  # Redis down: report unknown, keep serving
+        except Exception as exc:  # database down: report unknown, keep serving
             value = {"read_only": None, "error": type(exc).__name__}
     _stripe_cache = (now, value)
     return value

@@ -30,21 +30,12 @@ log = logging.getLogger(__name__)
 PG_SOURCES: dict[str, tuple[str, ...]] = {
     "ingest": ("billing.usage_files",),
     "stripe_outbox": ("billing.stripe_outbox",),
+    "stripe_read_only": ("billing.stripe_read_only",),
     "reconcile": ("billing.billing_audit",),
     "incidents": ("billing.billing_incidents",),
     "dunning": ("billing.dunning_notices", "billing.org_service_levels"),
     "purge": ("billing.retention_purge_audit",),
 }
-
-
-def _stripe_keys() -> tuple[str, str]:
-    """The parked-hash and read-only keys, as billing.stripe_sync.parking names them."""
-    try:
-        from billing.stripe_sync import parking
-
-        return parking.PARKED, parking.READ_ONLY
-    except ImportError:
-        return "billing:stripe:parked", "billing:stripe:read_only"
 
 
 class _Families:
@@ -79,6 +70,19 @@ def _le(bound: float) -> str:
     return str(float(bound))
 
 
+def from_zero(known, rows) -> list[tuple]:
+    """Every known label value at 0, then the counted ones (label values, n) from ``rows``.
+
+    Counters are exported from zero so that ``increase()`` sees the first failure: a series
+    that appears with value 1 has no earlier sample to increase from. Values counted but not
+    in ``known`` (e.g. a stage dropped from the policy) are kept. Sorted by label values.
+    """
+    out = {k if isinstance(k, tuple) else (k,): 0 for k in known}
+    for *labels, n in rows:
+        out[tuple(str(x) for x in labels)] = n
+    return sorted(out.items())
+
+
 def _bucket_sql(column: str, bounds) -> str:
     parts = [f"count(*) FILTER (WHERE {column} <= {float(b)})" for b in bounds]
     return ", ".join([*parts, "count(*)", f"coalesce(sum({column}), 0)"])
@@ -101,39 +105,43 @@ def _ingest(cx, f: _Families) -> None:
     f.add("billing_ingest_bytes_total", row[5])
     f.add("billing_ingest_last_loaded_timestamp_seconds", row[6] or 0)
     f.histogram("billing_ingest_file_duration_seconds", list(row[7:-1]), row[-1])
-    for status, n in cx.execute(
-        "SELECT status, count(*) FROM billing.usage_files GROUP BY status ORDER BY status"
-    ):
-        f.add("billing_ingest_files_total", n, status)
-    for reason, n in cx.execute(
-        """SELECT r.key, sum(r.value::bigint) FROM billing.usage_files u,
-                  jsonb_each_text(u.reasons) r GROUP BY r.key ORDER BY r.key"""
-    ):
-        f.add("billing_ingest_quarantined_total", n, reason)
-    from billing.ingest import REJECT_REASONS, SKIP_REASONS
+    from billing import ingest
 
-    rejected = dict.fromkeys(REJECT_REASONS, 0)
-    rejected.update(
+    for labels, n in from_zero(
+        ingest.FILE_STATUSES,
+        cx.execute("SELECT status, count(*) FROM billing.usage_files GROUP BY status"),
+    ):
+        f.add("billing_ingest_files_total", n, *labels)
+    for labels, n in from_zero(
+        ingest.REASONS,
+        cx.execute(
+            """SELECT r.key, sum(r.value::bigint) FROM billing.usage_files u,
+                      jsonb_each_text(u.reasons) r GROUP BY r.key"""
+        ),
+    ):
+        f.add("billing_ingest_quarantined_total", n, *labels)
+    for labels, n in from_zero(
+        ingest.REJECT_REASONS,
         cx.execute(
             """SELECT reject_reason, count(*) FROM billing.usage_files
                 WHERE status = 'rejected' GROUP BY 1"""
-        ).fetchall()
-    )
-    for reason, n in sorted(rejected.items()):
-        f.add("billing_ingest_files_rejected_total", n, reason)
-    skipped = dict.fromkeys(SKIP_REASONS, 0)
-    skipped.update(
-        cx.execute("SELECT reason, count(*) FROM billing.usage_skipped GROUP BY 1").fetchall()
-    )
-    for reason, n in sorted(skipped.items()):
-        f.add("billing_ingest_entries_skipped", n, reason)
+        ),
+    ):
+        f.add("billing_ingest_files_rejected_total", n, *labels)
+    for labels, n in from_zero(
+        ingest.SKIP_REASONS,
+        cx.execute("SELECT reason, count(*) FROM billing.usage_skipped GROUP BY 1"),
+    ):
+        f.add("billing_ingest_entries_skipped", n, *labels)
 
 
 def _stripe_outbox(cx, f: _Families) -> None:
+    from billing.stripe_sync import client, outbox
+
     counts = dict(
         cx.execute("SELECT status, count(*) FROM billing.stripe_outbox GROUP BY status").fetchall()
     )
-    for status in ("pending", "sent", "parked", "cancelled"):
+    for status in outbox.STATUSES:
         f.add("billing_stripe_outbox_rows", counts.get(status, 0), status)
     # The outbox is the source of truth for parked writes (Redis holds a copy that a
     # FLUSHALL or a restart without persistence can lose; the alert must not go quiet).
@@ -143,18 +151,30 @@ def _stripe_outbox(cx, f: _Families) -> None:
     ).fetchone()
     f.add("billing_stripe_outbox_attempts_total", attempts)
     f.add("billing_stripe_outbox_retries_total", retries)
-    for cls, n in cx.execute(
-        """SELECT e.key, sum(e.value::bigint) FROM billing.stripe_outbox o,
-                  jsonb_each_text(o.error_counts) e GROUP BY e.key ORDER BY e.key"""
+    for labels, n in from_zero(
+        client.ERROR_CLASSES,
+        cx.execute(
+            """SELECT e.key, sum(e.value::bigint) FROM billing.stripe_outbox o,
+                      jsonb_each_text(o.error_counts) e GROUP BY e.key"""
+        ),
     ):
-        f.add("billing_stripe_outbox_errors_total", n, cls)
+        f.add("billing_stripe_outbox_errors_total", n, *labels)
+
+
+def _stripe_read_only(cx, f: _Families) -> None:
+    # Durable in Postgres (billing.stripe_sync.mode): a Redis flush cannot zero the gauge.
+    row = cx.execute("SELECT extract(epoch FROM since) FROM billing.stripe_read_only").fetchone()
+    f.add("billing_stripe_read_only", 0 if row is None else 1)
+    f.add("billing_stripe_read_only_since_timestamp_seconds", 0 if row is None else row[0])
 
 
 def _reconcile(cx, f: _Families) -> None:
-    for outcome, n in cx.execute(
-        "SELECT status, count(*) FROM billing.billing_audit GROUP BY status ORDER BY status"
+    from billing.reconcile import OUTCOMES
+
+    for labels, n in from_zero(
+        OUTCOMES, cx.execute("SELECT status, count(*) FROM billing.billing_audit GROUP BY status")
     ):
-        f.add("billing_reconcile_checks_total", n, outcome)
+        f.add("billing_reconcile_checks_total", n, *labels)
     max_diff, last = cx.execute(
         """SELECT coalesce(max(abs(rel_diff)), 0), extract(epoch FROM max(checked_at))
              FROM (SELECT DISTINCT ON (org_id, period) rel_diff, checked_at
@@ -172,17 +192,31 @@ def _incidents(cx, f: _Families) -> None:
     f.add("billing_reconcile_open_incidents", n)
 
 
+def dunning_stages() -> tuple[str, ...]:
+    """The stage names of the dunning policy (none if it cannot be loaded: rows still count)."""
+    from billing import dunning
+
+    try:
+        return tuple(s.name for s in dunning.load_policy().stages)
+    except Exception as exc:  # a broken policy file must not break the scrape
+        log.warning("metrics: dunning policy unreadable: %s", exc)
+        return ()
+
+
 def _dunning(cx, f: _Families) -> None:
-    for stage, status, n in cx.execute(
-        """SELECT stage::text, status, count(*) FROM billing.dunning_notices
-            GROUP BY 1, 2 ORDER BY 1, 2"""
+    from billing.dunning import NOTICE_STATUSES
+
+    stages = dunning_stages()
+    for labels, n in from_zero(
+        [(stage, status) for stage in stages for status in NOTICE_STATUSES],
+        cx.execute("SELECT stage, status, count(*) FROM billing.dunning_notices GROUP BY 1, 2"),
     ):
-        f.add("billing_dunning_notices_total", n, stage, status)
-    for stage, n in cx.execute(
-        """SELECT stage, sum(failures) FROM billing.dunning_notices
-            GROUP BY 1 HAVING sum(failures) > 0 ORDER BY 1"""
+        f.add("billing_dunning_notices_total", n, *labels)
+    for labels, n in from_zero(
+        stages,
+        cx.execute("SELECT stage, sum(failures) FROM billing.dunning_notices GROUP BY 1"),
     ):
-        f.add("billing_dunning_send_failures_total", n, stage)
+        f.add("billing_dunning_send_failures_total", n, *labels)
     (degraded,) = cx.execute(
         "SELECT count(*) FROM billing.org_service_levels WHERE service_level = 'degraded'"
     ).fetchone()
@@ -206,6 +240,7 @@ def _purge(cx, f: _Families) -> None:
 _PG_READERS = {
     "ingest": _ingest,
     "stripe_outbox": _stripe_outbox,
+    "stripe_read_only": _stripe_read_only,
     "reconcile": _reconcile,
     "incidents": _incidents,
     "dunning": _dunning,
@@ -258,30 +293,26 @@ def redis_client():
 
 
 def collect_redis(f: _Families, up: dict[str, int]) -> None:
-    import datetime as dt
-    import json
-
-    _, read_only_key = _stripe_keys()
     try:
-        r = redis_client()
-        raw = r.get(read_only_key)
-        counters = r.hgetall(obs.DURABLE_COUNTERS_KEY)
+        counters = redis_client().hgetall(obs.DURABLE_COUNTERS_KEY)
     except Exception as exc:
         log.warning("metrics: Redis unavailable: %s", exc)
         up["redis"] = 0
         return
-    f.add("billing_stripe_read_only", 1 if raw is not None else 0)
-    since = 0.0
-    if raw:
-        try:
-            since = dt.datetime.fromisoformat(json.loads(raw)["since"]).timestamp()
-        except (ValueError, KeyError, TypeError):
-            since = 0.0
-    f.add("billing_stripe_read_only_since_timestamp_seconds", since)
-    for field, value in sorted(counters.items()):
+    from billing import db
+
+    known = {
+        "billing_db_errors_total": db.ERROR_KINDS,
+        "billing_db_retries_total": db.RETRY_OPERATIONS,
+    }
+    counted: dict[str, list] = {name: [] for name in known}
+    for field, value in counters.items():
         name, _, label = field.partition("|")
         if name in obs.DURABLE_METRICS:
-            f.add(name, int(value), label)
+            counted.setdefault(name, []).append((label, int(value)))
+    for name, rows in counted.items():
+        for labels, n in from_zero(known.get(name, ()), rows):
+            f.add(name, n, *labels)
     up["redis"] = 1
 
 
@@ -296,6 +327,22 @@ def record(metric: str, label: str, amount: int = 1) -> None:
 
 
 # ---------------------------------------------------------------- Airflow metadata DB
+TASK_STATES = ("success", "failed", "upstream_failed", "skipped")  # finished: the state labels
+
+
+def known_tasks(s) -> list[tuple[str, str]]:
+    """(dag_id, task_id) of every task of a billing DAG in the metadata DB's serialized DAGs."""
+    from airflow.models.dag import DagModel
+    from airflow.models.serialized_dag import SerializedDagModel
+    from sqlalchemy import select
+
+    dag_ids = s.scalars(select(DagModel.dag_id).where(DagModel.dag_id.like("billing%"))).all()
+    out = []
+    for row in SerializedDagModel.get_latest_serialized_dags(dag_ids=list(dag_ids), session=s):
+        out += [(row.dag_id, t["__var"]["task_id"]) for t in row.data["dag"]["tasks"]]
+    return out
+
+
 def collect_airflow(f: _Families, up: dict[str, int]) -> None:
     """Task outcomes and durations of billing_* DAGs, and each DAG's last successful run."""
     try:
@@ -305,8 +352,9 @@ def collect_airflow(f: _Families, up: dict[str, int]) -> None:
         from sqlalchemy import case, func, select
 
         bounds = obs.DURABLE_BUCKETS["billing_task_duration_seconds"]
-        finished = ("success", "failed", "upstream_failed", "skipped")
+        finished = TASK_STATES
         with create_session() as s:
+            tasks = known_tasks(s)
             runs = s.execute(
                 select(TI.dag_id, TI.task_id, TI.state, func.count())
                 .where(TI.dag_id.like("billing%"), TI.state.in_(finished))
@@ -336,16 +384,17 @@ def collect_airflow(f: _Families, up: dict[str, int]) -> None:
         log.warning("metrics: Airflow metadata DB unavailable: %s", exc)
         up["airflow"] = 0
         return
-    for dag_id, task_id, state, n in runs:
-        f.add("billing_task_runs_total", n, dag_id, task_id, str(state))
+    # From zero for every task of every billing DAG, so increase() sees its first failure.
+    for labels, n in from_zero(
+        [(d, t, state) for d, t in tasks for state in finished],
+        [(d, t, str(state), n) for d, t, state, n in runs],
+    ):
+        f.add("billing_task_runs_total", n, *labels)
+    hist = {task: ([0] * (len(bounds) + 1), 0) for task in tasks}  # never finished: empty
     for dag_id, task_id, *rest in durations:
-        f.histogram(
-            "billing_task_duration_seconds",
-            [int(x or 0) for x in rest[:-1]],
-            rest[-1],
-            dag_id,
-            task_id,
-        )
+        hist[(dag_id, task_id)] = ([int(x or 0) for x in rest[:-1]], rest[-1])
+    for (dag_id, task_id), (cumulative, total) in sorted(hist.items()):
+        f.histogram("billing_task_duration_seconds", cumulative, total, dag_id, task_id)
     for dag_id, end in last:
         f.add("billing_last_successful_run_timestamp_seconds", end.timestamp(), dag_id)
     up["airflow"] = 1

@@ -25,19 +25,20 @@ def _samples(registry) -> dict[tuple, float]:
 
 @pytest.fixture
 def redis_keys(stack):
+    from billing.stripe_sync import parking
+
     r = metrics_export.redis_client()
-    parked, read_only = metrics_export._stripe_keys()
-    saved = {k: r.dump(k) for k in (parked, read_only)}
-    r.delete(parked, read_only)
-    yield r, parked, read_only
-    r.delete(parked, read_only)
-    for k, v in saved.items():
-        if v is not None:
-            r.restore(k, 0, v)
+    parked = parking.PARKED
+    saved = r.dump(parked)
+    r.delete(parked)
+    yield r, parked
+    r.delete(parked)
+    if saved is not None:
+        r.restore(parked, 0, saved)
 
 
 def test_collector_reads_durable_state(clean_db, pg, redis_keys):
-    r, parked, read_only = redis_keys
+    r, parked = redis_keys
     pg.execute(
         """INSERT INTO billing.usage_files (path, arrival_day, size_bytes, checksum, lines, blank,
                accepted, non_billable, duplicate, quarantined, reasons, seconds, run_end)
@@ -55,7 +56,13 @@ def test_collector_reads_durable_state(clean_db, pg, redis_keys):
     )
     pg.commit()
     r.hset(parked, "k2", json.dumps({"error": "down"}))
-    r.set(read_only, json.dumps({"since": "2026-01-02T03:00:00+00:00", "reason": "test"}))
+    # Outage mode is durable in Postgres: a Redis FLUSHALL leaves the gauge at 1.
+    pg.execute(
+        """INSERT INTO billing.stripe_read_only (since, reason)
+           VALUES ('2026-01-02T03:00:00+00:00', 'test')"""
+    )
+    pg.commit()
+    r.flushall()
 
     reg = CollectorRegistry()
     reg.register(metrics_export.DurableCollector(airflow=False))

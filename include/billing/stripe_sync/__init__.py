@@ -11,7 +11,9 @@ DAG are thin shells over the functions here.
 * ``client``: SDK client from ``stripe_default``, retry policy 1/2/4/8/16 s, rate limit.
 * ``engine``: drains the outbox per org, parks failures (outbox + Redis copy), and before
   re-sending a write an earlier drain tried, adopts it if Stripe already has it.
-* ``parking``: the Redis side (the parked writes' copy, read-only flag).
+* ``parking``: the Redis side (the parked writes' copy).
+* ``mode``: the read-only (outage) flag, durable in Postgres.
+* ``delivery``: whether everything reached Stripe (the nightly sentinel, the Billing page).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from billing import db
 from billing.errors import BillingError, ServiceError
-from billing.stripe_sync import outbox, parking, push
+from billing.stripe_sync import mode, outbox, parking, push
 from billing.stripe_sync.client import Gateway, Policy
 from billing.stripe_sync.engine import Engine, upsert_invoice
 
@@ -228,12 +230,12 @@ def _exists(key: str) -> bool:
 
 # ------------------------------------------------------------------ outage mode
 def read_only() -> dict | None:
-    """The read-only flag's details when on, else None."""
-    return parking.read_only_info(parking.client())
+    """The read-only flag's details (since, reason) when on, else None (from Postgres)."""
+    return mode.info()
 
 
 def set_read_only(on: bool, reason: str = "") -> None:
-    parking.set_read_only(parking.client(), on, reason)
+    mode.set_mode(on, reason)
 
 
 def counters() -> dict:

@@ -24,7 +24,7 @@ from typing import Any
 
 from billing import db
 from billing import observability as obs
-from billing.stripe_sync import outbox, parking
+from billing.stripe_sync import mode, outbox, parking
 from billing.stripe_sync.client import Failure, Gateway, GiveUp, Policy
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,15 @@ class Engine:
             self._conns.clear()
         self._local = threading.local()
 
-    def read_only(self) -> bool:
-        return parking.is_read_only(self.redis)
+    def read_only(self, cx=None) -> bool:
+        """Outage mode (durable in Postgres: a Redis flush never switches it off)."""
+        return mode.is_on(cx)
 
     # ------------------------------------------------------------------ drain
     def drain(self, *, ids: Sequence[int] | None = None, orgs: Sequence[str] | None = None) -> dict:
         """Send pending rows (all, or only ``ids`` / only ``orgs``); return outcome counts."""
         with db.connect(autocommit=True) as lock_cx:
-            if self.read_only():
+            if self.read_only(lock_cx):
                 n = self._queued(lock_cx)
                 return self._read_only_summary(n)
             lock_cx.execute("SELECT pg_advisory_lock(%s)", (DRAIN_LOCK,))
@@ -163,7 +164,7 @@ class Engine:
     def _drain_group(self, rows: list[dict]) -> Counter:
         cx = self._cx()
         result: Counter = Counter()
-        if self.read_only():  # switched on mid-drain: leave the rest queued
+        if self.read_only(cx):  # switched on mid-drain: leave the rest queued
             result["queued"] += len(rows)
             return result
         org = rows[0]["org_id"]

@@ -1,11 +1,12 @@
-"""Redis: parked writes for manual retry, and the Stripe read-only (outage) flag.
+"""Redis: the copy of parked writes for manual retry.
 
 Parked writes are one hash (field = idempotency key, value = JSON with the payload and the
 last error). The outbox row (``status = 'parked'``, attempts, last error, ``parked_at``) is
 the source of truth: every reader (``billing parked``, the Billing page, the
 ``billing_stripe_parked_queue_depth`` metric, retries) reads Postgres, and :func:`mirror`
 writes back a copy Redis lost (FLUSHALL, a restart without persistence), so the hash is
-always rebuildable from the outbox and never the only record.
+always rebuildable from the outbox and never the only record. The Stripe read-only
+(outage) flag is not here any more: it is durable in Postgres (``billing.stripe_sync.mode``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from billing import connections
 from billing.errors import ServiceError
 
 PARKED = "billing:stripe:parked"
-READ_ONLY = "billing:stripe:read_only"
 
 
 def client() -> redis.Redis:
@@ -122,25 +122,4 @@ def parked(r: redis.Redis) -> dict[str, dict]:
 @_guard
 def show(r: redis.Redis, key: str) -> dict | None:
     raw = r.hget(PARKED, key)
-    return json.loads(raw) if raw else None
-
-
-@_guard
-def is_read_only(r: redis.Redis) -> bool:
-    return r.get(READ_ONLY) is not None
-
-
-@_guard
-def set_read_only(r: redis.Redis, on: bool, reason: str = "") -> None:
-    if on:
-        r.set(
-            READ_ONLY, json.dumps({"since": dt.datetime.now(dt.UTC).isoformat(), "reason": reason})
-        )
-    else:
-        r.delete(READ_ONLY)
-
-
-@_guard
-def read_only_info(r: redis.Redis) -> dict | None:
-    raw = r.get(READ_ONLY)
     return json.loads(raw) if raw else None
