@@ -35,6 +35,14 @@ def lock_timeout_ms() -> int:
 
 
 # ---------------------------------------------------------------- fault accounting
+# Every value error_kind() returns: the labels of billing_db_errors_total, exported from 0.
+ERROR_KINDS = ("statement_timeout", "lock_timeout", "connection", "other")
+# Every operation of the billing package wrapped in retry_idempotent (its function name): the
+# labels of billing_db_retries_total, exported from 0. retry_idempotent refuses an undeclared
+# billing.* function, so a new operation cannot miss its zero series.
+RETRY_OPERATIONS: tuple[str, ...] = ()
+
+
 def error_kind(exc: BaseException) -> str:
     """statement_timeout, lock_timeout, connection or other: the label of billing_db_errors_total."""
     if isinstance(exc, pgerr.QueryCanceled) and "statement timeout" in str(exc):
@@ -137,6 +145,11 @@ def retry_idempotent(
         raise ValueError("attempts must be >= 1")
 
     def decorate(func):
+        if func.__module__.startswith("billing.") and func.__name__ not in RETRY_OPERATIONS:
+            raise ValueError(
+                f"retry_idempotent: declare {func.__name__!r} in billing.db.RETRY_OPERATIONS"
+            )
+
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
             for n in range(attempts):

@@ -32,6 +32,9 @@ from billing.errors import BillingError, ConfigError
 log = logging.getLogger(__name__)
 
 ACTIONS = ("notice", "degrade", "escalate")
+# billing.dunning_notices.status (migration 0040): the status labels of
+# billing_dunning_notices_total, exported from 0 for every stage of the policy.
+NOTICE_STATUSES = ("claimed", "sent", "failed", "skipped", "cancelled")
 NORMAL, DEGRADED = "normal", "degraded"
 REDIS_KEY = "billing:org:{org_id}:service_level"
 # Errors of one message (a refused recipient, a dropped connection): recorded and retried.

@@ -65,6 +65,8 @@ REASONS = (
 _OUTCOMES = ("accepted", "non_billable", "duplicate", "quarantined")
 # Why a whole file was rejected (billing.usage_files.reject_reason): nothing of it is loaded.
 REJECT_REASONS = ("corrupt_gzip",)
+# billing.usage_files.status (migrations 0002, 0060): labels of billing_ingest_files_total.
+FILE_STATUSES = ("loaded", "changed", "rejected")
 # Why an entry of a day folder was not read (billing.usage_skipped.reason).
 SKIP_REASONS = ("in_flight", "unsupported_extension", "directory", "symlink", "not_a_file")
 # Loaded file names, matched case-insensitively (part.JSONL, part.jsonl.GZ).

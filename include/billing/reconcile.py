@@ -41,6 +41,9 @@ ASSIGNEES = ("Engineering", "Finance")
 EMAIL_LEASE = dt.timedelta(minutes=15)  # a claimed-but-unsent alert is re-sent after this
 RUNBOOK = "docs/runbooks/reconciliation-mismatch.md"
 ONE_SIDED = ("missing_in_stripe", "missing_internal", "currency_mismatch")
+# billing.billing_audit.status (migration 0030): the outcome labels of
+# billing_reconcile_checks_total, exported from 0.
+OUTCOMES = ("match", "within_tolerance", "mismatch", *ONE_SIDED)
 EXPECTATIONS = ("rel_diff_within_tolerance", "in_snapshot", "in_stripe", "currencies_equal")
 
 

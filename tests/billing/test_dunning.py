@@ -3,15 +3,14 @@ server that refuses one recipient). Invoices are inserted directly, as stripe_sy
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import email
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
 import pytest
+from smtp_support import RefusingHandler, free_port, point_smtp_at
 
 from billing import dunning
 from billing.errors import ConfigError
@@ -214,36 +213,6 @@ def test_minimum_amount_plan_override_and_dry_run(pg, tag):
 
 
 # ---------------------------------------------------------------- failures
-class RefusingHandler:
-    """An SMTP server that refuses one recipient and keeps what it accepts."""
-
-    def __init__(self, refuse: str):
-        self.refuse, self.received = refuse, []
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
-        if address == self.refuse:
-            return "550 5.1.1 mailbox unavailable"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        self.received.append(email.message_from_bytes(envelope.original_content))
-        return "250 Message accepted for delivery"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _point_smtp_at(monkeypatch, port: int) -> None:
-    from billing import connections as conns
-
-    c = dataclasses.replace(conns.get(conns.SMTP), port=port)
-    monkeypatch.setenv(conns.env_var(conns.SMTP), c.to_json())
-
-
 def test_refused_recipient_is_recorded_and_retried_without_blocking_others(pg, tag, monkeypatch):
     from aiosmtpd.controller import Controller
 
@@ -253,11 +222,11 @@ def test_refused_recipient_is_recorded_and_retried_without_blocking_others(pg, t
         add_org(pg, f"{tag}-{o}")
         add_invoice(pg, f"{tag}-{o}", f"in_{tag}{o}")
     handler = RefusingHandler(f"ap@{tag}-b.example.test")
-    port = _free_port()
+    port = free_port()
     server = Controller(handler, hostname="127.0.0.1", port=port)
     server.start()
     try:
-        _point_smtp_at(monkeypatch, port)
+        point_smtp_at(monkeypatch, port)
         s = dunning.run(day(1))
     finally:
         server.stop()
@@ -308,7 +277,7 @@ def test_crash_between_claim_and_send_resends_with_the_same_message_id(pg, tag, 
     add_org(pg, org)
     add_invoice(pg, org, inv)
     # The relay is down: the claim is committed, the send fails at connect.
-    _point_smtp_at(monkeypatch, _free_port())
+    point_smtp_at(monkeypatch, free_port())
     s = dunning.run(day(1))
     assert (s["sent"], s["failed"]) == (0, 1)
     # Simulate the worst case instead: the process died after claiming, before recording.
@@ -328,7 +297,7 @@ def test_voided_invoice_cancels_its_pending_notice(pg, tag, monkeypatch):
     org, inv = f"{tag}-a", f"in_{tag}a"
     add_org(pg, org)
     add_invoice(pg, org, inv)
-    _point_smtp_at(monkeypatch, _free_port())
+    point_smtp_at(monkeypatch, free_port())
     assert dunning.run(day(1))["failed"] == 1
     monkeypatch.undo()
     set_status(pg, inv, "void")

@@ -96,6 +96,26 @@ class RateLimiter:
             self._sleep(slot - now)
 
 
+# Every error class classify() returns, plus the engine's foreign_pending_items (a customer's
+# pending items we did not create): the error_class labels of the outbox's error_counts and of
+# billing_stripe_outbox_errors_total, exported from 0.
+ERROR_CLASSES = (
+    "connection",
+    "timeout",
+    "idempotency_conflict",
+    "rate_limit",
+    "server",
+    "auth",
+    "permission",
+    "card",
+    "not_found",
+    "idempotency_mismatch",
+    "invalid_request",
+    "api",
+    "foreign_pending_items",
+)
+
+
 @dataclass(frozen=True)
 class Failure:
     error_class: str

@@ -17,6 +17,9 @@ from typing import Any
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+# billing.stripe_outbox.status (migration 0010): the labels of billing_stripe_outbox_rows.
+STATUSES = ("pending", "sent", "parked", "cancelled")
+
 COLUMNS = (
     "outbox_id, idempotency_key, kind, org_id, period, day, metric, amount_cents, currency, "
     "payload, status, attempts, retries, error_counts, last_error, last_error_class, "
