@@ -30,21 +30,12 @@ log = logging.getLogger(__name__)
 PG_SOURCES: dict[str, tuple[str, ...]] = {
     "ingest": ("billing.usage_files",),
     "stripe_outbox": ("billing.stripe_outbox",),
+    "stripe_read_only": ("billing.stripe_read_only",),
     "reconcile": ("billing.billing_audit",),
     "incidents": ("billing.billing_incidents",),
     "dunning": ("billing.dunning_notices", "billing.org_service_levels"),
     "purge": ("billing.retention_purge_audit",),
 }
-
-
-def _stripe_keys() -> tuple[str, str]:
-    """The parked-hash and read-only keys, as billing.stripe_sync.parking names them."""
-    try:
-        from billing.stripe_sync import parking
-
-        return parking.PARKED, parking.READ_ONLY
-    except ImportError:
-        return "billing:stripe:parked", "billing:stripe:read_only"
 
 
 class _Families:
@@ -170,6 +161,13 @@ def _stripe_outbox(cx, f: _Families) -> None:
         f.add("billing_stripe_outbox_errors_total", n, *labels)
 
 
+def _stripe_read_only(cx, f: _Families) -> None:
+    # Durable in Postgres (billing.stripe_sync.mode): a Redis flush cannot zero the gauge.
+    row = cx.execute("SELECT extract(epoch FROM since) FROM billing.stripe_read_only").fetchone()
+    f.add("billing_stripe_read_only", 0 if row is None else 1)
+    f.add("billing_stripe_read_only_since_timestamp_seconds", 0 if row is None else row[0])
+
+
 def _reconcile(cx, f: _Families) -> None:
     from billing.reconcile import OUTCOMES
 
@@ -242,6 +240,7 @@ def _purge(cx, f: _Families) -> None:
 _PG_READERS = {
     "ingest": _ingest,
     "stripe_outbox": _stripe_outbox,
+    "stripe_read_only": _stripe_read_only,
     "reconcile": _reconcile,
     "incidents": _incidents,
     "dunning": _dunning,
@@ -294,26 +293,12 @@ def redis_client():
 
 
 def collect_redis(f: _Families, up: dict[str, int]) -> None:
-    import datetime as dt
-    import json
-
-    _, read_only_key = _stripe_keys()
     try:
-        r = redis_client()
-        raw = r.get(read_only_key)
-        counters = r.hgetall(obs.DURABLE_COUNTERS_KEY)
+        counters = redis_client().hgetall(obs.DURABLE_COUNTERS_KEY)
     except Exception as exc:
         log.warning("metrics: Redis unavailable: %s", exc)
         up["redis"] = 0
         return
-    f.add("billing_stripe_read_only", 1 if raw is not None else 0)
-    since = 0.0
-    if raw:
-        try:
-            since = dt.datetime.fromisoformat(json.loads(raw)["since"]).timestamp()
-        except (ValueError, KeyError, TypeError):
-            since = 0.0
-    f.add("billing_stripe_read_only_since_timestamp_seconds", since)
     from billing import db
 
     known = {
