@@ -32,6 +32,63 @@ def exported_sample_names() -> set[str]:
     return names
 
 
+def declared_labels() -> dict[str, set[str]]:
+    """Sample name -> the label names it is exported with (plus what Prometheus adds)."""
+    added = {"job", "instance"}
+    out: dict[str, set[str]] = {}
+
+    def put(name: str, kind: str, labels) -> None:
+        if kind == "histogram":
+            for suffix in ("_bucket", "_sum", "_count"):
+                out[name + suffix] = (
+                    set(labels) | added | ({"le"} if suffix == "_bucket" else set())
+                )
+        else:
+            out[name] = set(labels) | added
+
+    for name, (kind, _, labels) in obs.DURABLE_METRICS.items():
+        put(name, kind, labels)
+    for collector in list(obs.SERVER_REGISTRY._collector_to_names):
+        if hasattr(collector, "_labelnames"):
+            kind = collector._type
+            base = collector._name
+            put(base + "_total" if kind == "counter" else base, kind, collector._labelnames)
+    return out
+
+
+def dag_tasks() -> dict[str, set[str]]:
+    """Every DAG in dags/ and its task ids, as Airflow parses them."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return {dag_id: set(dag.task_ids) for dag_id, dag in bag.dags.items()}
+
+
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def label_names(expr: str) -> set[str]:
+    """Label names an expression selects on or groups by."""
+    names = {m.group(1) for sel in re.findall(r"\{([^}]*)\}", expr) for m in MATCHER.finditer(sel)}
+    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        names |= {g.strip() for g in group.split(",") if g.strip()}
+    return names
+
+
+def selectors(expr: str, metric: str) -> list[list[tuple[str, str, str]]]:
+    """The label matchers of each selector of ``metric`` in ``expr``."""
+    return [
+        [m.groups() for m in MATCHER.finditer(sel)]
+        for sel in re.findall(rf"\b{metric}(?:_bucket|_sum|_count)?\{{([^}}]*)\}}", expr)
+    ]
+
+
+def _matches(op: str, pattern: str, value: str) -> bool:
+    hit = re.fullmatch(pattern, value) is not None if "~" in op else value == pattern
+    return hit != op.startswith("!")
+
+
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression (identifiers that are not functions or keywords)."""
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
@@ -67,6 +124,48 @@ def _prom_targets(dash: dict):
             ds = t.get("datasource") or p.get("datasource") or {}
             if ds.get("type") == "prometheus":
                 yield p["title"], t["expr"]
+
+
+def _all_prom_exprs():
+    for path in DASHBOARDS:
+        for title, expr in _prom_targets(json.loads(path.read_text())):
+            yield path.name, title, expr
+
+
+def test_queries_use_only_exported_label_names():
+    declared = declared_labels()
+    for name, title, expr in _all_prom_exprs():
+        allowed = set().union(*(declared.get(m, set()) for m in metric_names(expr)))
+        unknown = label_names(expr) - allowed
+        assert not unknown, f"{name} / {title}: labels {sorted(unknown)} not exported"
+
+
+@pytest.fixture(scope="module")
+def dags() -> dict[str, set[str]]:
+    return dag_tasks()
+
+
+def test_task_queries_match_real_dag_tasks(dags):
+    """Every dag/task selector of billing_task_* matches a task Airflow parses from dags/."""
+    tasks = [(d, t) for d, ts in dags.items() for t in ts]
+    for name, title, expr in _all_prom_exprs():
+        for metric in ("billing_task_runs_total", "billing_task_duration_seconds"):
+            for sel in selectors(expr, metric):
+                wanted = [(k, op, v) for k, op, v in sel if k in ("dag", "task")]
+                assert any(
+                    all(_matches(op, v, {"dag": d, "task": t}[k]) for k, op, v in wanted)
+                    for d, t in tasks
+                ), f"{name} / {title}: {sel} matches no task of dags/"
+
+
+def test_every_dag_is_on_a_dashboard(dags):
+    shown = set()
+    for _, _, expr in _all_prom_exprs():
+        for k, op, v in (m.groups() for m in MATCHER.finditer(expr)):
+            if k == "dag" and not op.startswith("!"):
+                shown |= {d for d in dags if _matches(op, v, d)}
+    assert set(dags) - shown == set(), "DAGs on no dashboard"
+    assert {p.stem for p in (ROOT / "dags").glob("billing_*.py")} == set(dags)
 
 
 def test_the_four_dashboards_exist():

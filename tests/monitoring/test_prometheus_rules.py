@@ -62,6 +62,44 @@ def test_every_alert_is_tested_firing_and_not_firing():
     assert names - quiet == set(), "alerts never shown to stay quiet"
 
 
+def _series(selector: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = selector.partition("{")
+    labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+    return name, labels
+
+
+def test_rule_tests_feed_series_the_exporter_produces():
+    """Hand-written input_series use exported names, labels and label values, bucket bounds as
+    prometheus_client renders them, whole numbers for counters, and real DAG ids."""
+    from test_grafana_dashboards import declared_labels
+
+    from billing import observability as obs
+    from billing.metrics_export import _le
+
+    declared = declared_labels()
+    buckets = {f"{n}_bucket": {*map(_le, b), "+Inf"} for n, b in obs.DURABLE_BUCKETS.items()}
+    for collector in list(obs.SERVER_REGISTRY._collector_to_names):
+        if getattr(collector, "_type", None) == "histogram":
+            buckets[f"{collector._name}_bucket"] = {
+                "+Inf" if b == float("inf") else _le(b) for b in collector._upper_bounds
+            }
+    dags = {p.stem for p in (ROOT / "dags").glob("billing_*.py")}
+    for path in RULE_TESTS:
+        for t in yaml.safe_load(path.read_text())["tests"]:
+            for s in t["input_series"]:
+                name, labels = _series(s["series"])
+                where = f"{path.name} / {t['name']} / {s['series']}"
+                assert name in declared, f"{where}: not exported"
+                assert set(labels) <= declared[name], f"{where}: labels not exported"
+                if "le" in labels:
+                    assert labels["le"] in buckets[name], f"{where}: no such bucket bound"
+                if "dag" in labels:
+                    assert labels["dag"] in dags, f"{where}: no such DAG"
+                if name.endswith(("_total", "_bucket", "_count")):
+                    numbers = re.findall(r"[-+]?\d*\.?\d+(?:e[-+]?\d+)?", s["values"])
+                    assert all(float(x).is_integer() for x in numbers), f"{where}: fractional count"
+
+
 def _anchor(heading: str) -> str:
     """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
     slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
