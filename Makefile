@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast lint format stack-up stack-down stack-status airflow bench clean lock simulate
+.PHONY: help setup demo test test-fast lint format stack-up stack-down stack-status airflow monitoring monitoring-down bench clean lock simulate
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,13 @@ stack-status: setup ## Show the local services
 
 airflow: setup ## Start the Airflow UI against the local stack
 	$(BIN)/billing airflow
+
+monitoring: setup ## Prometheus with the alert rules scraping `make airflow`'s /billing/metrics (URL printed)
+	$(BIN)/billing monitoring up
+	@$(BIN)/billing monitoring status
+
+monitoring-down: setup ## Stop the local Prometheus
+	$(BIN)/billing monitoring down
 
 lock: $(BIN)/python ## Re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/pip install --quiet -r requirements.in

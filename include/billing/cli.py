@@ -197,6 +197,23 @@ def cmd_airflow(args) -> int:
         pidfile.unlink(missing_ok=True)
 
 
+def cmd_monitoring(args) -> int:
+    from billing import monitoring
+    from billing.stack.manager import current
+
+    stack = current()
+    if args.action == "up":
+        s = monitoring.up(stack)
+        verb = "started" if s["started"] else "running (token and config refreshed)"
+        print(f"Prometheus {verb}: {s['url']}  scraping http://{s['target']}/billing/metrics")
+    elif args.action == "down":
+        print("prometheus: " + ("stopped" if monitoring.down(stack) else "not running"))
+    else:
+        s = monitoring.status(stack)
+        print(json.dumps(s, indent=2) if args.format == "json" else monitoring.format_status(s))
+    return 0
+
+
 # ---------------------------------------------------------------- invoices / transform / sql
 def _period_arg(value: str) -> str:
     from billing.invoices import PERIOD
@@ -618,6 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")
     a.set_defaults(func=cmd_airflow)
+
+    mo = sub.add_parser(
+        "monitoring", help="Prometheus with the billing alert rules, scraping `billing airflow`"
+    )
+    mo.add_argument("action", choices=("up", "down", "status"))
+    mo.add_argument("--format", choices=("table", "json"), default="table")
+    mo.set_defaults(func=cmd_monitoring)
 
     pk = sub.add_parser("parked", help="Stripe writes parked after failed retries (Redis)")
     pksub = pk.add_subparsers(dest="parked_command", required=True, parser_class=_Parser)
