@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,6 +46,14 @@ def test_prometheus_scrapes_the_api_server_and_loads_the_rules(stack, airflow_se
             trust_env=False,
         ).json()
         assert len(r["data"]["result"]) == 1  # exported (from zero) before any failure
+        # every task of every serialized billing DAG has its failed-runs series (from zero)
+        r = httpx.get(
+            f"{s['url']}/api/v1/query",
+            params={"query": 'count by (dag) (billing_task_runs_total{state="failed"})'},
+            trust_env=False,
+        ).json()
+        dags = {p.stem for p in (Path(__file__).parents[2] / "dags").glob("billing_*.py")}
+        assert {x["metric"]["dag"] for x in r["data"]["result"]} == dags
         # a second up refreshes the token and the config of the running server
         assert (
             monitoring.up(stack, base=airflow_server.base, password=airflow_server.password)[
