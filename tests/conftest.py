@@ -61,6 +61,8 @@ def pg(stack):
 @pytest.fixture
 def clean_db(stack):
     """Empty every billing table (but keep the schema) before a test."""
+    from psycopg import sql
+
     from billing import db
 
     with db.connect(autocommit=True) as cx:
@@ -73,4 +75,10 @@ def clean_db(stack):
         ]
         if tables:
             cx.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        # The invoice snapshot is derived from those tables: dbt's incremental state of an
+        # earlier test (its orgs, its periods) must not leak into this one's first build.
+        from billing import invoices, transform
+
+        for schema in (transform.SNAPSHOT_SCHEMA, invoices.schema()):
+            cx.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     yield
