@@ -34,7 +34,7 @@ demo: setup ## Run the pipeline end to end on the embedded stack and print a sum
 
 test: setup ## Run the whole test suite on the real embedded stack
 	@scripts/install-system-deps.sh || echo "(tests needing promtool/chromium will skip outside CI)"
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 lint: setup ## ruff check + format check
 	$(BIN)/ruff check include dags plugins tests bench
