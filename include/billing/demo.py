@@ -9,14 +9,18 @@ from billing import settings
 
 
 def run(day: dt.date, orgs: int = 8, events: int = 20_000, seed: int = 42) -> int:
+    import os
+
     from billing import db, pricing, reconcile, runner, usage_gen
     from billing import orgs as orgs_mod
-    from billing.stack.manager import activate, current
+    from billing.stack.manager import current
 
     stack = current()
     print("1/6 starting the local stack ...", flush=True)
     stack.up()
-    activate()
+    # The whole environment, not only the connections `up` exported: on a first demo (after
+    # `make clean`) the in-process Airflow look-ups of run-day need AIRFLOW_HOME and its DB.
+    os.environ.update(stack.env())
     catalog = pricing.load_catalog()
 
     print(f"2/6 importing {orgs} demo organisations ...", flush=True)
