@@ -15,8 +15,10 @@ both setups (docs/ANALYSTS.md):
    bound parameter): more than one statement, or none, is its syntax error, and what runs
    is the canonical statement it printed, so what was checked is what runs;
 3. that statement must be a read (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS) without
-   ``INTO OUTFILE``: embedded chDB writes an outfile in-process, outside the engine's
-   readonly check (a ClickHouse server never accepts INTO OUTFILE over HTTP).
+   ``INTO OUTFILE`` and without the functions that embedded chDB runs outside the readonly
+   check: an outfile is written in-process, the scalar ``file(path)`` reads any file the
+   user can (a server confines it to ``user_files_path``), ``python()`` reads objects of
+   the calling Python process. A ClickHouse server never accepts INTO OUTFILE over HTTP.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from billing import connections as conns
 from billing.errors import ConfigError, ServiceError
 
 READ_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
+# Functions chDB runs without the readonly check (see above); matched case-insensitively.
+HOST_FUNCTIONS = frozenset({"file", "python"})
 _READONLY = 164  # ClickHouse error code READONLY
 
 
@@ -115,10 +119,24 @@ def check_read_statement(canonical: str) -> None:
             "only a single read-only statement (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS) "
             f"is allowed, got {first or 'nothing'}"
         )
-    for a, b in zip(tokens, tokens[1:], strict=False):
+    for prev, a, b in zip([None, *tokens], tokens, tokens[1:], strict=False):
         if a.token_type == TokenType.INTO and b.token_type == TokenType.VAR:
             if b.text.upper() == "OUTFILE":
                 raise ConfigError("billing sql is read-only: INTO OUTFILE is not allowed")
+        table_function_file = (
+            a.text.lower() == "file"
+            and prev is not None
+            and prev.token_type in (TokenType.FROM, TokenType.JOIN)
+        )  # FROM file(...): the engine refuses that one itself (readonly=1)
+        if (
+            b.token_type == TokenType.L_PAREN
+            and a.token_type not in (TokenType.STRING, TokenType.NATIONAL_STRING)
+            and a.text.lower() in HOST_FUNCTIONS
+            and not table_function_file
+        ):
+            raise ConfigError(
+                f"billing sql is read-only: {a.text}() reads the local machine, not allowed"
+            )
 
 
 def clickhouse_message(exc: Exception) -> str:

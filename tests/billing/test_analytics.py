@@ -2,8 +2,8 @@
 
 Each attack is the one from the issue, with the stack's real secrets and ports: the
 ClickHouse engine refuses it (``readonly=1`` session: "Cannot execute query in readonly
-mode"), except ``INTO OUTFILE``, which chDB would write in-process outside the engine's
-check and which ClickHouse's own parse therefore stops first. Every refusal is one line on
+mode"), except what chDB runs outside the engine's check (``INTO OUTFILE``, the scalar
+``file()``, ``python()``), which the check of ClickHouse's own parse stops first. Every refusal is one line on
 stderr, exit 2, and nothing leaks to stdout or disk.
 """
 
@@ -76,6 +76,19 @@ def test_url_to_the_stripe_emulator_is_refused_by_the_engine(state):
         f"'RawBLOB', headers('Authorization' = 'Bearer {key}'))"
     )
     assert refused(out, state["secrets"]) == ENGINE_REFUSAL
+
+
+def test_scalar_file_and_python_are_refused(stack, state):
+    """chDB runs these without the readonly check: file(path) as a scalar reads any file
+    the user can, python() reads objects of the calling process."""
+    out = sql(f"SELECT file('{stack.state_file}') AS s")
+    assert refused(out, state["secrets"]) == (
+        "billing: error: billing sql is read-only: file() reads the local machine, not allowed"
+    )
+    out = sql("SELECT * FROM python(parameters)")
+    assert refused(out, state["secrets"]) == (
+        "billing: error: billing sql is read-only: python() reads the local machine, not allowed"
+    )
 
 
 def test_into_outfile_into_the_landing_zone_writes_nothing(state):
