@@ -346,6 +346,18 @@ def run_day(
     return out
 
 
+def _columns(cx, schema: str, table: str) -> list[str]:
+    """The table's column names in order; empty when it does not exist."""
+    rows = cx.execute(
+        """SELECT attname FROM pg_attribute
+            WHERE attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+              AND attnum > 0 AND NOT attisdropped
+            ORDER BY attnum""",
+        (schema, table),
+    )
+    return [r[0] for r in rows]
+
+
 def publish_snapshot(cx=None) -> dict[str, dict[str, int]]:
     """Make the last successful dbt build what every reader sees, all marts at once.
 
@@ -370,27 +382,12 @@ def publish_snapshot(cx=None) -> dict[str, dict[str, int]]:
         for table, key in PUBLISHED_TABLES.items():
             src = sql.Identifier(build, table)
             dst = sql.Identifier(published, table)
-            columns = [
-                r[0]
-                for r in cx.execute(
-                    """SELECT attname FROM pg_attribute
-                        WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
-                        ORDER BY attnum""",
-                    (f"{build}.{table}",),
-                )
-            ]
+            columns = _columns(cx, build, table)
             if not columns:
                 raise TransformError(f"nothing to publish: {build}.{table} was not built")
-            have = [
-                r[0]
-                for r in cx.execute(
-                    """SELECT attname FROM pg_attribute
-                        WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped
-                        ORDER BY attnum""",
-                    (f"{published}.{table}",),
-                )
-            ]
-            if have != columns:  # first publish, or the contract changed: same shape as dbt's
+            if (
+                _columns(cx, published, table) != columns
+            ):  # first publish, or the contract changed: same shape as dbt's
                 cx.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(dst))
                 cx.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(dst, src))
             cols = sql.SQL(", ").join(map(sql.Identifier, columns))
