@@ -18,6 +18,9 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
    `billing://stripe/pushed` asset, which schedules `billing_reconcile`).
 6. `stripe_close_period`: on the last day of a month, finalize each org's invoice.
 7. `stripe_sync_invoices`: invoice status back into Postgres for dunning.
+8. `stripe_all_delivered`: the sentinel. **Skipped** (pink) when writes are parked or
+   queued: "degraded: N parked, M queued (billing parked list)". The run stays green
+   on purpose (nothing is lost), but a degraded day is visible here and on the Billing page.
 
 **Triage notes**
 - Every task works on the run's arrival day and writes with upserts, claims or the
@@ -29,8 +32,9 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
   unknown plan / with the wrong currency. Fix the catalog or the org, then clear.
 - `dbt_*` failed: a dbt test names the broken rule; nothing partial reaches the published
   snapshot (readers keep the previous one until `publish_snapshot` runs).
-- `stripe_push` succeeded with `parked > 0`: see `billing parked list` and the
-  `billing_retry_parked` DAG. With Stripe read-only on, writes stay queued in the outbox.
+- `stripe_all_delivered` skipped: the day is degraded. Parked: `billing parked list`,
+  then `billing_retry_parked`; queued: Stripe read-only is on (`billing stripe read-only
+  status`; docs/runbooks/stripe-outage.md). Once sent, clear the sentinel: it succeeds.
 - Re-run a day: clear its run (UI, or `airflow tasks clear billing_nightly -s D -e D -y`);
   a day never run: trigger logical date D. Without a scheduler: `billing run-day D`, which
   refuses while a run of D is running or a scheduler is up, and keeps earlier runs of D.
@@ -110,11 +114,18 @@ with DAG(
 
         return sync_invoices()
 
+    @task
+    def stripe_all_delivered() -> dict:
+        """Skips (never fails) while writes are parked or queued: the day is degraded."""
+        from billing.stripe_sync.delivery import sentinel
+
+        return sentinel()
+
     snapshot = dbt_task_group("postgres")
     rollups = dbt_task_group("clickhouse")
     push = stripe_push()
     ingest() >> prepare_pricing() >> snapshot >> publish_snapshot() >> [rollups, push]
-    push >> stripe_close_period() >> stripe_sync_invoices()
+    push >> stripe_close_period() >> stripe_sync_invoices() >> stripe_all_delivered()
 
 
 if __name__ == "__main__":
