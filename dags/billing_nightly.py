@@ -16,7 +16,13 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
 4. `dbt_rollups` (Cosmos): hourly/daily/monthly usage rollups in ClickHouse.
 5. `stripe_push`: the day's overage items through the outbox (updates the
    `billing://stripe/pushed` asset, which schedules `billing_reconcile`).
-6. `stripe_close_period`: on the last day of a month, finalize each org's invoice.
+6. `stripe_close_period`: records the day as run, then closes every month that is due
+   (one finalized Stripe invoice per org). Month M closes in the first run that finds all
+   of M's arrival days run (its last day's run, or any run of a backfill), else in the
+   first run of a later month (missing days recorded): a missed last day never leaves M
+   open. Each invoice takes M's items explicitly, so next month's items never block it.
+   The close is at month end, not after the snapshot's grace days: late events go on the
+   next invoice as items of M. docs/MONTH_CLOSE.md.
 7. `stripe_sync_invoices`: invoice status back into Postgres for dunning.
 8. `stripe_all_delivered`: the sentinel. **Skipped** (pink) when writes are parked or
    queued: "degraded: N parked, M queued (billing parked list)". The run stays green
@@ -27,7 +33,8 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
   outbox: clearing a failed task, re-running a day or backfilling is always safe.
 - `ingest` failed: read the log's per-file summary. A failed file is rolled back whole;
   fix the cause (often the database) and clear the task. Bad lines never fail the task:
-  they are quarantined with a reason (`billing ingest report --day D`).
+  they are quarantined with a reason (`billing ingest report --day D`); files not loaded
+  at all are `rejected` in the manifest or listed in `billing.usage_skipped`.
 - `prepare_pricing` failed: the message names the catalog field, or the org on an
   unknown plan / with the wrong currency. Fix the catalog or the org, then clear.
 - `dbt_*` failed: a dbt test names the broken rule; nothing partial reaches the published
@@ -35,6 +42,9 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
 - `stripe_all_delivered` skipped: the day is degraded. Parked: `billing parked list`,
   then `billing_retry_parked`; queued: Stripe read-only is on (`billing stripe read-only
   status`; docs/runbooks/stripe-outage.md). Once sent, clear the sentinel: it succeeds.
+- `stripe_close_period` returned `status: open`: a month could not be closed yet (items
+  parked or queued; `left_open`, `blocked`); the next run retries it. Runbook:
+  docs/runbooks/month-close.md (also for invoices parked with `foreign_pending_items`).
 - Re-run a day: clear its run (UI, or `airflow tasks clear billing_nightly -s D -e D -y`);
   a day never run: trigger logical date D. Without a scheduler: `billing run-day D`, which
   refuses while a run of D is running or a scheduler is up, and keeps earlier runs of D.
@@ -101,11 +111,11 @@ with DAG(
         return push_day(day)
 
     @task(pool=STRIPE_POOL)
-    def stripe_close_period(logical_date=None) -> dict:
-        """On a month's last day, create and finalize each org's Stripe invoice."""
-        from billing.stripe_sync import close_period_if_month_end
+    def stripe_close_period(logical_date=None, run_id=None) -> dict:
+        """Record the day as run; close every month that is due (billing.stripe_sync.closing)."""
+        from billing.stripe_sync import close_due
 
-        return close_period_if_month_end(arrival_day(logical_date))
+        return close_due(arrival_day(logical_date), run_id=run_id)
 
     @task(pool=STRIPE_POOL)
     def stripe_sync_invoices() -> dict:

@@ -168,7 +168,9 @@ def _item(client: stripe.StripeClient, customer: str, amount: int, **params: Any
 def _invoice(client: stripe.StripeClient, customer: str, *amounts: int, **params: Any) -> Any:
     for amount in amounts:
         _item(client, customer, amount)
-    return client.v1.invoices.create(params={"customer": customer, **params})
+    return client.v1.invoices.create(
+        params={"customer": customer, "pending_invoice_items_behavior": "include", **params}
+    )
 
 
 # ----------------------------------------------------------------------------- idempotency
@@ -364,7 +366,7 @@ def test_idempotent_invoice_creation_does_not_create_a_second_invoice(
 ) -> None:
     cus = _customer(client)
     _item(client, cus.id, 700)
-    form = {"customer": cus.id, "metadata[run]": "r1"}
+    form = {"customer": cus.id, "metadata[run]": "r1", "pending_invoice_items_behavior": "include"}
     headers = {"Idempotency-Key": f"invoice-{_uid()}"}
 
     status1, headers1, body1 = emulator.http("POST", "/v1/invoices", form, headers)
@@ -417,6 +419,7 @@ def test_invoice_collects_pending_items_with_exact_totals(client: stripe.StripeC
     inv = client.v1.invoices.create(
         params={
             "customer": cus.id,
+            "pending_invoice_items_behavior": "include",
             "collection_method": "send_invoice",
             "days_until_due": 14,
             "auto_advance": False,
@@ -477,13 +480,60 @@ def test_exclude_pending_items_and_zero_invoice_is_paid_on_finalize(
     euro = client.v1.invoice_items.create(
         params={"customer": cus.id, "amount": 250, "currency": "eur"}
     )
-    in_eur = client.v1.invoices.create(params={"customer": cus.id, "currency": "eur"})
+    in_eur = client.v1.invoices.create(
+        params={"customer": cus.id, "currency": "eur", "pending_invoice_items_behavior": "include"}
+    )
     assert (in_eur.currency, in_eur.total) == ("eur", 250)
     assert [line.invoice_item for line in in_eur.lines.data] == [euro.id]
 
-    included = client.v1.invoices.create(params={"customer": cus.id})
+    included = client.v1.invoices.create(
+        params={"customer": cus.id, "pending_invoice_items_behavior": "include"}
+    )
     assert (included.currency, included.total) == ("usd", 400)
     assert client.v1.invoice_items.retrieve(item.id).invoice == included.id
+
+
+def test_new_invoice_takes_no_pending_item_by_default_and_add_lines_is_strict(
+    client: stripe.StripeClient,
+) -> None:
+    """Stripe's default since 2022-08-01 is pending_invoice_items_behavior=exclude: a later
+    month's pending item never lands on an invoice unless attached explicitly."""
+    cus = _customer(client)
+    other = _customer(client)
+    october = _item(client, cus.id, 400, metadata={"period": "2026-10"})
+    november = _item(client, cus.id, 900, metadata={"period": "2026-11"})
+    foreign = _item(client, other.id, 100)
+    euro = client.v1.invoice_items.create(
+        params={"customer": cus.id, "amount": 250, "currency": "eur"}
+    )
+
+    inv = client.v1.invoices.create(params={"customer": cus.id, "currency": "usd"})
+    assert (inv.total, len(inv.lines.data)) == (0, 0)
+    assert client.v1.invoice_items.retrieve(november.id).invoice is None
+
+    def refused(item_id: str, invoice_id: str = inv.id) -> str:
+        with pytest.raises(stripe.InvalidRequestError) as err:
+            client.v1.invoices.add_lines(
+                invoice_id,
+                params={"lines": [{"invoice_item": october.id}, {"invoice_item": item_id}]},
+            )
+        return str(err.value.user_message)
+
+    assert "another customer" in refused(foreign.id)
+    assert "must match the invoice currency" in refused(euro.id)
+    assert "No such invoiceitem" in refused("ii_missing")
+    # All or nothing: the valid first line of each refused request was not attached.
+    assert client.v1.invoice_items.retrieve(october.id).invoice is None
+
+    added = client.v1.invoices.add_lines(inv.id, params={"lines": [{"invoice_item": october.id}]})
+    assert (added.total, [line.invoice_item for line in added.lines.data]) == (400, [october.id])
+    assert "already on invoice" in refused(november.id)  # october is on it now
+    assert client.v1.invoice_items.retrieve(november.id).invoice is None
+
+    client.v1.invoices.finalize_invoice(inv.id)
+    with pytest.raises(stripe.InvalidRequestError, match="draft"):
+        client.v1.invoices.add_lines(inv.id, params={"lines": [{"invoice_item": november.id}]})
+    assert client.v1.invoices.retrieve(inv.id).amount_due == 400
 
 
 def test_items_added_updated_and_deleted_on_a_draft_change_its_totals(
@@ -722,7 +772,9 @@ def test_invoice_items_list_filters_and_pagination(client: stripe.StripeClient) 
 
     pending = client.v1.invoice_items.list(params={"customer": cus.id, "pending": True})
     assert len(pending.data) == 5
-    inv = client.v1.invoices.create(params={"customer": cus.id})
+    inv = client.v1.invoices.create(
+        params={"customer": cus.id, "pending_invoice_items_behavior": "include"}
+    )
     assert inv.total == 1500
     assert client.v1.invoice_items.list(params={"customer": cus.id, "pending": True}).data == []
     attached = client.v1.invoice_items.list(params={"customer": cus.id, "pending": False})

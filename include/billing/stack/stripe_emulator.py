@@ -740,7 +740,10 @@ async def create_invoice(request: web.Request) -> web.Response:
     if not params.get("customer"):
         raise _missing("customer")
     customer = _retrieve(ls.Customer, params["customer"], "customer", "customer")
-    behavior = params.get("pending_invoice_items_behavior", "include")
+    # Since API version 2022-08-01 the default is ``exclude`` (``include_and_require`` is
+    # gone): a new invoice takes no pending item unless asked to, and items then join it
+    # explicitly (``invoice=`` on create, or ``add_lines``).
+    behavior = params.get("pending_invoice_items_behavior", "exclude")
     if behavior not in ("include", "exclude"):
         raise _invalid(
             "pending_invoice_items_behavior",
@@ -776,6 +779,74 @@ async def create_invoice(request: web.Request) -> web.Response:
             if item.currency == currency:
                 invoice._attach_item(item)
     _event("invoice.created", invoice)
+    return _json(invoice._export(expand=expand))
+
+
+ADD_LINE_PARAMS = {"invoice_item", "metadata", "description"}
+
+
+async def add_invoice_lines(request: web.Request) -> web.Response:
+    """``POST /v1/invoices/{id}/add_lines``: attach existing pending invoice items to a draft.
+
+    As strict as Stripe: the invoice must be a draft; every item must exist, belong to the
+    invoice's customer, be pending (on no invoice) and match the invoice's currency. The
+    request is all or nothing (every line is checked before any is attached). Only lines
+    naming an ``invoice_item`` are supported (new one-off lines are created with
+    ``POST /v1/invoiceitems`` and ``invoice=``).
+    """
+    invoice = _retrieve_invoice(request.match_info["id"])
+    params = await _post_params(request)
+    expand = _pop_expand(params)
+    _reject_unknown(params, {"lines", "invoice_metadata"})
+    lines = params.get("lines")
+    if isinstance(lines, dict):
+        lines = [lines]
+    if not lines or not isinstance(lines, list):
+        raise _missing("lines")
+    if not isinstance(invoice, EmuInvoice) or invoice.status != "draft":
+        raise StripeAPIError(
+            400,
+            f"You can only add lines to draft invoices; invoice {invoice.id} is '{invoice.status}'.",
+            code="invoice_not_editable",
+        )
+    items = []
+    for i, line in enumerate(lines):
+        if not isinstance(line, dict):
+            raise _invalid(f"lines[{i}]", f"Invalid object: lines[{i}]")
+        _reject_unknown(line, ADD_LINE_PARAMS)
+        if not line.get("invoice_item"):
+            raise _missing(f"lines[{i}][invoice_item]")
+        item = _retrieve(
+            ls.InvoiceItem, line["invoice_item"], "invoiceitem", f"lines[{i}][invoice_item]"
+        )
+        if item.customer != invoice.customer:
+            raise _invalid(
+                f"lines[{i}][invoice_item]",
+                f"Invoice item {item.id} belongs to another customer than invoice {invoice.id}.",
+            )
+        if item.invoice is not None:
+            raise _invalid(
+                f"lines[{i}][invoice_item]",
+                f"Invoice item {item.id} is already on invoice {item.invoice}.",
+            )
+        if item.currency != invoice.currency:
+            raise _invalid(
+                f"lines[{i}][invoice_item]",
+                f"The invoice item currency ({item.currency}) must match the invoice "
+                f"currency ({invoice.currency}).",
+            )
+        if item in items:
+            raise _invalid(f"lines[{i}][invoice_item]", f"Invoice item {item.id} given twice.")
+        items.append(item)
+    for item, line in zip(items, lines, strict=True):
+        if line.get("description"):
+            item.description = _as_str(line["description"], "description")
+        if line.get("metadata") is not None:
+            _set_metadata(item, _merge_metadata(item.metadata, line["metadata"]))
+        invoice._attach_item(item)
+    if params.get("invoice_metadata") is not None:
+        invoice.metadata = _merge_metadata(invoice.metadata, params["invoice_metadata"])
+    _event("invoice.updated", invoice)
     return _json(invoice._export(expand=expand))
 
 
@@ -1642,6 +1713,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/invoices", create_invoice),
     ("GET", "/v1/invoices", list_invoices),
     ("POST", "/v1/invoices/{id}/finalize", finalize_invoice),
+    ("POST", "/v1/invoices/{id}/add_lines", add_invoice_lines),
     ("POST", "/v1/invoices/{id}/pay", pay_invoice),
     ("POST", "/v1/invoices/{id}/void", void_invoice),
     ("POST", "/v1/invoices/{id}/mark_uncollectible", mark_uncollectible),

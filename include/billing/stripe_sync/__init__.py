@@ -2,7 +2,7 @@
 
 Playbook flow "Invoice lifecycle -> sync with Stripe (overages)" and the "Stripe API
 errors" / "Stripe outage" failure modes. The nightly DAG calls :func:`push_day` after dbt,
-and at month end :func:`close_period`; :func:`sync_invoices` runs daily for dunning. The
+then :func:`close_due` (each month whose close is due, :mod:`closing`); :func:`sync_invoices` runs daily for dunning. The
 ``billing parked ...`` / ``billing stripe ...`` commands and the ``billing_retry_parked``
 DAG are thin shells over the functions here.
 
@@ -13,6 +13,7 @@ DAG are thin shells over the functions here.
   re-sending a write an earlier drain tried, adopts it if Stripe already has it.
 * ``parking``: the Redis side (the parked writes' copy).
 * ``mode``: the read-only (outage) flag, durable in Postgres.
+* ``closing``: when a month closes (the rule) and the durable record of closes.
 * ``delivery``: whether everything reached Stripe (the nightly sentinel, the Billing page).
 """
 
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 from billing import db
 from billing.errors import BillingError, ServiceError
-from billing.stripe_sync import mode, outbox, parking, push
+from billing.stripe_sync import closing, mode, outbox, parking, push
 from billing.stripe_sync.client import Gateway, Policy
 from billing.stripe_sync.engine import Engine, upsert_invoice
 
@@ -32,6 +33,7 @@ __all__ = [
     "Engine",
     "Gateway",
     "Policy",
+    "close_due",
     "close_period",
     "counters",
     "drain",
@@ -86,9 +88,19 @@ def drain(*, engine: Engine | None = None, sleep: Sleep | None = None) -> dict:
 
 
 def close_period(
-    period: dt.date, *, engine: Engine | None = None, sleep: Sleep | None = None
+    period: dt.date,
+    *,
+    engine: Engine | None = None,
+    sleep: Sleep | None = None,
+    closed_on_day: dt.date | None = None,
+    missing_days: Sequence[dt.date] = (),
 ) -> dict:
-    """Month end: one finalized Stripe invoice per org collecting the period's items (idempotent)."""
+    """Month end: one finalized Stripe invoice per org collecting the period's items (idempotent).
+
+    Each invoice takes the org's items of the period (and earlier periods' late items)
+    explicitly, never a later period's. Once every org with items has a finalized invoice
+    the close is recorded in ``billing.period_closes`` (``closing``), which the nightly reads.
+    """
     period = push.period_of(period)
     eng = _engine(engine, sleep)
     with db.transaction() as cx:
@@ -96,17 +108,19 @@ def close_period(
         writes, blocked = push.plan_close(cx, period, eng.policy.days_until_due)
         inserted = outbox.enqueue(cx, writes)
     result = eng.drain()
-    with db.connect() as cx:
+    with db.transaction() as cx:
         invoices = dict(
             cx.execute(
                 "SELECT org_id, stripe_invoice_id FROM billing.stripe_invoices WHERE period = %s",
                 (period,),
             ).fetchall()
         )
+        complete = closing.record_if_complete(cx, period, closed_on_day, list(missing_days))
     return {
         "period": period.strftime("%Y-%m"),
         "planned": len(inserted),
         "invoices": invoices,
+        "closed": complete,
         **result,
         # After the drain's counts: these are the orgs whose invoice could not be created
         # yet (items still queued or parked), for on-call to see.
@@ -114,11 +128,41 @@ def close_period(
     }
 
 
-def close_period_if_month_end(day: dt.date, **kwargs) -> dict:
-    """The nightly month-end step: close ``day``'s period only when ``day`` is its last day."""
-    if (day + dt.timedelta(days=1)).day != 1:
-        return {"status": "skipped", "reason": f"{day} is not the last day of its month"}
-    return close_period(day.replace(day=1), **kwargs)
+def close_due(
+    day: dt.date, *, run_id: str | None = None, today: dt.date | None = None, **kwargs
+) -> dict:
+    """The nightly close step of arrival day ``day``: record the day, close every month due.
+
+    The rule is in :mod:`billing.stripe_sync.closing`: a month closes in the first run that
+    finds all its arrival days run (the last day's, or any run of a backfill), or else in
+    the next month's first run; a missed or never-opened month is never left open.
+    """
+    today = today or dt.datetime.now(dt.UTC).date()
+    with db.transaction() as cx:
+        closing.record_day(cx, day, run_id)
+        due = closing.due(cx, day, today)
+    closes = []
+    for period, missing in due:
+        if missing:
+            log.warning(
+                "closing %s without arrival days %s (never run): their usage reaches "
+                "Stripe as late items on the next invoice once they run",
+                f"{period:%Y-%m}",
+                ", ".join(d.isoformat() for d in missing),
+            )
+        closes.append(
+            close_period(period, closed_on_day=day, missing_days=missing, **kwargs)
+            | {"missing_days": [d.isoformat() for d in missing]}
+        )
+    if not closes:
+        return {"day": day.isoformat(), "status": "skipped", "reason": "no month is due"}
+    left_open = [c["period"] for c in closes if not c["closed"]]
+    return {
+        "day": day.isoformat(),
+        "status": "open" if left_open else "closed",
+        "closes": closes,
+        **({"left_open": left_open} if left_open else {}),
+    }
 
 
 def sync_invoices(*, engine: Engine | None = None, sleep: Sleep | None = None) -> dict:

@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 
 DRAIN_LOCK = 7_202_612  # advisory lock: one drain at a time across processes
 OUTCOMES = ("sent", "adopted", "parked", "blocked", "queued")
+ADD_LINES_BATCH = 50  # lines per POST /v1/invoices/{id}/add_lines
 
 
 class ForeignPendingItems(Exception):
-    """The customer has pending items of a later period: creating the invoice would take them."""
+    """A finalize without its invoice recorded (error class ``foreign_pending_items``, kept
+    for the metric's label). Invoices are created with ``pending_invoice_items_behavior=
+    exclude`` and take their items explicitly, so later periods' items never block a close."""
 
 
 def field(obj: Any, key: str, default: Any = None) -> Any:
@@ -278,10 +281,12 @@ class Engine:
         if kind in ("usage_item", "base_fee"):
             return v1.invoice_items.create(params={**params, "customer": customer_id}, options=opts)
         if kind == "invoice":
-            self._check_no_foreign_items(row, customer_id)
+            # pending_invoice_items_behavior=exclude (the payload): the invoice takes no
+            # pending item by itself, so next month's items never land on it.
             return v1.invoices.create(params={**params, "customer": customer_id}, options=opts)
         if kind == "finalize":
             invoice_id = self._invoice_id(cx, row)
+            self._attach_items(row, customer_id, invoice_id)
             return v1.invoices.finalize_invoice(invoice_id, params=params, options=opts)
         raise ValueError(f"unknown outbox kind {kind!r}")
 
@@ -296,20 +301,34 @@ class Engine:
             )
         return found[0]
 
-    def _check_no_foreign_items(self, row: dict, customer_id: str) -> None:
+    def _attach_items(self, row: dict, customer_id: str, invoice_id: str) -> None:
+        """Attach the customer's pending items of this period or earlier to its draft invoice.
+
+        Earlier periods' items are late corrections pushed after their own invoice (the
+        lateness window); later periods' items stay pending for their own close. Stripe's
+        list is the truth (strongly consistent), so a retry after a partial attach only
+        adds what is still pending: idempotent without a key.
+        """
         period = row["period"].strftime("%Y-%m")
-        later = [
+        invoice = self.gw.once("retrieve_invoice", lambda: self.gw.v1.invoices.retrieve(invoice_id))
+        if invoice["status"] != "draft":
+            return
+        ids = [
             ii["id"]
             for ii in self._iter_list(
                 lambda p: self.gw.v1.invoice_items.list(params=p),
                 {"customer": customer_id, "pending": True},
             )
-            if field(field(ii, "metadata", {}), "period", "") > period
+            if field(field(ii, "metadata", {}), "period", "9999-99") <= period
+            and field(ii, "currency") == invoice["currency"]
         ]
-        if later:
-            raise ForeignPendingItems(
-                f"customer {customer_id} has {len(later)} pending item(s) of a later period than {period}; "
-                "invoice the periods in order"
+        for start in range(0, len(ids), ADD_LINES_BATCH):
+            batch = ids[start : start + ADD_LINES_BATCH]
+            self.gw.once(
+                "add_lines",
+                lambda b=batch: self.gw.v1.invoices.add_lines(
+                    invoice_id, params={"lines": [{"invoice_item": i} for i in b]}
+                ),
             )
 
     def _iter_list(self, fetch: Callable[[dict], Any], params: dict) -> Iterator[Any]:

@@ -163,15 +163,19 @@ def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Wr
 def plan_close(cx, period: dt.date, days_until_due: int) -> tuple[list[Write], dict[str, str]]:
     """Invoice + finalize writes for orgs whose period's items are all in Stripe.
 
-    Returns the writes and, per org left out, why (its items are still queued or parked).
+    The invoice excludes pending items; its finalize attaches the org's pending items of
+    ``period`` and earlier (Engine._attach_items), never a later period's. Returns the writes and, per org left out, why (its items are still queued or parked).
     """
     states: dict[str, set[str]] = defaultdict(set)
-    for org, status in cx.execute(
-        """SELECT DISTINCT org_id, status FROM billing.stripe_outbox
+    currency: dict[str, str] = {}
+    for org, status, cur in cx.execute(
+        """SELECT DISTINCT org_id, status, currency FROM billing.stripe_outbox
             WHERE period = %s AND kind IN ('usage_item', 'base_fee') AND status <> 'cancelled'""",
         (period,),
     ).fetchall():
         states[org].add(status)
+        if cur:
+            currency[org] = cur
     writes: list[Write] = []
     blocked: dict[str, str] = {}
     for org in sorted(states):
@@ -190,7 +194,11 @@ def plan_close(cx, period: dt.date, days_until_due: int) -> tuple[list[Write], d
                     "collection_method": "send_invoice",
                     "days_until_due": days_until_due,
                     "auto_advance": False,
-                    "pending_invoice_items_behavior": "include",
+                    # Never sweep pending items in: the finalize write attaches this
+                    # period's (and earlier periods' late) items explicitly, so next
+                    # month's items, already pushed, stay pending for their own invoice.
+                    "pending_invoice_items_behavior": "exclude",
+                    **({"currency": currency[org]} if org in currency else {}),
                     "description": f"Usage and subscription {period:%Y-%m}",
                     "metadata": _metadata(key, "invoice", org, period),
                 },
