@@ -1,5 +1,6 @@
-"""Airflow plugin: the Billing API (``billing.api``) mounted at ``/billing``, and the
-Billing page (Admin → Billing) it serves at ``/billing/ui``.
+"""Airflow plugin: the Billing API (``billing.api``) mounted at ``/billing``, the
+Billing page (Admin → Billing) it serves at ``/billing/ui`` and the RED tiles on their own
+(Admin → Health) at ``/billing/ui/health``.
 
 A thin shell: routes, auth and caching live in ``include/billing/api.py``.
 """
@@ -22,5 +23,13 @@ class BillingPlugin(AirflowPlugin):
             "destination": "nav",
             "category": "admin",
             "url_route": "billing",
-        }
+        },
+        # Admin → Health (the playbook's RED tiles): the same tiles, on their own.
+        {
+            "name": "Health",
+            "href": "/billing/ui/health",
+            "destination": "nav",
+            "category": "admin",
+            "url_route": "billing-health",
+        },
     ]

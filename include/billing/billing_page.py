@@ -142,13 +142,25 @@ def _run_url(dag_id: str, run_id: str) -> str:
 
 
 # ---------------------------------------------------------------- RED tiles
-def _seconds(run: dict) -> float | None:
+def _when(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
+
+
+def _seconds(run: dict, tis: list[dict] = ()) -> float | None:
+    """A run's duration: first task start to last task end when it has task instances.
+
+    Not the run's own start/end: ``airflow dags test`` (``billing run-day``, ``billing
+    demo``) records the logical date as the run's start, so a run of an earlier day would
+    read hundreds of hours. Without task times, the run's duration as Airflow reports it.
+    """
+    starts = [t for ti in tis if (t := _when(ti.get("start_date")))]
+    ends = [t for ti in tis if (t := _when(ti.get("end_date")))]
+    if starts and ends:
+        return max(0.0, (max(ends) - min(starts)).total_seconds())
     if run.get("duration") is not None:
         return float(run["duration"])
     if run.get("start_date") and run.get("end_date"):
-        start = dt.datetime.fromisoformat(run["start_date"])
-        end = dt.datetime.fromisoformat(run["end_date"])
-        return (end - start).total_seconds()
+        return (_when(run["end_date"]) - _when(run["start_date"])).total_seconds()
     return None
 
 
@@ -162,8 +174,34 @@ def _fmt_seconds(value: float | None) -> str:
     return f"{value / 3600:.1f} h"
 
 
-def red_tiles(dags: list[dict], runs: list[dict], days: int) -> list[dict]:
-    """Rate, errors and duration per billing DAG over the runs of the last ``days`` days."""
+def _outcome(run: dict, tis: list[dict]) -> str:
+    """``failed``, ``retrying`` (a task up for retry), ``degraded`` (a skipped delivery
+    sentinel), ``success`` or ``active``: what the tiles count a run as."""
+    from billing.stripe_sync.delivery import SENTINEL_TASK_ID
+
+    if run["state"] == "failed":
+        return "failed"
+    if any(ti.get("state") == "up_for_retry" for ti in tis):
+        return "retrying"
+    if run["state"] == "success":
+        skipped = {ti["task_id"] for ti in tis if ti.get("state") == "skipped"}
+        return "degraded" if SENTINEL_TASK_ID in skipped else "success"
+    return "active"
+
+
+def red_tiles(
+    dags: list[dict], runs: list[dict], days: int, tis: list[dict] | None = None
+) -> list[dict]:
+    """Rate, errors and duration per billing DAG over the runs of the last ``days`` days.
+
+    ``tis`` are the runs' task instances: a run with a task up for retry counts as an error
+    (it is not healthy, even though the run is still ``running``), a successful run whose
+    ``stripe_all_delivered`` sentinel skipped counts as degraded, and durations span the
+    task instances.
+    """
+    by_run: dict[tuple[str, str], list[dict]] = {}
+    for ti in tis or ():
+        by_run.setdefault((ti["dag_id"], ti["dag_run_id"]), []).append(ti)
     by_dag: dict[str, list[dict]] = {d["dag_id"]: [] for d in dags}
     for run in runs:
         by_dag.setdefault(run["dag_id"], []).append(run)
@@ -171,18 +209,28 @@ def red_tiles(dags: list[dict], runs: list[dict], days: int) -> list[dict]:
     tiles = []
     for dag_id in sorted(by_dag):
         rs = sorted(by_dag[dag_id], key=lambda r: r.get("run_after") or "", reverse=True)
+        run_tis = {r["dag_run_id"]: by_run.get((dag_id, r["dag_run_id"]), []) for r in rs}
+        outcome = {r["dag_run_id"]: _outcome(r, run_tis[r["dag_run_id"]]) for r in rs}
+        counted = [r for r in rs if outcome[r["dag_run_id"]] != "active"]
+        n = {
+            k: sum(1 for r in counted if outcome[r["dag_run_id"]] == k)
+            for k in ("failed", "retrying", "degraded")
+        }
         finished = [r for r in rs if r["state"] in ("success", "failed")]
-        failed = [r for r in finished if r["state"] == "failed"]
-        durations = sorted(d for r in finished if (d := _seconds(r)) is not None)
+        durations = sorted(
+            d for r in finished if (d := _seconds(r, run_tis[r["dag_run_id"]])) is not None
+        )
         p50 = statistics.median(durations) if durations else None
         p95 = durations[min(len(durations) - 1, int(0.95 * len(durations)))] if durations else None
-        error_rate = len(failed) / len(finished) if finished else None
+        errors = n["failed"] + n["retrying"]
+        error_rate = errors / len(counted) if counted else None
         last = rs[0] if rs else None
-        if not finished:
+        latest = outcome[counted[0]["dag_run_id"]] if counted else None
+        if not counted:
             health = "idle"
-        elif failed and finished[0]["state"] == "failed":
+        elif latest == "failed":
             health = "failing"
-        elif failed:
+        elif errors or n["degraded"]:
             health = "degraded"
         else:
             health = "ok"
@@ -194,7 +242,11 @@ def red_tiles(dags: list[dict], runs: list[dict], days: int) -> list[dict]:
                 "runs": len(rs),
                 "rate_per_day": round(len(rs) / days, 2),
                 "finished": len(finished),
-                "failed": len(failed),
+                "failed": n["failed"],
+                "retrying": n["retrying"],
+                "degraded": n["degraded"],
+                "errors": errors,
+                "counted": len(counted),
                 "active": len(rs) - len(finished),
                 "error_rate": None if error_rate is None else round(error_rate, 4),
                 "error_pct": "–" if error_rate is None else f"{error_rate * 100:.0f}%",
@@ -207,6 +259,7 @@ def red_tiles(dags: list[dict], runs: list[dict], days: int) -> list[dict]:
                 else {
                     "dag_run_id": last["dag_run_id"],
                     "state": last["state"],
+                    "outcome": outcome[last["dag_run_id"]],
                     "run_after": last.get("run_after"),
                     "url": _run_url(dag_id, last["dag_run_id"]),
                 },
@@ -215,38 +268,50 @@ def red_tiles(dags: list[dict], runs: list[dict], days: int) -> list[dict]:
     return tiles
 
 
+def _pages(af: Airflow, path: str, key: str, limit: int = 2000, **params) -> list[dict]:
+    """Every item of a paged Airflow list (up to ``limit``); raises _ApiError on a non-200."""
+    items: list[dict] = []
+    while True:
+        r = af.get(path, limit=100, offset=len(items), **params)
+        if r.status_code != 200:
+            raise _ApiError(f"Airflow {path}: {r.status_code} {_detail(r)}")
+        page = r.json()[key]
+        items += page
+        if len(page) < 100 or len(items) >= limit:
+            return items
+
+
+class _ApiError(Exception):
+    pass
+
+
 def flows(af: Airflow, days: int) -> dict:
     """The tiles, or the reason they are unavailable (never raises)."""
     since = (dt.datetime.now(dt.UTC) - dt.timedelta(days=days)).isoformat()
+    billing = {"dag_id_pattern": "billing_", "run_after_gte": since}
     try:
         r = af.get("/api/v2/dags", dag_id_pattern="billing_", limit=100, order_by="dag_id")
         if r.status_code != 200:
             return {"tiles": [], "error": f"Airflow /api/v2/dags: {r.status_code} {_detail(r)}"}
         dags = [d for d in r.json()["dags"] if d["dag_id"].startswith("billing_")]
-        runs: list[dict] = []
-        offset = 0
-        while True:  # a week of billing runs is small; page anyway
-            r = af.get(
-                "/api/v2/dags/~/dagRuns",
-                dag_id_pattern="billing_",
-                run_after_gte=since,
-                order_by="-run_after",
-                limit=100,
-                offset=offset,
-            )
-            if r.status_code != 200:
-                return {
-                    "tiles": [],
-                    "error": f"Airflow /api/v2/dags/~/dagRuns: {r.status_code} {_detail(r)}",
-                }
-            page = r.json()["dag_runs"]
-            runs += [x for x in page if x["dag_id"].startswith("billing_")]
-            offset += len(page)
-            if len(page) < 100 or offset >= 2000:
-                break
+        # A week of billing runs is small; page anyway.
+        runs = _pages(af, "/api/v2/dags/~/dagRuns", "dag_runs", order_by="-run_after", **billing)
+        # Their task instances: retries, the delivery sentinel, task-based durations.
+        tis = _pages(
+            af,
+            "/api/v2/dags/~/dagRuns/~/taskInstances",
+            "task_instances",
+            limit=20000,
+            order_by="id",
+            **billing,
+        )
+    except _ApiError as exc:
+        return {"tiles": [], "error": str(exc)}
     except httpx.HTTPError as exc:
         return {"tiles": [], "error": f"Airflow API unreachable: {type(exc).__name__}"}
-    return {"tiles": red_tiles(dags, runs, days), "error": None}
+    runs = [x for x in runs if x["dag_id"].startswith("billing_")]
+    tis = [t for t in tis if t["dag_id"].startswith("billing_")]
+    return {"tiles": red_tiles(dags, runs, days, tis), "error": None}
 
 
 # ---------------------------------------------------------------- Stripe and reconcile
@@ -273,6 +338,24 @@ def parked() -> dict:
         return {"items": [], "error": f"parked pushes unavailable: {type(exc).__name__}"}
     items.sort(key=lambda p: (p.get("parked_at") or "", p["idempotency_key"]), reverse=True)
     return {"items": items, "error": None}
+
+
+def stripe_delivery() -> dict:
+    """The Stripe line: reachability from the outbox (parked/pending rows and their last
+    error) and the durable read-only flag (``billing.stripe_sync.delivery.status``)."""
+    try:
+        from billing import db
+        from billing.stripe_sync import delivery, mode
+
+        with db.connect(autocommit=True) as cx:
+            return {**delivery.status(delivery.open_writes(cx), mode.info(cx)), "error": None}
+    except Exception as exc:  # Postgres down: say so, keep the page
+        log.warning("billing page: Stripe status unavailable: %s", exc)
+        return {
+            "state": "unknown",
+            "text": "",
+            "error": f"Stripe status unavailable: {type(exc).__name__}",
+        }
 
 
 def latest_reconciliation(limit: int = 50) -> dict:
@@ -358,6 +441,7 @@ def overview(request: Request) -> dict:
         "window_days": days,
         "flows": red,
         "stripe": stripe_status(),
+        "delivery": stripe_delivery(),
         "parked": parked(),
         "reconcile": rec,
         "default_period": default_period(rec),
@@ -383,7 +467,24 @@ def _templates():
 
 
 def render_page(data: dict) -> str:
-    return _templates().get_template("page.html.j2").render(**data)
+    return _templates().get_template("page.html.j2").render(ui_root="../", assets="ui/", **data)
+
+
+def health(request: Request) -> dict:
+    """Admin → Health: the RED tiles only (the playbook's Admin → Health)."""
+    days = window_days()
+    with Airflow(request) as af:
+        red = flows(af, days)
+    return {
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "window_days": days,
+        "flows": red,
+    }
+
+
+def render_health(data: dict) -> str:
+    # Served at /billing/ui/health: one level deeper than the page.
+    return _templates().get_template("health.html.j2").render(ui_root="../../", assets="", **data)
 
 
 # ---------------------------------------------------------------- authorization for writes
@@ -495,18 +596,24 @@ def install(app: FastAPI) -> None:
     """Add the page and its action routes to the Billing API app (auth is app-wide)."""
     from airflow.api_fastapi.core_api.security import get_user
 
+    headers = {
+        "Content-Security-Policy": CSP,
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+    }
+
     @app.get("/ui", response_class=HTMLResponse, summary="The Billing page (Airflow UI view)")
     def page(request: Request) -> HTMLResponse:
-        html = render_page(overview(request))
-        return HTMLResponse(
-            html,
-            headers={
-                "Content-Security-Policy": CSP,
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "same-origin",
-            },
-        )
+        return HTMLResponse(render_page(overview(request)), headers=headers)
+
+    @app.get(
+        "/ui/health",
+        response_class=HTMLResponse,
+        summary="Admin → Health: the RED tiles per billing flow (Airflow UI view)",
+    )
+    def health_page(request: Request) -> HTMLResponse:
+        return HTMLResponse(render_health(health(request)), headers=headers)
 
     @app.get("/ui/assets/{name}", include_in_schema=False)
     def asset(name: str) -> Response:
@@ -576,4 +683,13 @@ def install(app: FastAPI) -> None:
         return {"key": key, "still_parked": still, "result": result}
 
 
-__all__ = ["install", "overview", "red_tiles", "render_page", "trigger_reconcile"]
+__all__ = [
+    "health",
+    "install",
+    "overview",
+    "red_tiles",
+    "render_health",
+    "render_page",
+    "stripe_delivery",
+    "trigger_reconcile",
+]

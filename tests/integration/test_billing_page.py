@@ -7,6 +7,7 @@ The server and its admin client come from ``tests/integration/conftest.py``.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,7 +46,12 @@ def reconcile_now(client: httpx.Client, key: str, period: str = "2026-01") -> ht
 
 
 def test_page_and_actions_require_authentication(anon):
-    for path in ("/billing/ui", "/billing/ui/assets/page.js", "/billing/overview"):
+    for path in (
+        "/billing/ui",
+        "/billing/ui/health",
+        "/billing/ui/assets/page.js",
+        "/billing/overview",
+    ):
         assert anon.get(path).status_code == 401, path
         assert anon.get(path, headers={"Authorization": "Bearer nope"}).status_code == 403, path
     key = str(uuid.uuid4())
@@ -55,17 +61,41 @@ def test_page_and_actions_require_authentication(anon):
     assert r.status_code == 401
 
 
-def test_admin_menu_has_the_billing_view(airflow_client):
+def test_admin_menu_has_the_billing_and_health_views(airflow_client):
     plugins = airflow_client.get("/api/v2/plugins").json()["plugins"]
     views = [v for p in plugins if p["name"] == "billing" for v in p["external_views"]]
-    assert len(views) == 1
-    assert {k: views[0][k] for k in ("name", "href", "destination", "category", "url_route")} == {
-        "name": "Billing",
-        "href": "/billing/ui",
-        "destination": "nav",
-        "category": "admin",
-        "url_route": "billing",
-    }
+    keys = ("name", "href", "destination", "category", "url_route")
+    assert [{k: v[k] for k in keys} for v in views] == [
+        {
+            "name": "Billing",
+            "href": "/billing/ui",
+            "destination": "nav",
+            "category": "admin",
+            "url_route": "billing",
+        },
+        {  # the playbook's Admin → Health: the RED tiles on their own
+            "name": "Health",
+            "href": "/billing/ui/health",
+            "destination": "nav",
+            "category": "admin",
+            "url_route": "billing-health",
+        },
+    ]
+
+
+def test_health_view_renders_the_red_tiles(airflow_client):
+    r = airflow_client.get("/billing/ui/health")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    html = r.text
+    for dag_id in BILLING_DAGS:
+        assert f'data-testid="red-tile" data-dag-id="{dag_id}"' in html, dag_id
+    assert 'data-testid="stripe-status"' not in html and 'id="reconcile-now"' not in html
+    # One level below /billing/ui: assets and the UI's links resolve from there.
+    assert 'href="assets/page.css"' in html and 'src="assets/page.js"' in html
+    assert 'href="../../dags/billing_nightly' in html
+    assert airflow_client.get("/billing/ui/assets/page.css").status_code == 200
 
 
 def test_page_renders_tiles_status_and_reconciliation(airflow_client, latest_reconciliation):
@@ -208,3 +238,101 @@ def test_web_process_never_imports_chdb_or_dbt(airflow_client, airflow_server):
     for path in ("/billing/ui", "/billing/overview", "/billing/health", "/billing/metrics"):
         assert airflow_client.get(path).status_code == 200, path
     assert airflow_server.forbidden_imports() == []
+
+
+@pytest.fixture
+def unreachable_push(airflow_server, monkeypatch):
+    """A customer write the real engine parked: Stripe unreachable (connection refused)."""
+    from faultproxy import FaultProxy
+    from stripe_support import emulator_url, point_stripe_at
+
+    from billing import db
+    from billing.stripe_sync import Engine, outbox, parking, push
+
+    org = f"down-{uuid.uuid4().hex[:10]}"
+    write = push.customer_write({"org_id": org, "name": "Unreachable"}, dt.date(2026, 1, 1))
+    with db.transaction() as cx:
+        outbox.enqueue(cx, [write])
+        row = outbox.get(cx, write.idempotency_key)
+    proxy = FaultProxy(emulator_url()).start()
+    point_stripe_at(monkeypatch, proxy.url)
+    proxy.stop()
+    monkeypatch.setenv("BILLING_STRIPE_TIMEOUT_SECONDS", "0.5")
+    result = Engine(sleep=lambda s: None).drain(ids=[row["outbox_id"]])
+    assert result["parked"] == 1, result
+    point_stripe_at(monkeypatch, emulator_url())
+    yield write.idempotency_key
+    parking.unpark(parking.client(), write.idempotency_key)
+    with db.transaction() as cx:
+        cx.execute(
+            """UPDATE billing.stripe_outbox SET status = 'cancelled'
+                WHERE idempotency_key = %s AND status <> 'sent'""",
+            (write.idempotency_key,),
+        )
+
+
+def test_stripe_status_says_unreachable_while_writes_are_parked(airflow_client, unreachable_push):
+    from billing import db
+    from billing.stripe_sync import outbox
+
+    with db.connect() as cx:
+        row = outbox.get(cx, unreachable_push)
+        (updated_at,) = cx.execute(
+            "SELECT updated_at FROM billing.stripe_outbox WHERE idempotency_key = %s",
+            (unreachable_push,),
+        ).fetchone()
+    assert (row["status"], row["last_error_class"]) == ("parked", "connection")
+    delivery = airflow_client.get("/billing/overview").json()["delivery"]
+    since = row["parked_at"].astimezone(dt.UTC).isoformat(timespec="seconds")
+    at = updated_at.astimezone(dt.UTC).isoformat(timespec="seconds")
+    assert delivery == {
+        "state": "unreachable",
+        "text": f"1 writes parked since {since} (last error connection at {at}: "
+        f"{row['last_error']})",
+        "error": None,
+    }
+    html = airflow_client.get("/billing/ui").text
+    assert 'data-state="unreachable"' in html and ">unreachable</span>" in html
+    assert "pushes go out normally" not in html
+    # Sent again (Stripe is back): the line is writable again.
+    r = airflow_client.post(f"/billing/stripe/parked/{unreachable_push}/retry", json={})
+    assert r.status_code == 200 and r.json()["still_parked"] is False, r.text
+    assert airflow_client.get("/billing/overview").json()["delivery"]["state"] == "writable"
+
+
+def test_a_task_up_for_retry_counts_in_the_error_tile(airflow_client):
+    """A run still running, whose task waits for its retry, is an error, not healthy."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    dag_id = "billing_retention_purge"
+    before = {
+        t["dag_id"]: t for t in airflow_client.get("/billing/overview").json()["flows"]["tiles"]
+    }[dag_id]
+    run_id = f"page_retry_{uuid.uuid4().hex[:8]}"
+    r = airflow_client.post(
+        f"/api/v2/dags/{dag_id}/dagRuns",
+        json={"dag_run_id": run_id, "logical_date": None, "conf": {}},
+    )
+    assert r.status_code == 200, r.text
+    # As the scheduler leaves it after a failed first try: run running, task up_for_retry.
+    with create_session() as session:
+        run = session.scalar(select(DagRun).where(DagRun.run_id == run_id))
+        run.state = "running"
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.run_id == run_id)).all()
+        assert tis, "the triggered run has task instances"
+        tis[0].state = "up_for_retry"
+        tis[0].try_number = 1
+    tiles = {
+        t["dag_id"]: t for t in airflow_client.get("/billing/overview").json()["flows"]["tiles"]
+    }
+    tile = tiles[dag_id]
+    assert tile["retrying"] == before["retrying"] + 1
+    assert tile["errors"] == before["errors"] + 1
+    assert tile["counted"] == before["counted"] + 1
+    assert tile["error_rate"] > 0 and tile["health"] == "degraded"
+    assert tile["last_run"] == {**tile["last_run"], "dag_run_id": run_id, "outcome": "retrying"}
+    html = airflow_client.get("/billing/ui/health").text
+    assert "1 retrying" in html

@@ -1,4 +1,5 @@
-"""The Billing page in a real browser: log in to the Airflow UI, Admin → Billing, Reconcile now.
+"""The Billing page in a real browser: log in to the Airflow UI, Admin → Billing, Reconcile
+now, then Admin → Health.
 
 Headless Chromium (the system's ``/usr/bin/chromium``, installed by
 ``scripts/install-system-deps.sh``; override with ``BILLING_CHROMIUM``) driven by Playwright.
@@ -90,7 +91,10 @@ def test_login_open_billing_and_reconcile_now(
         expect(
             frame.locator('[data-dag-id="billing_reconcile"] [data-metric="errors"]')
         ).to_be_visible()
-        expect(frame.locator('[data-testid="stripe-status"]')).to_contain_text("writable")
+        # A parked write: never "writable" while writes fail.
+        status = frame.locator('[data-testid="stripe-status"]')
+        expect(status).to_contain_text("1 writes parked since")
+        expect(status).not_to_contain_text("writable")
         expect(frame.locator(f'tr[data-key="{parked_customer}"] button.retry')).to_be_enabled()
         expect(frame.locator('[data-testid="reconcile-latest"]')).to_contain_text("2031-07")
         # Escaped data: the org id's markup is shown as text.
@@ -111,6 +115,18 @@ def test_login_open_billing_and_reconcile_now(
         page.screenshot(path=str(shot), full_page=True)
         assert shot.exists() and shot.stat().st_size > 10_000
         print(f"screenshot: {shot}")
+
+        # 4. Admin → Health (the playbook's RED tiles) opens the tiles on their own.
+        page.get_by_role("button", name="Admin").click()
+        page.get_by_role("menuitem", name="Health").click()
+        page.wait_for_url(re.compile(r"/plugin/billing-health"))
+        health = page.frame_locator('iframe[title="Health"]')
+        expect(health.locator('[data-testid="red-tile"]').first).to_be_visible()
+        assert health.locator('[data-testid="red-tile"]').count() >= 5
+        expect(
+            health.locator('[data-dag-id="billing_nightly"] [data-metric="duration"]')
+        ).to_be_visible()
+        assert health.locator('[data-testid="stripe-status"]').count() == 0
     finally:
         context.close()
 

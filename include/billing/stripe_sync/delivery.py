@@ -74,7 +74,7 @@ def status(open_: dict[str, Any], read_only: dict | None) -> dict[str, str]:
     writable) and its ``text``. Never "pushes go out normally" while writes are failing."""
     parked, queued = open_["parked"], open_["queued"]
     cls, at = open_.get("last_error_class"), _iso(open_.get("last_error_at"))
-    error = f"last error {cls} at {at}: {open_.get('last_error') or ''}".rstrip(": ")
+    error = f" (last error {cls} at {at}: {open_.get('last_error') or ''}".rstrip(": ") + ")"
     if read_only is not None:
         text = f"since {read_only['since']}"
         if read_only.get("reason"):
@@ -84,7 +84,7 @@ def status(open_: dict[str, Any], read_only: dict | None) -> dict[str, str]:
         state = "unreachable" if cls in UNREACHABLE else "failing"
         since = _iso(open_["parked_since"] if parked else open_["queued_since"])
         what = f"{parked} writes parked" if parked else f"{queued} writes retrying"
-        return {"state": state, "text": f"{what} since {since} ({error})"}
+        return {"state": state, "text": f"{what} since {since}{error if cls else ''}"}
     if queued:
         return {"state": "queued", "text": f"{queued} writes queued for the next push"}
     return {"state": "writable", "text": "pushes go out normally"}

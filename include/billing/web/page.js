@@ -92,8 +92,8 @@ function retry(button) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  const form = document.getElementById("reconcile-form");
-  form.addEventListener("submit", (ev) => { ev.preventDefault(); reconcileNow(form); });
+  const form = document.getElementById("reconcile-form");  // absent on Admin → Health
+  if (form) form.addEventListener("submit", (ev) => { ev.preventDefault(); reconcileNow(form); });
   for (const b of document.querySelectorAll("button.retry")) {
     b.addEventListener("click", () => retry(b));
   }
