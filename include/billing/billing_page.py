@@ -44,6 +44,8 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from billing.tables import money
+
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -334,6 +336,10 @@ def parked() -> dict:
         from billing import stripe_sync
 
         items = [{k: p.get(k) for k in keys} for p in stripe_sync.list_parked()]
+        for p in items:  # for people: the amount in its currency (minor units stay in JSON)
+            p["amount"] = (
+                "" if p["amount_cents"] is None else money(p["amount_cents"], p["currency"])
+            )
     except Exception as exc:  # Postgres down: show it, keep the page (Redis is only a copy)
         return {"items": [], "error": f"parked pushes unavailable: {type(exc).__name__}"}
     items.sort(key=lambda p: (p.get("parked_at") or "", p["idempotency_key"]), reverse=True)
@@ -405,16 +411,6 @@ def latest_reconciliation(limit: int = 50) -> dict:
             "error": f"reconciliation unavailable: {type(exc).__name__}",
         }
     from decimal import Decimal
-
-    from billing.pricing import format_money
-
-    def money(cents, currency):
-        if cents is None or not currency:
-            return "–"
-        try:
-            return format_money(int(cents), currency.strip())
-        except Exception:  # an unknown currency still shows the raw amount
-            return f"{cents} {currency}"
 
     for r in rows:
         r["rel_pct"] = f"{Decimal(r['rel_diff']) * 100:.2f}%"

@@ -336,3 +336,33 @@ def test_a_task_up_for_retry_counts_in_the_error_tile(airflow_client):
     assert tile["last_run"] == {**tile["last_run"], "dag_run_id": run_id, "outcome": "retrying"}
     html = airflow_client.get("/billing/ui/health").text
     assert "1 retrying" in html
+
+
+def test_parked_amounts_show_in_their_currency(airflow_client):
+    """Finance reads €985.61 and ¥3,600 on the page, never 98561 next to 3600."""
+    from billing import db
+
+    tag = uuid.uuid4().hex[:8]
+    rows = [(f"eur-{tag}", 98561, "eur"), (f"jpy-{tag}", 3600, "jpy")]
+    with db.connect(autocommit=True) as cx:
+        for org, cents, cur in rows:
+            cx.execute(
+                """INSERT INTO billing.stripe_outbox (idempotency_key, kind, org_id, period, day,
+                       metric, amount_cents, currency, payload, status, attempts, parked_at)
+                   VALUES (%s, 'usage_item', %s, '2026-11-01', '2026-11-03', 'api_calls', %s,
+                           %s, '{}', 'parked', 6, now())""",
+                (f"billing:usage_item:{org}:2026-11:2026-11-03:api_calls", org, cents, cur),
+            )
+    try:
+        page = airflow_client.get("/billing/ui")
+        assert page.status_code == 200, page.text
+        for org, money in ((rows[0][0], "€985.61"), (rows[1][0], "¥3,600")):
+            row = page.text.split(f'data-key="billing:usage_item:{org}:', 1)[1].split("</tr>")[0]
+            assert f'<td class="num">{money}</td>' in row
+        assert ">98561<" not in page.text and "98561 eur" not in page.text
+    finally:
+        with db.connect(autocommit=True) as cx:
+            cx.execute(
+                "UPDATE billing.stripe_outbox SET status = 'cancelled' WHERE org_id = ANY(%s)",
+                ([r[0] for r in rows],),
+            )
