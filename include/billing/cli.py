@@ -317,8 +317,8 @@ def cmd_docs(args) -> int:
         return 0
     argv = transform.docs_serve_argv(args.target, args.port)
     env = {**os.environ, **transform.dbt_env(args.target)}
-    print(f"dbt docs for {args.target}: http://127.0.0.1:{args.port}/  (Ctrl-C stops)")
-    return subprocess.run(argv, env=env).returncode
+    print(f"dbt docs for {args.target}: http://127.0.0.1:{args.port}/  (Ctrl-C stops)", flush=True)
+    os.execve(argv[0], argv, env)  # the server replaces us: stopping `billing docs serve` stops it
 
 
 def cmd_sql(args) -> int:

@@ -78,6 +78,9 @@ def test_generate_keeps_each_warehouse_apart_and_serve_answers(stack):
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # Stopping `billing docs serve` stopped the server itself: nothing is left listening.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
 def test_serve_before_generate_is_one_line(stack, tmp_path, monkeypatch):
