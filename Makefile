@@ -1,5 +1,7 @@
 # Billing pipeline — run `make help`.
 PYTHON ?= python3.11
+# Test workers (pytest-xdist): each starts its own embedded stack; a test file stays on one worker.
+TEST_WORKERS ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -34,7 +36,7 @@ demo: setup ## Run the pipeline end to end on the embedded stack and print a sum
 
 test: setup ## Run the whole test suite on the real embedded stack
 	@scripts/install-system-deps.sh || echo "(tests needing promtool/chromium will skip outside CI)"
-	$(BIN)/pytest -q --durations=20
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 lint: setup ## ruff check + format check
 	$(BIN)/ruff check include dags plugins tests bench

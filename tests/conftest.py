@@ -25,11 +25,27 @@ def pytest_configure(config):
     os.environ["BILLING_LOCAL_DIR"] = str(TEST_STACK)
     os.environ.setdefault("BILLING_LANDING_URI", (TEST_STACK / "landing").as_uri())
     os.environ.setdefault("BILLING_MAIL_DIR", str(TEST_STACK / "mail"))
+    # dbt's artifacts per session too (parallel sessions and xdist workers never share
+    # run_results.json), starting from the manifests `make setup` pre-built.
+    os.environ["BILLING_DBT_TARGET_DIR"] = str(TEST_STACK / "dbt-target")
+    _seed_dbt_target(TEST_STACK / "dbt-target")
     from billing.stack.manager import Stack
 
     stack = Stack(TEST_STACK)
     state = stack._init_state()
     os.environ.update(stack.env(state))
+
+
+def _seed_dbt_target(dest: Path) -> None:
+    built = ROOT / "dbt_project" / "target"
+    for target in ("postgres", "clickhouse"):
+        src, dst = built / target, dest / target
+        if dst.exists() or not src.exists():
+            continue
+        dst.mkdir(parents=True, mode=0o700)
+        for name in ("manifest.json", "cosmos_manifest.json", "partial_parse.msgpack"):
+            if (src / name).exists():
+                shutil.copy2(src / name, dst / name)
 
 
 def pytest_unconfigure(config):

@@ -30,6 +30,13 @@ def dbt_project_dir() -> Path:
     return PROJECT_DIR / "dbt_project"
 
 
+def dbt_target_dir() -> Path:
+    """Where dbt writes its artifacts, one folder per target: ``BILLING_DBT_TARGET_DIR``,
+    else ``dbt_project/target`` (each test session has its own, as it has its own stack)."""
+    explicit = os.environ.get("BILLING_DBT_TARGET_DIR")
+    return Path(explicit) if explicit else dbt_project_dir() / "target"
+
+
 def catalog_path() -> Path:
     return Path(
         os.environ.get("BILLING_CATALOG", PROJECT_DIR / "include" / "config" / "catalog.yaml")

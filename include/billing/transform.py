@@ -96,7 +96,7 @@ def dbt_env(target: str) -> dict[str, str]:
 
 
 def target_path(target: str) -> Path:
-    return settings.dbt_project_dir() / "target" / target
+    return settings.dbt_target_dir() / target
 
 
 def _private_target_path(target: str) -> Path:

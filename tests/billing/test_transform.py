@@ -507,7 +507,7 @@ def test_clickhouse_run_writes_no_postgres_password(fresh, stack):
 
     target = transform.target_path("clickhouse")
     assert target.stat().st_mode & 0o777 == 0o700
-    roots = [settings.dbt_project_dir() / "target", stack.clickhouse_path]
+    roots = [settings.dbt_target_dir(), stack.clickhouse_path]
     files = [f for root in roots for f in root.rglob("*") if f.is_file()]
     assert any(f.name == "run_results.json" for f in files)
     assert any("stg_pg_billing__usage_events" in f.read_text(errors="ignore") for f in files)

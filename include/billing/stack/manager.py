@@ -225,6 +225,8 @@ class Stack:
             # No network here but package registries: keep tools from phoning home.
             "DO_NOT_TRACK": "1",
             "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+            # The stack's own Cosmos cache (partial parse), not the shared /tmp/cosmos.
+            "AIRFLOW__COSMOS__CACHE_DIR": str(self.root / "cosmos-cache"),
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
         }
