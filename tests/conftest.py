@@ -27,8 +27,11 @@ def pytest_configure(config):
     os.environ.setdefault("BILLING_MAIL_DIR", str(TEST_STACK / "mail"))
     # dbt's artifacts per session too (parallel sessions and xdist workers never share
     # run_results.json), starting from the manifests `make setup` pre-built.
+    from billing import settings
+
+    built = settings.dbt_target_dir()
     os.environ["BILLING_DBT_TARGET_DIR"] = str(TEST_STACK / "dbt-target")
-    _seed_dbt_target(TEST_STACK / "dbt-target")
+    _seed_dbt_target(built, settings.dbt_target_dir())
     from billing.stack.manager import Stack
 
     stack = Stack(TEST_STACK)
@@ -36,9 +39,10 @@ def pytest_configure(config):
     os.environ.update(stack.env(state))
 
 
-def _seed_dbt_target(dest: Path) -> None:
-    built = ROOT / "dbt_project" / "target"
-    for target in ("postgres", "clickhouse"):
+def _seed_dbt_target(built: Path, dest: Path) -> None:
+    from billing.transform import TARGETS
+
+    for target in TARGETS:
         src, dst = built / target, dest / target
         if dst.exists() or not src.exists():
             continue

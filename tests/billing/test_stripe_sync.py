@@ -73,9 +73,16 @@ def _assert_stripe_matches(snap, through: dt.date) -> None:
 def test_faults_exactly_once_and_totals(proxy):
     snap = random_snapshot(n_orgs=6, n_days=4, seed=3)
     snap.save()
-    rates = {"500": 0.08, "429": 0.05, "409": 0.04, "reset": 0.05, "timeout": 0.02, "lost": 0.1}
-    proxy.rates = dict(rates)
-    proxy.sticky_rate = 0.06
+
+    def faults(on: bool) -> None:
+        proxy.rates = (
+            {"500": 0.08, "429": 0.05, "409": 0.04, "reset": 0.05, "timeout": 0.02, "lost": 0.1}
+            if on
+            else {}
+        )
+        proxy.sticky_rate = 0.06 if on else 0.0
+
+    faults(on=True)
     proxy.forced = ["timeout", "lost", "reset", "500", "429", "409"]
     aliases = {org: f"org{i}" for i, org in enumerate(snap.orgs)}
 
@@ -113,8 +120,7 @@ def test_faults_exactly_once_and_totals(proxy):
     # random faults a write can park again: each finalize attempt is four requests, and
     # all six attempts of one failed in CI. Retrying is then on-call's job again, which a
     # deterministic test cannot wait for.)
-    proxy.sticky_rate = 0.0
-    proxy.rates = {}
+    faults(on=False)
     result = stripe_sync.retry_parked(all=True, engine=eng)
     assert result["parked"] == 0, result
     assert stripe_sync.list_parked() == []
@@ -139,10 +145,9 @@ def test_faults_exactly_once_and_totals(proxy):
 
     # Month end under faults again: one finalized invoice per org whose amount is the
     # snapshot total, once on-call retried what parked (faults off, as above).
-    proxy.rates = dict(rates)
-    proxy.sticky_rate = 0.06
+    faults(on=True)
     closed = stripe_sync.close_period(PERIOD, engine=eng)
-    proxy.rates, proxy.sticky_rate = {}, 0.0
+    faults(on=False)
     if closed["parked"]:
         assert stripe_sync.retry_parked(all=True, engine=eng)["parked"] == 0
     client = direct_client()
