@@ -1,8 +1,7 @@
 # Billing pipeline — run `make help`.
 PYTHON ?= python3.11
 # Test workers (pytest-xdist): each starts its own embedded stack; a test file stays on one worker.
-# 1 until test_billing_page isolates its outbox rows (it saw another file's queued write under -n 2).
-TEST_WORKERS ?= 1
+TEST_WORKERS ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed

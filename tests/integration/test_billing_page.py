@@ -252,6 +252,14 @@ def unreachable_push(airflow_server, monkeypatch):
     org = f"down-{uuid.uuid4().hex[:10]}"
     write = push.customer_write({"org_id": org, "name": "Unreachable"}, dt.date(2026, 1, 1))
     with db.transaction() as cx:
+        # Open rows earlier tests of this session left behind would change the page's
+        # status ('queued'); set them aside for this test and put them back after.
+        aside = cx.execute(
+            """UPDATE billing.stripe_outbox o SET status = 'cancelled'
+                 FROM billing.stripe_outbox prior
+                WHERE o.outbox_id = prior.outbox_id AND o.status IN ('pending', 'parked')
+            RETURNING o.outbox_id, prior.status"""
+        ).fetchall()
         outbox.enqueue(cx, [write])
         row = outbox.get(cx, write.idempotency_key)
     proxy = FaultProxy(emulator_url()).start()
@@ -269,6 +277,11 @@ def unreachable_push(airflow_server, monkeypatch):
                 WHERE idempotency_key = %s AND status <> 'sent'""",
             (write.idempotency_key,),
         )
+        for outbox_id, status in aside:
+            cx.execute(
+                "UPDATE billing.stripe_outbox SET status = %s WHERE outbox_id = %s",
+                (status, outbox_id),
+            )
 
 
 def test_stripe_status_says_unreachable_while_writes_are_parked(airflow_client, unreachable_push):
