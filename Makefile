@@ -16,9 +16,10 @@ $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python requirements.txt pyproject.toml
+# requirements-dev.txt is the runtime requirements.txt plus the development tools.
+$(STAMP): $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip wheel setuptools
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
@@ -69,9 +70,17 @@ monitoring: setup ## Prometheus with the alert rules scraping `make airflow`'s /
 monitoring-down: setup ## Stop the local Prometheus
 	$(BIN)/billing monitoring down
 
-lock: $(BIN)/python ## Re-resolve requirements.in into the pinned requirements.txt
-	$(BIN)/pip install --quiet -r requirements.in
-	$(BIN)/pip freeze --exclude-editable | grep -v '^billing' > requirements.txt
+# Each set is resolved in a throw-away venv, so nothing else installed in .venv leaks into
+# the pins; the development set is constrained to the runtime pins and keeps only what it adds.
+LOCK_VENV := .local/lock-venv
+lock: ## Re-resolve requirements.in / requirements-dev.in into the pinned requirements.txt / requirements-dev.txt
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.in
+	$(LOCK_VENV)/bin/pip freeze > requirements.txt
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.in -c requirements.txt
+	{ echo '-r requirements.txt'; $(LOCK_VENV)/bin/pip freeze \
+		| grep -vxFf requirements.txt; } > requirements-dev.txt
+	rm -rf $(LOCK_VENV)
 
 # Every stack under .local (the dev stack, simulate's, leftover test sessions'): stop it and
 # delete its data, including PostgreSQL's folder outside the checkout (/var/tmp/billing-*)
