@@ -24,7 +24,11 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
    The close is at month end, not after the snapshot's grace days: late events go on the
    next invoice as items of M. docs/MONTH_CLOSE.md.
 7. `stripe_sync_invoices`: invoice status back into Postgres for dunning.
-8. `stripe_all_delivered`: the sentinel. **Skipped** (pink) when writes are parked or
+8. `render_invoice_pdfs` (after `publish_snapshot` and `stripe_sync_invoices`, whatever
+   their outcome): renders and stores (`BILLING_PDF_STORE`) the PDF of every invoice whose
+   ETag is not stored yet, so the API serves stored bytes and no client waits for a render
+   (`billing.invoice_store`). Idempotent: a re-run renders nothing.
+9. `stripe_all_delivered`: the sentinel. **Skipped** (pink) when writes are parked or
    queued: "degraded: N parked, M queued (billing parked list)". The run stays green
    on purpose (nothing is lost), but a degraded day is visible here and on the Billing page.
 
@@ -42,6 +46,8 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
 - `stripe_all_delivered` skipped: the day is degraded. Parked: `billing parked list`,
   then `billing_retry_parked`; queued: Stripe read-only is on (`billing stripe read-only
   status`; docs/runbooks/stripe-outage.md). Once sent, clear the sentinel: it succeeds.
+- `render_invoice_pdfs` failed: the API still serves every invoice (a miss is rendered
+  on request, once); fix the store (`BILLING_PDF_STORE`) and clear the task.
 - `stripe_close_period` returned `status: open`: a month could not be closed yet (items
   parked or queued; `left_open`, `blocked`); the next run retries it. Runbook:
   docs/runbooks/month-close.md (also for invoices parked with `foreign_pending_items`).
@@ -124,6 +130,13 @@ with DAG(
 
         return sync_invoices()
 
+    @task(trigger_rule="all_done")
+    def render_invoice_pdfs() -> dict:
+        """Render and store the PDF of every invoice whose ETag is not stored yet."""
+        from billing.invoice_store import render_pending
+
+        return render_pending()
+
     @task
     def stripe_all_delivered() -> dict:
         """Skips (never fails) while writes are parked or queued: the day is degraded."""
@@ -134,8 +147,11 @@ with DAG(
     snapshot = dbt_task_group("postgres")
     rollups = dbt_task_group("clickhouse")
     push = stripe_push()
-    ingest() >> prepare_pricing() >> snapshot >> publish_snapshot() >> [rollups, push]
-    push >> stripe_close_period() >> stripe_sync_invoices() >> stripe_all_delivered()
+    published = publish_snapshot()
+    synced = stripe_sync_invoices()
+    ingest() >> prepare_pricing() >> snapshot >> published >> [rollups, push]
+    push >> stripe_close_period() >> synced >> stripe_all_delivered()
+    [published, synced] >> render_invoice_pdfs()
 
 
 if __name__ == "__main__":

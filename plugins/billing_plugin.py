@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from billing.api import app
+from billing.api import fastapi_apps as billing_apps
 
 
 class BillingPlugin(AirflowPlugin):
     name = "billing"
-    fastapi_apps = [{"app": app, "url_prefix": "/billing", "name": "Billing API"}]
+    fastapi_apps = billing_apps()  # /billing (and the benchmark's ceiling when asked)
     # Admin → Billing in the Airflow UI: an iframe on the authenticated page above.
     external_views = [
         {

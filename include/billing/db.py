@@ -186,6 +186,35 @@ def retry_idempotent(
     return decorate(fn) if fn is not None else decorate
 
 
+def _session_options() -> str:
+    return (
+        f"-c statement_timeout={statement_timeout_ms()} "
+        f"-c lock_timeout={lock_timeout_ms()} -c timezone=UTC"
+    )
+
+
+def pool(max_size: int, timeout: float, configure=None, name: str = "billing"):
+    """A ``psycopg_pool.ConnectionPool`` whose connections are set up as :func:`connect`'s
+    (timeouts, instrumented cursors). ``getconn``/``connection()`` wait at most ``timeout``
+    seconds, then raise ``PoolTimeout``; connections are opened lazily (``min_size=0``)."""
+    from psycopg_pool import ConnectionPool
+
+    return ConnectionPool(
+        conns.postgres_dsn(),
+        min_size=0,
+        max_size=max_size,
+        timeout=timeout,
+        name=name,
+        kwargs={
+            "connect_timeout": 10,
+            "options": _session_options(),
+            "cursor_factory": InstrumentedCursor,
+        },
+        configure=configure,
+        open=True,
+    )
+
+
 def connect(autocommit: bool = False, **kwargs) -> psycopg.Connection:
     """Open a connection to the OLTP database named by the ``billing_postgres`` connection.
 
@@ -198,10 +227,7 @@ def connect(autocommit: bool = False, **kwargs) -> psycopg.Connection:
             dsn,
             autocommit=autocommit,
             connect_timeout=10,
-            options=(
-                f"-c statement_timeout={statement_timeout_ms()} "
-                f"-c lock_timeout={lock_timeout_ms()} -c timezone=UTC"
-            ),
+            options=_session_options(),
             cursor_factory=kwargs.pop("cursor_factory", InstrumentedCursor),
             **kwargs,
         )

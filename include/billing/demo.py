@@ -57,17 +57,12 @@ def run(day: dt.date, orgs: int = 8, events: int = 20_000, seed: int = 42) -> in
 
 
 def write_pdfs(day: dt.date, out: Path) -> Path:
-    from billing import api, db, invoice_pdf, invoices
+    from billing import invoice_store, invoices
 
     out.mkdir(parents=True, exist_ok=True)
-    with db.connect() as cx:
-        names = dict(
-            (r[0], (r[1], r[2]))
-            for r in cx.execute("SELECT org_id, name, email FROM billing.organizations")
-        )
+    with invoice_store.snapshot_connection() as cx:
         for inv in invoices.list_invoices(cx, day.strftime("%Y-%m")):
-            name, email = names.get(inv.org_id, (inv.org_id, ""))
-            pdf = invoice_pdf.render(api.to_pdf_invoice(inv, name, email))
+            _etag, pdf = invoice_store.render_current(cx, inv.invoice_id)
             (out / f"{inv.invoice_id}.pdf").write_bytes(pdf)
     return out
 

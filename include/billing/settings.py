@@ -58,3 +58,34 @@ def lateness_days() -> int:
 
 def max_line_bytes() -> int:
     return int(os.environ.get("BILLING_MAX_LINE_BYTES", str(64 * 1024)))
+
+
+def pdf_store_uri() -> str:
+    """Root of the stored invoice PDFs (an ObjectStoragePath URI, one object per ETag):
+    ``BILLING_PDF_STORE``, e.g. ``s3://bucket/invoice-pdfs`` in production; locally a
+    folder under the stack's data dir."""
+    return os.environ.get("BILLING_PDF_STORE") or (local_dir() / "pdf-store").as_uri()
+
+
+def api_pg_pool_size() -> int:
+    """PostgreSQL connections per api-server worker process (``BILLING_API_PG_POOL_SIZE``).
+
+    workers x pool size must fit in ``max_connections`` minus what the scheduler, the task
+    workers and dbt need (docs/BILLING_API.md)."""
+    return max(1, int(os.environ.get("BILLING_API_PG_POOL_SIZE", "4")))
+
+
+def api_pg_pool_timeout_s() -> float:
+    """How long a request waits for a pooled connection before it answers 503."""
+    return float(os.environ.get("BILLING_API_PG_POOL_TIMEOUT_S", "2"))
+
+
+def api_workers() -> int:
+    """api-server worker processes (``BILLING_API_WORKERS``), where the stack starts one."""
+    return max(1, int(os.environ.get("BILLING_API_WORKERS", "1")))
+
+
+def api_bench_ceiling() -> bool:
+    """``BILLING_API_BENCH=1``: the plugin also mounts a bare endpoint answering a fixed 304
+    (``/bench-ceiling``), the benchmark's ceiling of the stack. Never set in production."""
+    return os.environ.get("BILLING_API_BENCH") == "1"

@@ -94,3 +94,21 @@ def test_run_ids_and_summary_name_the_arrival_day(serialized):
     )
     assert manual == "manual__arrival-2026-11-03_2026-11-06T10:23:00+00:00"
     assert tt.summary == "daily 00:00 UTC, logical date = arrival day"
+
+
+def test_pdfs_are_rendered_after_the_snapshot_is_published_and_synced(serialized):
+    tasks = {t.task_id: t for t in serialized.tasks if not t.task_id.startswith("dbt_")}
+    assert sorted(tasks) == [
+        "ingest",
+        "prepare_pricing",
+        "publish_snapshot",
+        "render_invoice_pdfs",
+        "stripe_all_delivered",
+        "stripe_close_period",
+        "stripe_push",
+        "stripe_sync_invoices",
+    ]
+    render = tasks["render_invoice_pdfs"]
+    assert render.upstream_task_ids == {"publish_snapshot", "stripe_sync_invoices"}
+    assert render.downstream_task_ids == set()
+    assert render.trigger_rule == "all_done"  # a Stripe outage never leaves PDFs unrendered

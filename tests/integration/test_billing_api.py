@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,9 +41,27 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoice_lines (
 """
 
 
-def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int = 3) -> None:
+def drop_invoice(cx, invoice_id: str) -> None:
     cx.execute(f"DELETE FROM {SCHEMA}.fct_invoice_lines WHERE invoice_id = %s", (invoice_id,))
     cx.execute(f"DELETE FROM {SCHEMA}.fct_invoices WHERE invoice_id = %s", (invoice_id,))
+
+
+@contextmanager
+def extra_invoice(invoice_id: str, period: str, total_extra: int):
+    """One more invoice of ORG for a test, gone after it (the list test counts ORG's)."""
+    from billing import db
+
+    with db.connect(autocommit=True) as cx:
+        put_invoice(cx, invoice_id, period, total_extra)
+    try:
+        yield invoice_id
+    finally:
+        with db.connect(autocommit=True) as cx:
+            drop_invoice(cx, invoice_id)
+
+
+def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int = 3) -> None:
+    drop_invoice(cx, invoice_id)
     lines = [("base_fee", None, None, 1, 4900, [])]
     for i in range(n_lines):
         amount = 1000 + i + total_extra
@@ -120,10 +141,9 @@ def snapshot(stack):
             cx.execute(f"DELETE FROM {SCHEMA}.{table} WHERE org_id = %s", (ORG,))
 
 
-@pytest.fixture(scope="module")
-def api_server(stack, tmp_path_factory):
-    """The real Airflow API server with our plugin; yields its base URL and a password."""
-    home = tmp_path_factory.mktemp("api")
+@contextmanager
+def _server(home: Path, workers: int, **env: str):
+    """The real Airflow API server with our plugin; yields (base URL, password, log)."""
     password = secrets.token_urlsafe(12)
     pwfile = home / "passwords.json"
     pwfile.write_text(json.dumps({"admin": password}))
@@ -132,19 +152,41 @@ def api_server(stack, tmp_path_factory):
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pwfile),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
         "BILLING_STRIPE_STATUS_TTL_S": "0",
+        "PYTHONUNBUFFERED": "1",
+        **env,
     }
-    with run_api_server(home, env_extra) as (base, _pid):
-        yield base, password
+    with run_api_server(home, env_extra, workers=workers) as (base, _pid):
+        yield base, password, home / "api-server.log"
+
+
+def _client(base: str, password: str) -> httpx.Client:
+    r = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password})
+    assert r.status_code == 201, r.text
+    token = r.json()["access_token"]
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pdf_store_uri(tmp_path_factory) -> str:
+    return tmp_path_factory.mktemp("pdf-store").as_uri()
+
+
+@pytest.fixture(scope="module")
+def api_server(stack, tmp_path_factory, pdf_store_uri):
+    """Two workers, as in production: renders and locks must hold across processes."""
+    with _server(tmp_path_factory.mktemp("api"), 2, BILLING_PDF_STORE=pdf_store_uri) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(api_server, snapshot):
-    base, password = api_server
-    r = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password})
-    assert r.status_code == 201, r.text
-    token = r.json()["access_token"]
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+    with _client(*api_server[:2]) as c:
         yield c
+
+
+def renders(api_server, invoice_id: str) -> int:
+    """PDFs of ``invoice_id`` rendered by any worker (one log line per render)."""
+    return api_server[2].read_text(errors="replace").count(f"billing pdf rendered {invoice_id} ")
 
 
 @pytest.fixture(scope="module")
@@ -165,22 +207,97 @@ def test_pdf_200_with_strong_etag_and_headers(client):
     etag = r.headers["etag"]
     assert etag.startswith('"') and etag.endswith('"') and not etag.startswith("W/")
     assert r.headers["cache-control"] == "private, must-revalidate"
-    assert r.headers["content-disposition"] == f'inline; filename="{INVOICE}.pdf"'
+    assert r.headers["content-disposition"] == f'attachment; filename="{INVOICE}.pdf"'
+    # The snapshot's data day (as_of_day), not a clock: every worker answers the same.
+    assert r.headers["last-modified"] == "Wed, 28 Jan 2026 00:00:00 GMT"
     again = client.get(pdf_path())
     assert again.headers["etag"] == etag and again.content == r.content
+    head = client.head(pdf_path())
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["etag"] == etag
+    assert head.headers["content-length"] == str(len(r.content))
+    assert head.headers["content-disposition"] == r.headers["content-disposition"]
 
 
-def test_if_none_match_gives_304_without_body(client):
+def test_if_none_match_gives_304_without_body(client, api_server):
     etag = client.get(pdf_path()).headers["etag"]
-    renders = client.get("/billing/health").json()["pdf_cache"]["renders"]
+    before = renders(api_server, INVOICE)
     for header in (etag, f"W/{etag}", f'"nope", {etag}', "*"):
         r = client.get(pdf_path(), headers={"If-None-Match": header})
         assert r.status_code == 304, header
         assert r.content == b""
         assert r.headers["etag"] == etag
         assert r.headers["cache-control"] == "private, must-revalidate"
+        assert r.headers["last-modified"] == "Wed, 28 Jan 2026 00:00:00 GMT"
+    assert client.head(pdf_path(), headers={"If-None-Match": etag}).status_code == 304
     assert client.get(pdf_path(), headers={"If-None-Match": '"stale"'}).status_code == 200
-    assert client.get("/billing/health").json()["pdf_cache"]["renders"] == renders
+    assert renders(api_server, INVOICE) == before
+
+
+def test_stored_pdf_is_byte_identical_to_a_fresh_render(client, api_server, pdf_store_uri):
+    from billing import invoice_store
+
+    served = client.get(pdf_path())
+    assert served.status_code == 200
+    assert renders(api_server, INVOICE) == 1  # rendered once, served from the store since
+    store = invoice_store.PdfStore(pdf_store_uri)
+    assert store.get(served.headers["etag"]) == served.content
+    with invoice_store.snapshot_connection() as cx:
+        etag, fresh = invoice_store.render_current(cx, INVOICE)
+    assert etag == served.headers["etag"]
+    assert fresh == served.content
+
+
+def test_concurrent_first_requests_render_once(client, api_server):
+    with extra_invoice(f"inv_{ORG}_202603", "2026-03", 3) as fresh:
+        concurrent_first_requests_render_once(client, api_server, fresh)
+
+
+def concurrent_first_requests_render_once(client, api_server, fresh: str):
+    n = 8
+    start = threading.Barrier(n)
+    answers: list[httpx.Response] = []
+
+    def fetch():
+        start.wait()
+        answers.append(client.get(pdf_path(fresh)))
+
+    threads = [threading.Thread(target=fetch) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in answers] == [200] * n
+    assert len({r.content for r in answers}) == 1
+    assert len({r.headers["etag"] for r in answers}) == 1
+    assert renders(api_server, fresh) == 1
+
+
+def test_nightly_renders_and_stores_so_no_request_renders(client, api_server, pdf_store_uri):
+    with extra_invoice(f"inv_{ORG}_202604", "2026-04", 4) as nightly:
+        nightly_renders_and_stores(client, api_server, pdf_store_uri, nightly)
+
+
+def nightly_renders_and_stores(client, api_server, pdf_store_uri, nightly: str):
+    from billing import invoice_store
+
+    with invoice_store.snapshot_connection() as cx:
+        etag = invoice_store.etag_for(invoice_store.lookup(cx, nightly))
+    store = invoice_store.PdfStore(pdf_store_uri)
+    assert not store.exists(etag)
+    first = invoice_store.render_pending(store=store)
+    assert first["rendered"] == first["invoices"] - first["already_stored"] >= 1
+    assert store.exists(etag)
+    again = invoice_store.render_pending(store=store)  # idempotent: nothing left to render
+    assert again == {
+        "invoices": first["invoices"],
+        "already_stored": first["invoices"],
+        "rendered": 0,
+    }
+    r = client.get(pdf_path(nightly))
+    assert r.status_code == 200 and r.headers["etag"] == etag
+    assert store.get(etag) == r.content
+    assert renders(api_server, nightly) == 0  # the API served the nightly's bytes
 
 
 def test_new_snapshot_gives_new_etag_and_new_pdf(client):
@@ -227,6 +344,8 @@ def test_anonymous_is_401_and_bad_token_is_403(anon):
         assert anon.get(path).status_code == 401, path
         bad = anon.get(path, headers={"Authorization": "Bearer not-a-jwt"})
         assert bad.status_code == 403, path
+    assert anon.head(pdf_path()).status_code == 401
+    assert anon.head(pdf_path(), headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403
     # A well-formed token signed with another secret is just as bad.
     forged = (
         "eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhZG1pbiIsInJvbGUiOiJBRE1JTiJ9.c2lnbmF0dXJl"
@@ -344,3 +463,42 @@ def test_pdf_shows_catalog_names_and_stripes_dates_once_finalized(client, tmp_pa
             cx.execute(
                 "DELETE FROM billing.catalog_versions WHERE catalog_version = %s", (CATALOG,)
             )
+
+
+@pytest.fixture(scope="module")
+def one_connection_server(stack, tmp_path_factory, pdf_store_uri):
+    """One worker with a pool of one connection and a short wait: easy to exhaust."""
+    with _server(
+        tmp_path_factory.mktemp("api-pool"),
+        1,
+        BILLING_PDF_STORE=pdf_store_uri,
+        BILLING_API_PG_POOL_SIZE="1",
+        BILLING_API_PG_POOL_TIMEOUT_S="0.5",
+    ) as srv:
+        yield srv
+
+
+def test_exhausted_pool_answers_503_with_retry_after_then_recovers(one_connection_server, snapshot):
+    from billing import db
+
+    base, password, _log = one_connection_server
+    with _client(base, password) as c, db.connect() as holder:
+        assert c.get(f"/billing/invoices/{INVOICE}").status_code == 200
+        # The pool's only connection waits on this lock inside a request.
+        holder.execute(f"LOCK TABLE {SCHEMA}.fct_invoices IN ACCESS EXCLUSIVE MODE")
+        blocked: list[httpx.Response] = []
+        waiter = threading.Thread(target=lambda: blocked.append(c.get(pdf_path())))
+        waiter.start()
+        with db.connect(autocommit=True) as probe:
+            db_wait = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass"
+            while probe.execute(db_wait, (f"{SCHEMA}.fct_invoices",)).fetchone()[0] == 0:
+                assert waiter.is_alive()
+        busy = c.get(f"/billing/invoices/{INVOICE}")
+        assert busy.status_code == 503
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json() == {"detail": "database busy: no connection free, retry shortly"}
+        holder.rollback()  # the lock goes: the held request finishes, the pool recovers
+        waiter.join(timeout=30)
+        assert [r.status_code for r in blocked] == [200]
+        assert c.get(f"/billing/invoices/{INVOICE}").status_code == 200
+        assert c.get(pdf_path()).status_code == 200
