@@ -30,6 +30,8 @@ from billing.errors import BillingError, ConfigError
 log = logging.getLogger(__name__)
 
 TARGETS = ("postgres", "clickhouse")
+# The folder under dbt_project/models that each target builds (dbt_project.yml enables it).
+MODEL_FOLDERS = {"postgres": "snapshot", "clickhouse": "rollups"}
 # dbt builds the invoice snapshot here; readers never look at it. Once a build (with its
 # tests) succeeds, publish_snapshot() copies the marts into the published schema
 # (billing.invoices.schema(), default billing_snapshot) in one transaction.
@@ -476,8 +478,9 @@ def dbt_task_group(
     # A local file: plain pathlib reads it without ObjectStoragePath, whose lineage hook
     # loads every Airflow plugin and would cost a second at each DAG parse.
     project_config.manifest_path = manifest
+    folder = MODEL_FOLDERS[target]
     return DbtTaskGroup(
-        group_id=group_id or f"dbt_{'snapshot' if target == 'postgres' else 'rollups'}",
+        group_id=group_id or f"dbt_{folder}",
         project_config=project_config,
         profile_config=profile_config,
         execution_config=ExecutionConfig(
@@ -486,7 +489,7 @@ def dbt_task_group(
         ),
         render_config=RenderConfig(
             load_method=LoadMode.DBT_MANIFEST,
-            select=[f"tag:{'snapshot' if target == 'postgres' else 'rollups'}"],
+            select=[f"path:models/{folder}"],
             test_behavior=TestBehavior.BUILD,  # one `dbt build` per model: run + its tests
             # Tests spanning models (relationships) run once all their parents are built.
             should_detach_multiple_parents_tests=True,

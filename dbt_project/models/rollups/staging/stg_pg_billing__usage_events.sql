@@ -1,5 +1,7 @@
 {%- set pg_table = postgres_table(source('pg_billing', 'usage_events')) %}
-{%- set dates = rollup_usage_dates(pg_table) %}
+{#- None means "everything": the first build or --full-refresh. -#}
+{%- set hourly = adapter.get_relation(database=none, schema=target.schema, identifier='fct_usage_hourly') if execute else none %}
+{%- set dates = none if (flags.FULL_REFRESH or hourly is none) else affected_usage_dates(pg_table, billable_only=false) %}
 
 select
     event_id,
@@ -15,5 +17,5 @@ select
     ingested_at
 from {{ pg_table }}
 {%- if dates is not none %}
-where {{ ch_on_utc_dates('occurred_at', dates) }}
+where {{ on_utc_dates('occurred_at', dates) }}
 {%- endif %}
