@@ -173,12 +173,15 @@ def cmd_purge(args) -> int:
 
 
 def cmd_airflow(args) -> int:
+    from billing import settings
     from billing.stack.manager import current
 
     stack = current()
     if not stack.state_file.exists():
         stack.up()
     env = {**os.environ, **stack.env()}
+    # `airflow standalone` starts its api-server with [api] workers.
+    env.setdefault("AIRFLOW__API__WORKERS", str(settings.api_workers()))
     port = stack.load_state()["ports"]["airflow"]
     print(
         f"Airflow UI: http://127.0.0.1:{port}  login: admin / password in "

@@ -27,12 +27,19 @@ def _answers(base: str) -> bool:
 
 @contextmanager
 def run_api_server(
-    home: Path, env_extra: dict[str, str] | None = None, workers: int = 1, timeout: float = 90
+    home: Path,
+    env_extra: dict[str, str] | None = None,
+    workers: int | None = None,
+    timeout: float = 90,
 ) -> Iterator[tuple[str, int]]:
     """Start the api-server on a free loopback port; yield (base URL, pid); stop it after.
 
-    Its log is ``home/api-server.log``.
+    ``workers``: uvicorn worker processes, default ``BILLING_API_WORKERS`` (each has its
+    own connection pool: docs/BILLING_API.md). Its log is ``home/api-server.log``.
     """
+    from billing import settings
+
+    workers = workers or settings.api_workers()
     port = process.free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "AIRFLOW__API__BASE_URL": base, "NO_PROXY": "127.0.0.1,localhost"}
