@@ -1,5 +1,6 @@
-"""billing_nightly's timetable: scheduled runs, backfills, the Trigger form and
-`billing run-day` give an arrival day the same logical date, and a run bills that day."""
+"""billing_nightly: its tasks, their order, pools and retries; its timetable (scheduled
+runs, backfills, the Trigger form and `billing run-day` give an arrival day the same logical
+date, and a run bills that day)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ DAYS = [D, D + dt.timedelta(days=1), D + dt.timedelta(days=2)]
 
 
 @pytest.fixture(scope="module")
-def serialized():
+def dag():
+    return runpy.run_path(str(DAG_FILE))["dag"]
+
+
+@pytest.fixture(scope="module")
+def serialized(dag):
     """The DAG as the scheduler, `airflow backfill` and the API server load it."""
     from airflow.serialization.serialized_objects import DagSerialization
 
-    dag = runpy.run_path(str(DAG_FILE))["dag"]
     return DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
 
 
@@ -112,3 +117,127 @@ def test_pdfs_are_rendered_after_the_snapshot_is_published_and_synced(serialized
     assert render.upstream_task_ids == {"publish_snapshot", "stripe_sync_invoices"}
     assert render.downstream_task_ids == set()
     assert render.trigger_rule == "all_done"  # a Stripe outage never leaves PDFs unrendered
+
+
+# The dbt task groups, one task per model (`dbt build`: the model and its tests) plus the
+# tests spanning models; ephemeral models are empty tasks. Cosmos selects them by folder.
+DBT_SNAPSHOT = {
+    "billing_invoice_lines_sum_to_total_fct_invoices__test",
+    "fct_daily_charges_model_build",
+    "fct_invoice_lines_model_build",
+    "fct_invoices_model_build",
+    "int_orgs_priced_model_build",
+    "int_periods_affected_model_build",
+    "int_usage_days_aggregated_model_build",
+    "relationships_fct_invoice_lines_invoice_id__invoice_id__ref_fct_invoices__test",
+    "relationships_fct_invoices_org_id__org_id__ref_stg_billing__organizations__test",
+    "relationships_stg_billing__catalog_plan_metrics_plan__plan__ref_stg_billing__catalog_plans__test",
+    "stg_billing__catalog_metrics_model_build",
+    "stg_billing__catalog_plan_metrics_model_build",
+    "stg_billing__catalog_plan_tiers_model_build",
+    "stg_billing__catalog_plans_model_build",
+    "stg_billing__organizations_model_build",
+    "stg_billing__usage_events_model_build",
+    "usage_org_is_known_test",
+}
+DBT_ROLLUPS = {
+    "fct_usage_daily_model_build",
+    "fct_usage_hourly_model_build",
+    "fct_usage_monthly_model_build",
+    "stg_pg_billing__usage_events_model_build",
+}
+STEPS = {  # task -> its upstream tasks (the dbt groups apart)
+    "ingest": set(),
+    "prepare_pricing": {"ingest"},
+    "stripe_push": {"publish_snapshot"},
+    "stripe_close_period": {"stripe_push"},
+    "stripe_sync_invoices": {"stripe_close_period"},
+    "render_invoice_pdfs": {"publish_snapshot", "stripe_sync_invoices"},
+    "stripe_all_delivered": {"stripe_sync_invoices"},
+}
+
+
+def _group(dag, group: str) -> dict:
+    return {
+        t.task_id.removeprefix(f"{group}."): t
+        for t in dag.tasks
+        if t.task_id.startswith(f"{group}.")
+    }
+
+
+def test_the_dag_runs_one_arrival_day_at_a_time(serialized):
+    from billing.timetables import ArrivalDayTimetable
+
+    assert serialized.dag_id == "billing_nightly"
+    assert isinstance(serialized.timetable, ArrivalDayTimetable)
+    assert serialized.max_active_runs == 1
+    assert serialized.catchup is False
+    assert set(serialized.tags) == {"billing", "nightly"}
+    assert dict(serialized.params) == {}  # the logical date is the day: nothing else to ask
+
+
+def test_every_task_and_its_upstreams(dag):
+    snapshot, rollups = _group(dag, "dbt_snapshot"), _group(dag, "dbt_rollups")
+    assert set(snapshot) == DBT_SNAPSHOT
+    assert set(rollups) == DBT_ROLLUPS
+    steps = {t.task_id: t for t in dag.tasks if not t.task_id.startswith("dbt_")}
+    assert {k: t.upstream_task_ids for k, t in steps.items() if k in STEPS} == STEPS
+    assert sorted(steps) == sorted([*STEPS, "publish_snapshot"])
+    # The snapshot is published once every model and test of its build passed (the build's
+    # last tasks), and nothing downstream starts before: the rollups and the Stripe push
+    # read the published one.
+    assert steps["publish_snapshot"].upstream_task_ids == {
+        f"dbt_snapshot.{k}"
+        for k in (
+            "billing_invoice_lines_sum_to_total_fct_invoices__test",
+            "relationships_fct_invoice_lines_invoice_id__invoice_id__ref_fct_invoices__test",
+            "relationships_fct_invoices_org_id__org_id__ref_stg_billing__organizations__test",
+            "relationships_stg_billing__catalog_plan_metrics_plan__plan__ref_stg_billing__catalog_plans__test",
+            "stg_billing__catalog_metrics_model_build",
+            "usage_org_is_known_test",
+        )
+    }
+    assert {k for k, t in snapshot.items() if t.downstream_task_ids == {"publish_snapshot"}} == {
+        k.removeprefix("dbt_snapshot.") for k in steps["publish_snapshot"].upstream_task_ids
+    }
+    assert {k for k, t in snapshot.items() if "prepare_pricing" in t.upstream_task_ids} == {
+        k for k in DBT_SNAPSHOT if k.startswith("stg_")
+    }
+    assert {t.task_id for t in steps["publish_snapshot"].downstream_list} == {
+        "stripe_push",
+        "render_invoice_pdfs",
+        "dbt_rollups.stg_pg_billing__usage_events_model_build",
+    }
+    ordered = [t.task_id for t in dag.topological_sort()]
+    for before, after in [
+        ("ingest", "prepare_pricing"),
+        ("prepare_pricing", "dbt_snapshot.stg_billing__usage_events_model_build"),
+        ("dbt_snapshot.fct_invoices_model_build", "publish_snapshot"),
+        ("publish_snapshot", "dbt_rollups.fct_usage_monthly_model_build"),
+        ("publish_snapshot", "stripe_push"),
+        ("stripe_push", "stripe_close_period"),
+        ("stripe_close_period", "stripe_sync_invoices"),
+        ("stripe_sync_invoices", "stripe_all_delivered"),
+    ]:
+        assert ordered.index(before) < ordered.index(after), (before, after)
+
+
+def test_pools_retries_and_outlets(dag):
+    from billing.orchestration import CLICKHOUSE_POOL, STRIPE_POOL, STRIPE_PUSHED
+
+    pools = {t.task_id: t.pool for t in dag.tasks}
+    stripe = {"stripe_push", "stripe_close_period", "stripe_sync_invoices"}
+    # chDB: one process per data path, so the rollups' dbt runs take turns (the ephemeral
+    # staging model is an empty task: no dbt process).
+    clickhouse = {f"dbt_rollups.{k}" for k in DBT_ROLLUPS if k.startswith("fct_")}
+    assert {k for k, p in pools.items() if p == STRIPE_POOL} == stripe
+    assert {k for k, p in pools.items() if p == CLICKHOUSE_POOL} == clickhouse
+    assert {p for k, p in pools.items() if k not in stripe | clickhouse} == {"default_pool"}
+    assert {dag.get_task(k).max_active_tis_per_dagrun for k in clickhouse} == {1}
+    assert {t.retries for t in dag.tasks} == {2}
+    assert all(t.retry_exponential_backoff for t in dag.tasks)
+    assert [t.task_id for t in dag.tasks if t.outlets] == ["stripe_push"]
+    assert list(dag.get_task("stripe_push").outlets) == [STRIPE_PUSHED]
+    assert {t.task_id for t in dag.tasks if t.trigger_rule != "all_success"} == {
+        "render_invoice_pdfs"
+    }
