@@ -160,6 +160,23 @@ def _check_order(path, where, stages) -> None:
 
 def parse_policy(doc, path: Path) -> Policy:
     """Validate a policy document; every problem names its field."""
+    _check_fields(path, doc)
+    stages = _stages(path, doc.get("stages"))
+    _texts(path, doc)
+    minimums = _minimums(path, "minimum_amount_due", doc.get("minimum_amount_due", {}))
+    enabled = _degradation(path, "degradation", doc.get("degradation", {"enabled": False}))
+    overrides = _plan_overrides(path, doc.get("plan_overrides") or {}, stages)
+    return Policy(
+        tuple(stages),
+        MappingProxyType(minimums),
+        enabled,
+        doc["pay_link"],
+        doc["support_contact"],
+        MappingProxyType(overrides),
+    )
+
+
+def _check_fields(path, doc) -> None:
     if not isinstance(doc, dict):
         _fail(path, "(top level)", "expected a mapping")
     known = {"version", "stages", "minimum_amount_due", "degradation", "pay_link"}
@@ -169,7 +186,9 @@ def parse_policy(doc, path: Path) -> Policy:
             _fail(path, str(key), f"unknown field (expected one of {', '.join(sorted(known))})")
     if doc.get("version") != 1:
         _fail(path, "version", f"expected 1, got {doc.get('version')!r}")
-    raw = doc.get("stages")
+
+
+def _stages(path, raw) -> list[Stage]:
     if not isinstance(raw, list) or not raw:
         _fail(path, "stages", "expected a non-empty list")
     stages, names = [], set()
@@ -194,6 +213,11 @@ def parse_policy(doc, path: Path) -> Policy:
     _check_order(path, "stages", stages)
     if sum(s.action == "degrade" for s in stages) > 1:
         _fail(path, "stages", "at most one stage may have action degrade")
+    return stages
+
+
+def _texts(path, doc) -> None:
+    """pay_link and support_contact: non-empty, and the link uses only its two variables."""
     for key in ("pay_link", "support_contact"):
         if not isinstance(doc.get(key), str) or not doc[key].strip():
             _fail(path, key, "expected a non-empty string")
@@ -201,49 +225,42 @@ def parse_policy(doc, path: Path) -> Policy:
         doc["pay_link"].format(stripe_invoice_id="x", org_id="x")
     except (KeyError, IndexError, ValueError) as exc:
         _fail(path, "pay_link", f"may only use {{stripe_invoice_id}} and {{org_id}} ({exc})")
-    minimums = _minimums(path, "minimum_amount_due", doc.get("minimum_amount_due", {}))
-    enabled = _degradation(path, "degradation", doc.get("degradation", {"enabled": False}))
-    overrides = {}
-    raw_over = doc.get("plan_overrides") or {}
-    if not isinstance(raw_over, dict):
+
+
+def _plan_overrides(path, raw, stages: list[Stage]) -> dict[str, dict]:
+    if not isinstance(raw, dict):
         _fail(path, "plan_overrides", "expected a mapping plan -> overrides")
-    for plan, o in raw_over.items():
-        where = f"plan_overrides.{plan}"
-        if not isinstance(o, dict) or set(o) - {"stages", "minimum_amount_due", "degradation"}:
-            _fail(path, where, "expected any of stages, minimum_amount_due, degradation")
-        entry: dict = {}
-        if "stages" in o:
-            if not isinstance(o["stages"], dict):
-                _fail(path, f"{where}.stages", "expected a mapping stage -> days_past_due")
-            for name, days in o["stages"].items():
-                if name not in names:
-                    _fail(path, f"{where}.stages.{name}", "no such stage in stages")
-                _int(path, f"{where}.stages.{name}", days, minimum=1)
-            entry["stages"] = dict(o["stages"])
-        if "minimum_amount_due" in o:
-            entry["minimum_amount_due"] = _minimums(
-                path, f"{where}.minimum_amount_due", o["minimum_amount_due"]
-            )
-        if "degradation" in o:
-            entry["degradation_enabled"] = _degradation(
-                path, f"{where}.degradation", o["degradation"]
-            )
-        overrides[str(plan)] = entry
-    policy = Policy(
-        tuple(stages),
-        MappingProxyType(minimums),
-        enabled,
-        doc["pay_link"],
-        doc["support_contact"],
-        MappingProxyType(overrides),
-    )
-    for plan in overrides:
-        moved = [
-            replace(s, days_past_due=overrides[plan].get("stages", {}).get(s.name, s.days_past_due))
-            for s in stages
-        ]
+    overrides = {
+        str(plan): _plan_override(path, f"plan_overrides.{plan}", o, stages)
+        for plan, o in raw.items()
+    }
+    for plan, entry in overrides.items():
+        days = entry.get("stages", {})
+        moved = [replace(s, days_past_due=days.get(s.name, s.days_past_due)) for s in stages]
         _check_order(path, f"plan_overrides.{plan}.stages", moved)
-    return policy
+    return overrides
+
+
+def _plan_override(path, where: str, o, stages: list[Stage]) -> dict:
+    if not isinstance(o, dict) or set(o) - {"stages", "minimum_amount_due", "degradation"}:
+        _fail(path, where, "expected any of stages, minimum_amount_due, degradation")
+    entry: dict = {}
+    if "stages" in o:
+        if not isinstance(o["stages"], dict):
+            _fail(path, f"{where}.stages", "expected a mapping stage -> days_past_due")
+        names = {s.name for s in stages}
+        for name, days in o["stages"].items():
+            if name not in names:
+                _fail(path, f"{where}.stages.{name}", "no such stage in stages")
+            _int(path, f"{where}.stages.{name}", days, minimum=1)
+        entry["stages"] = dict(o["stages"])
+    if "minimum_amount_due" in o:
+        entry["minimum_amount_due"] = _minimums(
+            path, f"{where}.minimum_amount_due", o["minimum_amount_due"]
+        )
+    if "degradation" in o:
+        entry["degradation_enabled"] = _degradation(path, f"{where}.degradation", o["degradation"])
+    return entry
 
 
 def load_policy(path: Path | None = None) -> Policy:

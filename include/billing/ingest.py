@@ -1183,46 +1183,13 @@ def _reject(cx, file_id: int, uri: str, ctx: _Context, raw, exc: CorruptFile, st
 def _ingest_file(cx, path, ctx: _Context) -> dict:
     uri = str(path)
     started = time.perf_counter()
-    result: dict = {"path": uri}
     with cx.transaction():
         cx.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(uri),))
         cx.execute("SET LOCAL work_mem = '256MB'")
         cx.execute("SET LOCAL TimeZone = 'UTC'")
-        seen = cx.execute(
-            "SELECT file_id, size_bytes, checksum, status FROM billing.usage_files WHERE path = %s",
-            (uri,),
-        ).fetchone()
-        if seen is not None and seen[3] == "rejected":
-            size, checksum = _checksum(path)
-            if checksum == seen[2]:
-                result.update(status="skipped", bytes=size, checksum=checksum)
-                result["seconds"] = round(time.perf_counter() - started, 3)
-                return result
-            # nothing of a rejected file was loaded: new bytes under its name load afresh
-            log.warning("rejected usage file %s was replaced; loading its new bytes", uri)
-            cx.execute("DELETE FROM billing.usage_files WHERE file_id = %s", (seen[0],))
-            seen = None
-        if seen is not None:
-            size, checksum = _checksum(path)
-            if checksum == seen[2]:
-                result.update(status="skipped", bytes=size, checksum=checksum)
-            else:
-                cx.execute(
-                    """UPDATE billing.usage_files SET status = 'changed', changed_size = %s,
-                              changed_checksum = %s, changed_seen_at = now() WHERE file_id = %s""",
-                    (size, checksum, seen[0]),
-                )
-                log.warning(
-                    "usage file %s changed after it was loaded (size %s -> %s); not reloaded",
-                    uri,
-                    seen[1],
-                    size,
-                )
-                result.update(
-                    status="changed", bytes=size, checksum=checksum, loaded_checksum=seen[2]
-                )
-            result["seconds"] = round(time.perf_counter() - started, 3)
-            return result
+        known = _known_file(cx, path, uri)
+        if known is not None:
+            return {"path": uri, **known, "seconds": round(time.perf_counter() - started, 3)}
 
         file_id = cx.execute(
             "SELECT nextval(pg_get_serial_sequence('billing.usage_files', 'file_id'))"
@@ -1236,21 +1203,7 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
             params["earliest"],
             params["latest"],
         )
-        corrupt = None
-        with path.open("rb") as raw_fh:
-            raw = _HashingReader(raw_fh)
-            fh = _Gunzip(raw) if _is_gzip(path) else raw
-            try:
-                with cx.transaction():  # a corrupt file leaves nothing staged
-                    cx.execute(_STAGE)
-                    with cx.cursor().copy(
-                        f"COPY ingest_stage ({usage_line.STAGE_COLUMNS}) FROM STDIN"
-                    ) as copy:
-                        st = _Stream(copy.write, ctx.max_line, typer)
-                        _pump(fh, st)
-            except CorruptFile as exc:
-                corrupt = exc
-            raw.drain()  # hash the whole file, also what a decoder did not read
+        raw, st, corrupt = _stage(cx, path, ctx, typer)
         if corrupt is not None:
             return _reject(cx, file_id, uri, ctx, raw, corrupt, started)
         t_copy = time.perf_counter()
@@ -1264,87 +1217,158 @@ def _ingest_file(cx, path, ctx: _Context) -> dict:
             cx.execute(_CLASSIFY_BAD.format(parse=_parse_sql()), params)
         new, registry = _register(cx, p)
         t_reg = time.perf_counter()
-        duplicate = conflict = 0
-        if new != valid:
-            if registry == "on_conflict":
-                cx.execute("ANALYZE ingest_stage")  # row estimates for the registry join
-                cx.execute(_SEEN, p)
-            duplicate, conflict = cx.execute(
-                "SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE NOT same) FROM ingest_seen"
-            ).fetchone()
-        if duplicate + conflict != valid - new:  # an event_id registered and purged in between
-            raise RuntimeError(
-                f"{uri}: {valid - new} unregistered lines but {duplicate + conflict} found registered"
-            )
-        stored, non_billable = cx.execute(
-            _INSERT_EVENTS.format(where=_NOT_SEEN if new != valid else ""), p
-        ).fetchone()
-        if stored != new:
-            raise RuntimeError(f"{uri}: {new} events registered but {stored} stored")
-        if valid != candidates:
-            bad = cx.execute(_QUARANTINE, p).rowcount
-            if bad != candidates - valid:
-                raise RuntimeError(
-                    f"{uri}: {candidates - valid} invalid lines but {bad} classified"
-                )
-        if conflict:
-            typed_conflicts = cx.execute(
-                """SELECT x.line_no FROM ingest_seen x JOIN ingest_stage s USING (line_no)
-                    WHERE NOT x.same AND s.raw IS NULL"""
-            ).fetchall()
-            if typed_conflicts:
-                _fill_raw(cx, path, [n for (n,) in typed_conflicts])
-            cx.execute(_QUARANTINE_CONFLICTS, p)
-        if st.rejected:
-            cx.execute(_QUARANTINE_PRE, p)
+        duplicate, non_billable = _write_events(
+            cx, path, p, st, candidates=candidates, valid=valid, new=new, registry=registry
+        )
         reasons = dict(
             cx.execute(
                 "SELECT reason, count(*) FROM billing.usage_quarantine WHERE file_id = %s GROUP BY reason ORDER BY reason",
                 (file_id,),
             ).fetchall()
         )
-        result.update(
-            status="loaded",
-            file_id=file_id,
-            lines=st.line_no,
-            blank=st.blank,
-            accepted=new - non_billable,
-            non_billable=non_billable,
-            duplicate=duplicate,
-            quarantined=sum(reasons.values()),
-            reasons=reasons,
-            bytes=raw.size,
-            uncompressed_bytes=st.bytes_in,
-            checksum=raw.sha.hexdigest(),
-            mode=mode,
-            registry=registry,
-        )
-        result["seconds"] = round(time.perf_counter() - started, 3)
-        result["timings"] = {
-            "copy": round(t_copy - started, 3),
-            "classify": round(t_cls - t_copy, 3),
-            "register": round(t_reg - t_cls, 3),
-            "write": round(time.perf_counter() - t_reg, 3),
+        result = {
+            "path": uri,
+            "status": "loaded",
+            "file_id": file_id,
+            "lines": st.line_no,
+            "blank": st.blank,
+            "accepted": new - non_billable,
+            "non_billable": non_billable,
+            "duplicate": duplicate,
+            "quarantined": sum(reasons.values()),
+            "reasons": reasons,
+            "bytes": raw.size,
+            "uncompressed_bytes": st.bytes_in,
+            "checksum": raw.sha.hexdigest(),
+            "mode": mode,
+            "registry": registry,
+            "seconds": round(time.perf_counter() - started, 3),
+            "timings": {
+                "copy": round(t_copy - started, 3),
+                "classify": round(t_cls - t_copy, 3),
+                "register": round(t_reg - t_cls, 3),
+                "write": round(time.perf_counter() - t_reg, 3),
+            },
         }
-        cx.execute(
-            """INSERT INTO billing.usage_files (file_id, path, arrival_day, size_bytes, checksum, lines, blank,
-                   accepted, non_billable, duplicate, quarantined, reasons, seconds, run_end)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-            (
-                file_id,
-                uri,
-                ctx.day,
-                raw.size,
-                result["checksum"],
-                result["lines"],
-                result["blank"],
-                result["accepted"],
-                non_billable,
-                duplicate,
-                result["quarantined"],
-                json.dumps(reasons),
-                Decimal(str(result["seconds"])),
-                ctx.run_end,
-            ),
-        )
+        _record_loaded(cx, ctx, result)
     return result
+
+
+def _known_file(cx, path, uri: str) -> dict | None:
+    """The outcome for a file the manifest already has (skipped or changed); None: load it."""
+    seen = cx.execute(
+        "SELECT file_id, size_bytes, checksum, status FROM billing.usage_files WHERE path = %s",
+        (uri,),
+    ).fetchone()
+    if seen is None:
+        return None
+    file_id, loaded_size, loaded_checksum, status = seen
+    size, checksum = _checksum(path)
+    if checksum == loaded_checksum:
+        return {"status": "skipped", "bytes": size, "checksum": checksum}
+    if status == "rejected":
+        # nothing of a rejected file was loaded: new bytes under its name load afresh
+        log.warning("rejected usage file %s was replaced; loading its new bytes", uri)
+        cx.execute("DELETE FROM billing.usage_files WHERE file_id = %s", (file_id,))
+        return None
+    cx.execute(
+        """UPDATE billing.usage_files SET status = 'changed', changed_size = %s,
+                  changed_checksum = %s, changed_seen_at = now() WHERE file_id = %s""",
+        (size, checksum, file_id),
+    )
+    log.warning(
+        "usage file %s changed after it was loaded (size %s -> %s); not reloaded",
+        uri,
+        loaded_size,
+        size,
+    )
+    return {
+        "status": "changed",
+        "bytes": size,
+        "checksum": checksum,
+        "loaded_checksum": loaded_checksum,
+    }
+
+
+def _stage(cx, path, ctx: _Context, typer) -> tuple:
+    """COPY the file's lines into ingest_stage: (hashing reader, stream, CorruptFile or None)."""
+    corrupt = st = None
+    with path.open("rb") as raw_fh:
+        raw = _HashingReader(raw_fh)
+        fh = _Gunzip(raw) if _is_gzip(path) else raw
+        try:
+            with cx.transaction():  # a corrupt file leaves nothing staged
+                cx.execute(_STAGE)
+                with cx.cursor().copy(
+                    f"COPY ingest_stage ({usage_line.STAGE_COLUMNS}) FROM STDIN"
+                ) as copy:
+                    st = _Stream(copy.write, ctx.max_line, typer)
+                    _pump(fh, st)
+        except CorruptFile as exc:
+            corrupt = exc
+        raw.drain()  # hash the whole file, also what a decoder did not read
+    return raw, st, corrupt
+
+
+def _write_events(
+    cx, path, p: dict, st: _Stream, *, candidates: int, valid: int, new: int, registry: str
+) -> tuple[int, int]:
+    """Store the staged file's new events, quarantine the rest: (duplicate, non_billable)."""
+    uri = str(path)
+    duplicate = conflict = 0
+    if new != valid:
+        if registry == "on_conflict":
+            cx.execute("ANALYZE ingest_stage")  # row estimates for the registry join
+            cx.execute(_SEEN, p)
+        duplicate, conflict = cx.execute(
+            "SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE NOT same) FROM ingest_seen"
+        ).fetchone()
+    if duplicate + conflict != valid - new:  # an event_id registered and purged in between
+        raise RuntimeError(
+            f"{uri}: {valid - new} unregistered lines but {duplicate + conflict} found registered"
+        )
+    stored, non_billable = cx.execute(
+        _INSERT_EVENTS.format(where=_NOT_SEEN if new != valid else ""), p
+    ).fetchone()
+    if stored != new:
+        raise RuntimeError(f"{uri}: {new} events registered but {stored} stored")
+    if valid != candidates:
+        bad = cx.execute(_QUARANTINE, p).rowcount
+        if bad != candidates - valid:
+            raise RuntimeError(f"{uri}: {candidates - valid} invalid lines but {bad} classified")
+    if conflict:
+        typed_conflicts = cx.execute(
+            """SELECT x.line_no FROM ingest_seen x JOIN ingest_stage s USING (line_no)
+                WHERE NOT x.same AND s.raw IS NULL"""
+        ).fetchall()
+        if typed_conflicts:
+            _fill_raw(cx, path, [n for (n,) in typed_conflicts])
+        cx.execute(_QUARANTINE_CONFLICTS, p)
+    if st.rejected:
+        cx.execute(_QUARANTINE_PRE, p)
+    return duplicate, non_billable
+
+
+def _record_loaded(cx, ctx: _Context, result: dict) -> None:
+    """The loaded file's manifest row: its checksum is what later runs skip by."""
+    cx.execute(
+        """INSERT INTO billing.usage_files (file_id, path, arrival_day, size_bytes, checksum, lines, blank,
+               accepted, non_billable, duplicate, quarantined, reasons, seconds, run_end)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (
+            result["file_id"],
+            result["path"],
+            ctx.day,
+            result["bytes"],
+            result["checksum"],
+            result["lines"],
+            result["blank"],
+            result["accepted"],
+            result["non_billable"],
+            result["duplicate"],
+            result["quarantined"],
+            json.dumps(result["reasons"]),
+            Decimal(str(result["seconds"])),
+            ctx.run_end,
+        ),
+    )

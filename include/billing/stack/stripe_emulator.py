@@ -1204,46 +1204,9 @@ async def create_invoice_item(request: web.Request) -> web.Response:
         raise _invalid("price_data", "Invalid price_data: must be a hash.")
 
     quantity = _as_int(params.get("quantity", 1), "quantity", minimum=0)
-    unit = _unit_amount(params)
-    if params.get("amount") not in (None, ""):
-        if unit is not None:
-            raise StripeAPIError(
-                400, "You may only specify one of these parameters: amount, unit_amount_decimal."
-            )
-        if "quantity" in params and quantity != 1:
-            raise StripeAPIError(
-                400, "You may only specify one of these parameters: amount, quantity."
-            )
-        amount = _as_int(params["amount"], "amount")
-        unit = Decimal(amount)
-    elif unit is not None:
-        amount = _rounded(unit * quantity)
-    else:
-        raise _missing("amount")
-
-    if params.get("currency"):
-        currency = _as_currency(params["currency"])
-    elif isinstance(price_data, dict) and price_data.get("currency"):
-        currency = _as_currency(price_data["currency"], "price_data[currency]")
-    else:
-        pending = _pending_items(customer.id)
-        currency = pending[0].currency if pending else DEFAULT_CURRENCY
-
-    invoice = None
-    if params.get("invoice"):
-        invoice = _retrieve(ls.Invoice, params["invoice"], "invoice", "invoice")
-        if not isinstance(invoice, EmuInvoice) or invoice.status != "draft":
-            raise _invalid(
-                "invoice",
-                f"You can only add invoice items to draft invoices; invoice {invoice.id} is '{invoice.status}'.",
-            )
-        if invoice.customer != customer.id:
-            raise _invalid("invoice", f"Invoice {invoice.id} belongs to another customer.")
-        if invoice.currency != currency:
-            raise _invalid(
-                "currency",
-                f"The invoice item currency ({currency}) must match the invoice currency ({invoice.currency}).",
-            )
+    amount, unit = _item_amount(params, quantity)
+    currency = _item_currency(params, price_data, customer)
+    invoice = _item_invoice(params, customer, currency) if params.get("invoice") else None
 
     kwargs: dict[str, Any] = {
         "customer": customer.id,
@@ -1270,6 +1233,52 @@ async def create_invoice_item(request: web.Request) -> web.Response:
         invoice._attach_item(item)
     _event("invoiceitem.created", item)
     return _json(item._export(expand=expand))
+
+
+def _item_amount(params: dict, quantity: int) -> tuple[int, Decimal]:
+    """(amount, unit amount) of a new invoice item: an amount, or a unit amount x quantity."""
+    unit = _unit_amount(params)
+    if params.get("amount") not in (None, ""):
+        if unit is not None:
+            raise StripeAPIError(
+                400, "You may only specify one of these parameters: amount, unit_amount_decimal."
+            )
+        if "quantity" in params and quantity != 1:
+            raise StripeAPIError(
+                400, "You may only specify one of these parameters: amount, quantity."
+            )
+        amount = _as_int(params["amount"], "amount")
+        return amount, Decimal(amount)
+    if unit is not None:
+        return _rounded(unit * quantity), unit
+    raise _missing("amount")
+
+
+def _item_currency(params: dict, price_data, customer) -> str:
+    if params.get("currency"):
+        return _as_currency(params["currency"])
+    if isinstance(price_data, dict) and price_data.get("currency"):
+        return _as_currency(price_data["currency"], "price_data[currency]")
+    pending = _pending_items(customer.id)
+    return pending[0].currency if pending else DEFAULT_CURRENCY
+
+
+def _item_invoice(params: dict, customer, currency: str):
+    """The draft invoice a new item goes on (same customer, same currency)."""
+    invoice = _retrieve(ls.Invoice, params["invoice"], "invoice", "invoice")
+    if not isinstance(invoice, EmuInvoice) or invoice.status != "draft":
+        raise _invalid(
+            "invoice",
+            f"You can only add invoice items to draft invoices; invoice {invoice.id} is '{invoice.status}'.",
+        )
+    if invoice.customer != customer.id:
+        raise _invalid("invoice", f"Invoice {invoice.id} belongs to another customer.")
+    if invoice.currency != currency:
+        raise _invalid(
+            "currency",
+            f"The invoice item currency ({currency}) must match the invoice currency ({invoice.currency}).",
+        )
+    return invoice
 
 
 async def list_invoice_items(request: web.Request) -> web.Response:
@@ -1443,68 +1452,84 @@ def _parse_query(query: str) -> tuple[list[_Clause], str]:
 def _clause_matcher(
     clause: _Clause, fields: dict[str, tuple[str, Callable[[Any], Any]]], resource: str
 ) -> Callable[[Any], bool]:
+    kind, getter = _clause_field(clause, fields, resource)
+    allowed_ops = {"token": {":"}, "string": {":", "~"}, "numeric": {":", ">", "<", ">=", "<="}}
+    if clause.op not in allowed_ops[kind]:
+        raise _query_error(f"The operator '{clause.op}' can't be used on field '{clause.field}'.")
+    if clause.value is None:
+
+        def test(obj: Any) -> bool:
+            return getter(obj) in (None, "")
+    elif kind == "numeric":
+        test = _numeric_test(clause, getter)
+    else:
+        test = _string_test(clause, kind, getter)
+    if clause.negated:
+        return lambda obj: not test(obj)
+    return test
+
+
+def _clause_field(
+    clause: _Clause, fields: dict[str, tuple[str, Callable[[Any], Any]]], resource: str
+) -> tuple[str, Callable[[Any], Any]]:
+    """The searched field's kind (token, string, numeric) and how to read it from an object."""
     if clause.field == "metadata":
         if clause.metadata_key is None:
             raise _query_error("Search on metadata needs a key: metadata['key']:'value'.")
-        kind = "token"
         key = clause.metadata_key
 
         def getter(obj: Any) -> Any:
             return (getattr(obj, "metadata", None) or {}).get(key)
 
-    else:
-        if clause.field not in fields or clause.metadata_key is not None:
-            raise _query_error(
-                f"Field '{clause.field}' is an unsupported search field for resource {resource}. "
-                f"See https://stripe.com/docs/search#query-fields-for-{resource} for a list of "
-                "supported fields."
-            )
-        kind, getter = fields[clause.field]
-    allowed_ops = {"token": {":"}, "string": {":", "~"}, "numeric": {":", ">", "<", ">=", "<="}}
-    if clause.op not in allowed_ops[kind]:
-        raise _query_error(f"The operator '{clause.op}' can't be used on field '{clause.field}'.")
+        return "token", getter
+    if clause.field not in fields or clause.metadata_key is not None:
+        raise _query_error(
+            f"Field '{clause.field}' is an unsupported search field for resource {resource}. "
+            f"See https://stripe.com/docs/search#query-fields-for-{resource} for a list of "
+            "supported fields."
+        )
+    return fields[clause.field]
+
+
+def _numeric_test(clause: _Clause, getter: Callable[[Any], Any]) -> Callable[[Any], bool]:
     expected = clause.value
-    if expected is None:
+    try:
+        number = float(expected)
+    except ValueError:
+        raise _query_error(f"'{expected}' is not a number (field '{clause.field}').") from None
+    compare = {
+        ":": lambda a: a == number,
+        ">": lambda a: a > number,
+        "<": lambda a: a < number,
+        ">=": lambda a: a >= number,
+        "<=": lambda a: a <= number,
+    }[clause.op]
 
-        def test(obj: Any) -> bool:
-            return getter(obj) in (None, "")
-    elif kind == "numeric":
-        try:
-            number = float(expected)
-        except ValueError:
-            raise _query_error(f"'{expected}' is not a number (field '{clause.field}').") from None
-        compare = {
-            ":": lambda a: a == number,
-            ">": lambda a: a > number,
-            "<": lambda a: a < number,
-            ">=": lambda a: a >= number,
-            "<=": lambda a: a <= number,
-        }[clause.op]
+    def test(obj: Any) -> bool:
+        actual = getter(obj)
+        return actual is not None and compare(actual)
 
-        def test(obj: Any) -> bool:
-            actual = getter(obj)
-            return actual is not None and compare(actual)
-    else:
-        if not clause.quoted:
-            raise _query_error(
-                f"String values must be quoted: {clause.field}{clause.op}'{expected}'."
-            )
-        if clause.op == "~" and len(expected) < 3:
-            raise _query_error("Substring search (~) needs at least 3 characters.")
-        lowered = expected.lower()
+    return test
 
-        def test(obj: Any) -> bool:
-            actual = getter(obj)
-            if actual is None:
-                return False
-            if kind == "token":
-                return str(actual) == expected
-            if clause.op == "~":
-                return lowered in str(actual).lower()
-            return str(actual).lower() == lowered
 
-    if clause.negated:
-        return lambda obj: not test(obj)
+def _string_test(clause: _Clause, kind: str, getter: Callable[[Any], Any]) -> Callable[[Any], bool]:
+    expected = clause.value
+    if not clause.quoted:
+        raise _query_error(f"String values must be quoted: {clause.field}{clause.op}'{expected}'.")
+    if clause.op == "~" and len(expected) < 3:
+        raise _query_error("Substring search (~) needs at least 3 characters.")
+    lowered = expected.lower()
+
+    def test(obj: Any) -> bool:
+        actual = getter(obj)
+        if actual is None:
+            return False
+        if kind == "token":
+            return str(actual) == expected
+        if clause.op == "~":
+            return lowered in str(actual).lower()
+        return str(actual).lower() == lowered
+
     return test
 
 
