@@ -50,8 +50,9 @@ def requires_billing_access() -> Callable:
     from airflow.api_fastapi.core_api.security import get_user
 
     # A Depends() default, not an annotation: annotations are strings under
-    # ``from __future__ import annotations`` and this import is local.
-    def inner(user=Depends(get_user)) -> None:  # noqa: B008
+    # ``from __future__ import annotations`` and this import is local. Async, as Airflow's
+    # own ``requires_access_*``: no thread-pool hop per request for a CPU-only check.
+    async def inner(user=Depends(get_user)) -> None:  # noqa: B008
         allowed = get_auth_manager().is_authorized_custom_view(
             method="GET", resource_name=RESOURCE_NAME, user=user
         )
@@ -369,7 +370,7 @@ def ceiling_app() -> FastAPI:
     bare = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @bare.get("/304")
-    def fixed_304() -> Response:
+    async def fixed_304() -> Response:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": '"ceiling"'})
 
     return bare

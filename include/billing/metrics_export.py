@@ -451,19 +451,34 @@ def instrument(app) -> None:
 
     from fastapi import Response
 
-    @app.middleware("http")
-    async def _red(request, call_next):
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            obs.API_REQUESTS.labels(template, request.method, str(status)).inc()
-            obs.API_LATENCY.labels(template).observe(time.perf_counter() - started)
+    class _RED:
+        """Pure ASGI middleware (no per-request task and streams, as ``@app.middleware``
+        would add): the route template is known once the app has routed the request."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            started = time.perf_counter()
+            status = 500
+
+            async def send_status(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await self.inner(scope, receive, send_status)
+            finally:
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                obs.API_REQUESTS.labels(template, scope["method"], str(status)).inc()
+                obs.API_LATENCY.labels(template).observe(time.perf_counter() - started)
+
+    app.add_middleware(_RED)
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     def metrics() -> Response:
