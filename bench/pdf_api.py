@@ -1,17 +1,25 @@
 """Benchmark: invoice PDFs through the real Airflow API server (plugin at /billing).
 
-    .venv/bin/python bench/pdf_api.py [--seconds 30] [--clients 16] [--workers 1] [--invoices 3000]
+    .venv/bin/python bench/pdf_api.py [--seconds 10] [--clients 16] [--workers 2] [--invoices 1000]
 
 Brings up its own stack under ``.local/bench-stack`` (so it never touches dev data),
 seeds synthetic snapshot rows (``billing_snapshot.fct_invoices`` / ``fct_invoice_lines``,
-created if dbt has not built them there), starts ``airflow api-server`` with our plugin,
-gets a JWT, then runs three phases with N concurrent clients for S seconds each:
+created if dbt has not built them there), empties its PDF store
+(``.local/bench-stack/pdf-store``), renders the hot set into it as the nightly task would
+(``billing.invoice_store``), starts ``airflow api-server --workers N`` with our plugin and
+the bare ceiling endpoint (``BILLING_API_BENCH=1``), gets a JWT, then runs each phase with
+C concurrent clients for S seconds:
 
-- cold: every request is for an invoice not rendered yet (render + cache store)
-- warm: repeated 200s for already-rendered invoices (cache hits, full body)
-- 304:  the same with ``If-None-Match`` (lookup only, no body)
+- ceiling: a bare FastAPI endpoint answering a fixed 304 in the same api-server (no auth,
+  no database): the practical ceiling of the stack and of this client;
+- cold: every request is for an invoice nobody rendered yet (render once + store);
+- warm_200: stored PDFs (the nightly's), full body;
+- revalidate_304: the same with ``If-None-Match`` (one lookup, no body);
+- mixed: 90 % 304, 9 % warm 200, 1 % cold.
 
-Prints requests/s, p50/p99 latency and error counts as JSON and a markdown table.
+Prints requests/s, p50/p99 latency, errors, each phase's ratio to the ceiling, the PDFs
+rendered on the request path during it (the api-server log's ``billing pdf rendered``
+lines) and the api-server workers' memory (RSS) after it, as JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import statistics
 import time
 from contextlib import ExitStack
 from pathlib import Path
+
+from billing import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_DIR = ROOT / ".local" / "bench-stack"
@@ -104,7 +115,18 @@ def seed(n: int) -> list[str]:
     return ids
 
 
-def start_server(workers: int, exits: ExitStack) -> tuple[str, str, Path]:
+def prerender(ids: list[str]) -> None:
+    """Render and store ``ids`` as the nightly ``render_invoice_pdfs`` does."""
+    from billing import invoice_store
+
+    store = invoice_store.PdfStore()
+    for iid in ids:
+        with invoice_store.snapshot_connection() as cx:
+            etag = invoice_store.etag_for(invoice_store.lookup(cx, iid))
+        invoice_store.render_and_store(invoice_store.snapshot_connection, store, iid, etag)
+
+
+def start_server(workers: int, exits: ExitStack) -> tuple[str, str, int, Path]:
     """The real api-server with the billing plugin (stopped when ``exits`` closes)."""
     import httpx
 
@@ -118,11 +140,25 @@ def start_server(workers: int, exits: ExitStack) -> tuple[str, str, Path]:
     env = {
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pwfile),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "BILLING_API_BENCH": "1",
     }
-    base, _pid = exits.enter_context(run_api_server(home, env, workers=workers, timeout=120))
+    base, pid = exits.enter_context(run_api_server(home, env, workers=workers, timeout=120))
     r = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password})
     r.raise_for_status()
-    return base, r.json()["access_token"], home / "api-server.log"
+    return base, r.json()["access_token"], pid, home / "api-server.log"
+
+
+def renders_logged(log: Path) -> int:
+    """PDFs the api-server rendered so far (one log line per render, any worker)."""
+    return log.read_text(errors="replace").count("billing pdf rendered ")
+
+
+def worker_rss_mb(pid: int) -> list[float]:
+    """RSS of the api-server's worker processes (its children), in MB."""
+    import psutil
+
+    kids = psutil.Process(pid).children(recursive=True)
+    return sorted(round(k.memory_info().rss / 2**20, 1) for k in kids)
 
 
 async def phase(base, token, clients, seconds, next_request) -> dict:
@@ -170,40 +206,44 @@ async def phase(base, token, clients, seconds, next_request) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=1, help="api-server worker processes")
-    ap.add_argument("--invoices", type=int, default=3000)
+    ap.add_argument("--workers", type=int, default=2, help="api-server worker processes")
+    ap.add_argument("--invoices", type=int, default=1000)
     ap.add_argument("--keep-stack", action="store_true")
     args = ap.parse_args()
 
     os.environ["BILLING_LOCAL_DIR"] = str(STACK_DIR)
+    store_dir = STACK_DIR / "pdf-store"
+    os.environ["BILLING_PDF_STORE"] = store_dir.as_uri()
     from billing.stack.manager import Stack
 
     stack = Stack(STACK_DIR)
     stack.up()
     os.environ.update(stack.env())
     ids = seed(args.invoices)
+    shutil.rmtree(store_dir, ignore_errors=True)
+    hot = ids[: args.clients * 4]
+    prerender(hot)  # the nightly's work: warm and 304 phases never render
+    cold = iter(ids[len(hot) :])
     exits = ExitStack()
+    results: dict = {}
     try:
-        base, token, _log = start_server(args.workers, exits)
+        base, token, pid, log = start_server(args.workers, exits)
         import httpx
 
-        cold = iter(ids)
-        hot = ids[: args.clients * 4]
         etags: dict[str, str] = {}
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c:
+            for iid in hot:
+                etags[iid] = c.head(f"/billing/invoices/{iid}/pdf").headers["etag"]
+        counter = iter(range(10**12))
+
+        def ceiling_req():
+            return ("/bench-ceiling/304", {}, 304)
 
         def cold_req():
             iid = next(cold, None)
             return None if iid is None else (f"/billing/invoices/{iid}/pdf", {}, 200)
-
-        results = {"cold": asyncio.run(phase(base, token, args.clients, args.seconds, cold_req))}
-        rendered = results["cold"]["requests"]
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c:
-            for iid in hot:  # make sure the hot set is rendered (in every worker, roughly)
-                for _ in range(args.workers):
-                    etags[iid] = c.get(f"/billing/invoices/{iid}/pdf").headers["etag"]
-        counter = iter(range(10**12))
 
         def warm_req():
             iid = hot[next(counter) % len(hot)]
@@ -213,27 +253,56 @@ def main() -> None:
             iid = hot[next(counter) % len(hot)]
             return (f"/billing/invoices/{iid}/pdf", {"If-None-Match": etags[iid]}, 304)
 
-        results["warm_200"] = asyncio.run(phase(base, token, args.clients, args.seconds, warm_req))
-        results["revalidate_304"] = asyncio.run(
-            phase(base, token, args.clients, args.seconds, nm_req)
-        )
+        mix = iter(range(10**12))  # its own counter: warm_req/nm_req advance `counter`
+
+        def mixed_req():
+            k = next(mix) % 100
+            return (cold_req() or warm_req()) if k == 0 else warm_req() if k < 10 else nm_req()
+
+        rss_start = worker_rss_mb(pid)
+        phases = {
+            "ceiling_304": ceiling_req,
+            "cold": cold_req,
+            "warm_200": warm_req,
+            "revalidate_304": nm_req,
+            "mixed": mixed_req,
+        }
+        for name, req in phases.items():
+            before = renders_logged(log)
+            results[name] = asyncio.run(phase(base, token, args.clients, args.seconds, req))
+            results[name]["renders"] = renders_logged(log) - before  # on the request path
+            results[name]["worker_rss_mb_after"] = worker_rss_mb(pid)
+        ceiling = results["ceiling_304"]["rps"]
+        for name in phases:
+            results[name]["ratio"] = round(results[name]["rps"] / ceiling, 2) if ceiling else None
         results["config"] = {
             "clients": args.clients,
             "seconds": args.seconds,
             "api_server_workers": args.workers,
+            "pg_pool_size_per_worker": settings.api_pg_pool_size(),
             "invoices_seeded": len(ids),
-            "cold_rendered": rendered,
+            "prerendered": len(hot),
             "cpus": os.cpu_count(),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "worker_rss_mb_start": rss_start,
+            "worker_rss_mb_end": worker_rss_mb(pid),
         }
     finally:
         exits.close()
         if not args.keep_stack:
             stack.down()
     print(json.dumps(results, indent=2))
-    print("\n| phase | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
-    for name in ("cold", "warm_200", "revalidate_304"):
+    print(
+        "\n| phase | req/s | p50 ms | p99 ms | errors | × ceiling | renders | worker RSS MB after |"
+        "\n|---|---:|---:|---:|---:|---:|---:|---|"
+    )
+    for name in phases:
         r = results[name]
-        print(f"| {name} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
+        rss = " / ".join(str(m) for m in r["worker_rss_mb_after"])
+        print(
+            f"| {name} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} "
+            f"| {r['ratio']} | {r['renders']} | {rss} |"
+        )
 
 
 if __name__ == "__main__":
