@@ -169,6 +169,78 @@ class Expected:
 
 
 # ------------------------------------------------------------------ the simulation
+@dataclass(frozen=True)
+class _Facts:
+    """What the invariant checks read from Postgres after the run."""
+
+    snapshot: dict  # (org, period) -> (total_cents, currency)
+    closes: dict  # (org, period) -> (Stripe invoice status, its id)
+    due_on: dict  # Stripe invoice id -> due date
+    late_after_close: dict  # (org, period) -> billable events that arrived after its close
+    outbox_status: dict  # status -> rows
+    sent_rows: list  # (kind, idempotency_key, stripe_object_id) of sent outbox rows
+    notices: list  # (stripe_invoice_id, org_id, stage, status, message_id)
+    audit: dict  # (org, period) -> (latest status, is_above_tolerance)
+    incidents: list  # (period, org_ids, status)
+    plans: dict  # org -> plan
+
+    @classmethod
+    def read(cls, cx) -> _Facts:
+        closes, due_on = {}, {}
+        for o, p, iid, st, due in cx.execute(
+            """SELECT org_id, period, stripe_invoice_id, status,
+                      (due_at AT TIME ZONE 'UTC')::date FROM billing.stripe_invoices"""
+        ).fetchall():
+            closes[(o, p)] = (st, iid)
+            due_on[iid] = due
+        return cls(
+            snapshot={
+                (o, p): (int(t), c.strip().lower())
+                for o, p, t, c in cx.execute(
+                    "SELECT org_id, period_start, total_cents, currency "
+                    "FROM billing_snapshot.fct_invoices"
+                ).fetchall()
+            },
+            closes=closes,
+            due_on=due_on,
+            late_after_close={
+                (o, p): n
+                for o, p, n in cx.execute(
+                    """SELECT e.org_id, date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date,
+                              count(*)
+                         FROM billing.usage_events e
+                         JOIN billing.stripe_invoices i ON i.org_id = e.org_id
+                          AND i.period = date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date
+                        WHERE e.billable
+                          AND e.arrival_day > (i.period + interval '1 month' - interval '1 day')::date
+                        GROUP BY 1, 2"""
+                ).fetchall()
+            },
+            outbox_status=dict(
+                cx.execute("SELECT status, count(*) FROM billing.stripe_outbox GROUP BY 1")
+            ),
+            sent_rows=cx.execute(
+                """SELECT kind, idempotency_key, stripe_object_id FROM billing.stripe_outbox
+                    WHERE status = 'sent'"""
+            ).fetchall(),
+            notices=cx.execute(
+                """SELECT stripe_invoice_id, org_id, stage, status, message_id
+                     FROM billing.dunning_notices"""
+            ).fetchall(),
+            audit={
+                (o, p): (s, above)
+                for o, p, s, above in cx.execute(
+                    """SELECT DISTINCT ON (org_id, period) org_id, period, status, is_above_tolerance
+                         FROM billing.billing_audit ORDER BY org_id, period, audit_id DESC"""
+                ).fetchall()
+            },
+            incidents=cx.execute(
+                "SELECT period, org_ids, status FROM billing.billing_incidents"
+            ).fetchall(),
+            plans=dict(cx.execute("SELECT org_id, plan FROM billing.organizations")),
+        )
+
+
 class Simulation:
     def __init__(self, cfg: Config, stack):
         from billing import pricing
@@ -607,7 +679,6 @@ class Simulation:
 
     # ---------------------------------------------------------------- the run
     def run_days(self) -> None:
-        s = self.schedule
         first_files: dict[dt.date, list[str]] = {}
         for i, day in enumerate(self.days):
             t0 = time.perf_counter()
@@ -616,61 +687,77 @@ class Simulation:
             first_files[day] = files
             if i > 0 and i % 3 == 0:  # a producer re-delivers yesterday's first file
                 self.replay_file(first_files[self.days[i - 1]][0], day)
-            if s["backfill"] == i:
-                self.backfill(i)
-            if s["outage_off"] == i:
-                from billing import stripe_sync
-
-                stripe_sync.set_read_only(False)
-                res = self.timed("stripe_drain", stripe_sync.drain)
-                self.note(day, "stripe_outage_off", drained=res.get("sent", 0))
-            if s["retry_parked"] == i:
-                self.proxy.sticky_rate = 0.0
-                self.retry_parked(day)
-            if s["sticky"] == i:
-                self.proxy.sticky_rate = 0.4
-                self.note(day, "stripe_sticky_failures_on", rate=0.4)
-            if s["outage_on"] == i:
-                from billing import stripe_sync
-
-                stripe_sync.set_read_only(True, "simulated Stripe outage")
-                self.note(day, "stripe_outage_on")
+            self._before_night(i, day)
             for period in sorted(self.pending_close):  # on-call closes what was blocked
                 if not self.parked_count():
                     self.close_period(period, day)
-            if s["dag_day"] == i:
-                from billing import runner
-
-                t = time.perf_counter()
-                self.timed("real_dag", runner.run_day, day, quiet=True)
-                self.capture_close_snapshots()
-                if _month_end(day) and self.unclosed_orgs(_period(day)):
-                    self.pending_close.add(_period(day))
-                self.note(day, "billing_nightly_dags_test", seconds=round(time.perf_counter() - t))
-            else:
-                if s["pg_restart"] == i:
-                    self.ingest_with_pg_restart(day)
-                else:
-                    self.ingest(day)
-                self.transform(day)
-                if s["kill_push"] == i:
-                    self.push_killed_and_rerun(day)
-                else:
-                    self.push(day)
-                self.close(day)
-            if s["sticky"] == i:
+            self._night(i, day)
+            if self.schedule["sticky"] == i:
                 self.note(day, "parked_after_push", parked=self.parked_count())
             self.after_night(day)
-            if s["rerun"] == i:
-                before = self.fingerprint()
-                for _ in range(2):
-                    self.nightly(day)
-                    self.after_night(day)
-                after = self.fingerprint()
-                self.rerun_check = {"before": before, "after": after}
-                self.note(day, "day_rerun_twice", unchanged=before == after)
+            if self.schedule["rerun"] == i:
+                self._rerun_twice(day)
             self.day_seconds.append(time.perf_counter() - t0)
-        # on-call, the morning after: nothing parked or queued may stay behind
+        self._morning_after()
+
+    def _before_night(self, i: int, day: dt.date) -> None:
+        """The faults and on-call actions scheduled for day i, before its nightly run."""
+        s = self.schedule
+        if s["backfill"] == i:
+            self.backfill(i)
+        if s["outage_off"] == i:
+            from billing import stripe_sync
+
+            stripe_sync.set_read_only(False)
+            res = self.timed("stripe_drain", stripe_sync.drain)
+            self.note(day, "stripe_outage_off", drained=res.get("sent", 0))
+        if s["retry_parked"] == i:
+            self.proxy.sticky_rate = 0.0
+            self.retry_parked(day)
+        if s["sticky"] == i:
+            self.proxy.sticky_rate = 0.4
+            self.note(day, "stripe_sticky_failures_on", rate=0.4)
+        if s["outage_on"] == i:
+            from billing import stripe_sync
+
+            stripe_sync.set_read_only(True, "simulated Stripe outage")
+            self.note(day, "stripe_outage_on")
+
+    def _night(self, i: int, day: dt.date) -> None:
+        """Day i's nightly run: the real DAG on its scheduled day, else the steps in-process."""
+        s = self.schedule
+        if s["dag_day"] == i:
+            from billing import runner
+
+            t = time.perf_counter()
+            self.timed("real_dag", runner.run_day, day, quiet=True)
+            self.capture_close_snapshots()
+            if _month_end(day) and self.unclosed_orgs(_period(day)):
+                self.pending_close.add(_period(day))
+            self.note(day, "billing_nightly_dags_test", seconds=round(time.perf_counter() - t))
+            return
+        if s["pg_restart"] == i:
+            self.ingest_with_pg_restart(day)
+        else:
+            self.ingest(day)
+        self.transform(day)
+        if s["kill_push"] == i:
+            self.push_killed_and_rerun(day)
+        else:
+            self.push(day)
+        self.close(day)
+
+    def _rerun_twice(self, day: dt.date) -> None:
+        before = self.fingerprint()
+        for _ in range(2):
+            self.nightly(day)
+            self.after_night(day)
+        after = self.fingerprint()
+        self.rerun_check = {"before": before, "after": after}
+        self.note(day, "day_rerun_twice", unchanged=before == after)
+
+    def _morning_after(self) -> None:
+        """On-call, the morning after the last day: nothing parked or queued may stay behind."""
         from billing import stripe_sync
 
         if self.proxy:
@@ -756,108 +843,84 @@ class Simulation:
 
     # ---------------------------------------------------------------- invariants
     def check(self) -> dict:
+        """Every invariant of the run: name -> {"ok": bool, the numbers behind it}."""
         from billing import db
 
-        inv: dict[str, dict] = {}
         with db.connect() as cx:
-
-            def one(q, *a):
-                return cx.execute(q, a).fetchone()
-
-            n_events, n_distinct = one(
-                "SELECT count(*), count(DISTINCT event_id) FROM billing.usage_events"
-            )
-            n_registry = one("SELECT count(*) FROM billing.usage_event_ids")[0]
-            exp = len(self.expected.valid_ids)
-            accepted = one(
-                "SELECT coalesce(sum(accepted + non_billable), 0), coalesce(sum(duplicate), 0) "
-                "FROM billing.usage_files"
-            )
-            inv["events_counted_once"] = {
-                "ok": n_events == n_distinct == n_registry == exp == accepted[0]
-                and accepted[1] == self.expected.duplicates,
-                "usage_events": n_events,
-                "distinct_event_ids": n_distinct,
-                "registry": n_registry,
-                "expected_unique_valid": exp,
-                "manifest_accepted": int(accepted[0]),
-                "duplicates": int(accepted[1]),
-                "expected_duplicates": self.expected.duplicates,
-                "lines_written": self.expected.lines,
+            inv = {
+                "events_counted_once": self._check_events(cx),
+                "quarantine_has_reasons": self._check_quarantine(cx),
             }
-            q_total, q_noreason = one(
-                """SELECT count(*), count(*) FILTER (WHERE reason IS NULL OR reason = ''
-                          OR detail IS NULL OR detail = '') FROM billing.usage_quarantine"""
-            )
-            reasons = dict(
-                cx.execute(
-                    "SELECT reason, count(*) FROM billing.usage_quarantine GROUP BY 1 ORDER BY 1"
-                ).fetchall()
-            )
-            inv["quarantine_has_reasons"] = {
-                "ok": q_noreason == 0 and q_total == self.expected.bad_lines,
-                "quarantined": q_total,
-                "expected_bad_lines": self.expected.bad_lines,
-                "without_reason": q_noreason,
-                "by_reason": reasons,
-            }
-            snapshot = {
-                (o, p): (int(t), c.strip().lower())
-                for o, p, t, c in cx.execute(
-                    "SELECT org_id, period_start, total_cents, currency "
-                    "FROM billing_snapshot.fct_invoices"
-                ).fetchall()
-            }
-            closes, due_on = {}, {}
-            for o, p, iid, st, due in cx.execute(
-                """SELECT org_id, period, stripe_invoice_id, status,
-                          (due_at AT TIME ZONE 'UTC')::date FROM billing.stripe_invoices"""
-            ).fetchall():
-                closes[(o, p)] = (st, iid)
-                due_on[iid] = due
-            late_after_close = {
-                (o, p): n
-                for o, p, n in cx.execute(
-                    """SELECT e.org_id, date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date,
-                              count(*)
-                         FROM billing.usage_events e
-                         JOIN billing.stripe_invoices i ON i.org_id = e.org_id
-                          AND i.period = date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date
-                        WHERE e.billable
-                          AND e.arrival_day > (i.period + interval '1 month' - interval '1 day')::date
-                        GROUP BY 1, 2"""
-                ).fetchall()
-            }
-            outbox_status = dict(
-                cx.execute("SELECT status, count(*) FROM billing.stripe_outbox GROUP BY 1")
-            )
-            sent_rows = cx.execute(
-                """SELECT kind, idempotency_key, stripe_object_id FROM billing.stripe_outbox
-                    WHERE status = 'sent'"""
-            ).fetchall()
-            notices = cx.execute(
-                """SELECT stripe_invoice_id, org_id, stage, status, message_id
-                     FROM billing.dunning_notices"""
-            ).fetchall()
-            audit = {
-                (o, p): (s, above)
-                for o, p, s, above in cx.execute(
-                    """SELECT DISTINCT ON (org_id, period) org_id, period, status, is_above_tolerance
-                         FROM billing.billing_audit ORDER BY org_id, period, audit_id DESC"""
-                ).fetchall()
-            }
-            incidents = cx.execute(
-                "SELECT period, org_ids, status FROM billing.billing_incidents"
-            ).fetchall()
-            plans = dict(cx.execute("SELECT org_id, plan FROM billing.organizations"))
-
-        # Stripe per org/period vs snapshot, to the cent; no idempotency key twice.
-        items = self.stripe_items()
+            facts = _Facts.read(cx)
         client = self.direct()
+        inv.update(self._check_stripe(facts, client))
+        inv["reconciled_or_incident"] = self._check_reconciled(facts)
+        inv["dunning_once_per_stage"] = self._check_dunning(facts)
+        parked = self.parked_count()
+        inv["parked_queue_empty"] = {
+            "ok": parked == 0 and facts.outbox_status.get("parked", 0) == 0,
+            "redis_parked": parked,
+            "outbox_parked": facts.outbox_status.get("parked", 0),
+        }
+        inv["no_orphan_outbox_rows"] = self._check_outbox(facts, client)
+        if hasattr(self, "rerun_check"):
+            rc = self.rerun_check
+            inv["rerun_changes_nothing"] = {
+                "ok": rc["before"] == rc["after"],
+                **rc,
+            }
+        return inv
+
+    def _check_events(self, cx) -> dict:
+        """Every valid line stored once: events, registry and manifest agree with the files."""
+        n_events, n_distinct = cx.execute(
+            "SELECT count(*), count(DISTINCT event_id) FROM billing.usage_events"
+        ).fetchone()
+        n_registry = cx.execute("SELECT count(*) FROM billing.usage_event_ids").fetchone()[0]
+        exp = len(self.expected.valid_ids)
+        accepted = cx.execute(
+            "SELECT coalesce(sum(accepted + non_billable), 0), coalesce(sum(duplicate), 0) "
+            "FROM billing.usage_files"
+        ).fetchone()
+        return {
+            "ok": n_events == n_distinct == n_registry == exp == accepted[0]
+            and accepted[1] == self.expected.duplicates,
+            "usage_events": n_events,
+            "distinct_event_ids": n_distinct,
+            "registry": n_registry,
+            "expected_unique_valid": exp,
+            "manifest_accepted": int(accepted[0]),
+            "duplicates": int(accepted[1]),
+            "expected_duplicates": self.expected.duplicates,
+            "lines_written": self.expected.lines,
+        }
+
+    def _check_quarantine(self, cx) -> dict:
+        """Every bad line quarantined, each with a reason and a detail."""
+        q_total, q_noreason = cx.execute(
+            """SELECT count(*), count(*) FILTER (WHERE reason IS NULL OR reason = ''
+                      OR detail IS NULL OR detail = '') FROM billing.usage_quarantine"""
+        ).fetchone()
+        reasons = dict(
+            cx.execute(
+                "SELECT reason, count(*) FROM billing.usage_quarantine GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
+        return {
+            "ok": q_noreason == 0 and q_total == self.expected.bad_lines,
+            "quarantined": q_total,
+            "expected_bad_lines": self.expected.bad_lines,
+            "without_reason": q_noreason,
+            "by_reason": reasons,
+        }
+
+    def _check_stripe(self, facts: _Facts, client) -> dict:
+        """Stripe per org/period vs snapshot, to the cent; no idempotency key twice."""
+        items = self.stripe_items()
         stripe_side: dict[tuple[str, dt.date], int] = defaultdict(int)
         # Items of period P that P's own invoice collected (late ones land on a later invoice).
         on_own_invoice: dict[tuple[str, dt.date], int] = defaultdict(int)
-        invoice_of = {iid: k for k, (_, iid) in closes.items()}
+        invoice_of = {iid: k for k, (_, iid) in facts.closes.items()}
         keys: Counter = Counter()
         for org, its in items.items():
             for ii in its:
@@ -867,16 +930,15 @@ class Simulation:
                 stripe_side[(org, p)] += int(ii["amount"])
                 if invoice_of.get(ii.get("invoice")) == (org, p):
                     on_own_invoice[(org, p)] += int(ii["amount"])
-        invoices_total = {}
-        for (o, p), (_, iid) in closes.items():
-            inv_obj = client.v1.invoices.retrieve(iid)
-            invoices_total[(o, p)] = int(inv_obj["total"])
+        invoices_total = {
+            k: int(client.v1.invoices.retrieve(iid)["total"])
+            for k, (_, iid) in facts.closes.items()
+        }
         diffs, unbilled = [], {}
-        for k in sorted(set(snapshot) | set(stripe_side)):
-            now = snapshot.get(k, (0, None))[0]
+        for k in sorted(set(facts.snapshot) | set(stripe_side)):
+            now = facts.snapshot.get(k, (0, None))[0]
             closed = self.closed_at.get(k)
             got = stripe_side.get(k, 0)
-            on_invoice = invoices_total.get(k)
             # Every period's items add up to the snapshot now, late events included; a
             # closed invoice carries exactly the snapshot it was closed from.
             if now != got or (closed is not None and on_own_invoice.get(k, 0) != closed):
@@ -888,7 +950,7 @@ class Simulation:
                         "snapshot_at_close": closed,
                         "stripe_items_cents": got,
                         "stripe_items_on_own_invoice": on_own_invoice.get(k, 0),
-                        "stripe_invoice_total": on_invoice,
+                        "stripe_invoice_total": invoices_total.get(k),
                     }
                 )
             if closed is not None and now != got:
@@ -897,98 +959,83 @@ class Simulation:
                     "snapshot_now": now,
                     "stripe_items_cents": got,
                     "unbilled_cents": now - got,
-                    "billable_events_after_close": late_after_close.get(k, 0),
+                    "billable_events_after_close": facts.late_after_close.get(k, 0),
                 }
         doubled = {k: n for k, n in keys.items() if n > 1}
-        inv["stripe_equals_snapshot"] = {
-            "ok": not diffs and not doubled and len(invoices_total) == len(self.closed_at),
-            "rule": "every period: Stripe items = snapshot now; closed: the items its own "
-            "invoice collected = snapshot the close was made from",
-            "org_periods": len(set(snapshot) | set(stripe_side)),
-            "closed_invoices": len(invoices_total),
-            "stripe_items": sum(len(v) for v in items.values()),
-            "total_cents": sum(stripe_side.values()),
-            "differences": diffs,
-            "idempotency_keys_doubled": doubled,
-        }
-        inv["no_usage_after_close"] = {
-            "ok": not unbilled,
-            "note": "late events that arrive after their period's Stripe invoice was finalized "
-            "are pushed as items of that period, collected by the next invoice",
-            "late_cents_pushed_after_close": sum(
-                stripe_side.get(k, 0) - on_own_invoice.get(k, 0) for k in self.closed_at
-            ),
-            "unbilled_cents_total": sum(v["unbilled_cents"] for v in unbilled.values()),
-            "billable_events_after_close": sum(late_after_close.values()),
-            "org_periods": unbilled,
+        return {
+            "stripe_equals_snapshot": {
+                "ok": not diffs and not doubled and len(invoices_total) == len(self.closed_at),
+                "rule": "every period: Stripe items = snapshot now; closed: the items its own "
+                "invoice collected = snapshot the close was made from",
+                "org_periods": len(set(facts.snapshot) | set(stripe_side)),
+                "closed_invoices": len(invoices_total),
+                "stripe_items": sum(len(v) for v in items.values()),
+                "total_cents": sum(stripe_side.values()),
+                "differences": diffs,
+                "idempotency_keys_doubled": doubled,
+            },
+            "no_usage_after_close": {
+                "ok": not unbilled,
+                "note": "late events that arrive after their period's Stripe invoice was "
+                "finalized are pushed as items of that period, collected by the next invoice",
+                "late_cents_pushed_after_close": sum(
+                    stripe_side.get(k, 0) - on_own_invoice.get(k, 0) for k in self.closed_at
+                ),
+                "unbilled_cents_total": sum(v["unbilled_cents"] for v in unbilled.values()),
+                "billable_events_after_close": sum(facts.late_after_close.values()),
+                "org_periods": unbilled,
+            },
         }
 
-        # Reconciled within tolerance, or an incident names the org/period.
+    def _check_reconciled(self, facts: _Facts) -> dict:
+        """Reconciled within tolerance, or an incident names the org/period."""
         open_inc = defaultdict(set)
-        for p, org_ids, _status in incidents:
+        for p, org_ids, _status in facts.incidents:
             for o in org_ids:
                 open_inc[p].add(o)
-        bad = []
-        for (o, p), (status, above) in sorted(audit.items()):
-            if above and o not in open_inc[p]:
-                bad.append({"org_id": o, "period": f"{p:%Y-%m}", "status": status})
+        bad = [
+            {"org_id": o, "period": f"{p:%Y-%m}", "status": status}
+            for (o, p), (status, above) in sorted(facts.audit.items())
+            if above and o not in open_inc[p]
+        ]
         unreconciled = [
             f"{o}:{p:%Y-%m}"
-            for (o, p) in sorted(set(snapshot) | set(closes))
-            if (o, p) not in audit
+            for (o, p) in sorted(set(facts.snapshot) | set(facts.closes))
+            if (o, p) not in facts.audit
         ]
-        inv["reconciled_or_incident"] = {
+        return {
             "ok": not bad and not unreconciled,
-            "org_periods": len(audit),
-            "latest": dict(Counter(s for s, _ in audit.values())),
+            "org_periods": len(facts.audit),
+            "latest": dict(Counter(s for s, _ in facts.audit.values())),
             "above_tolerance_without_incident": bad,
             "never_reconciled": unreconciled,
-            "incidents": len(incidents),
+            "incidents": len(facts.incidents),
             "runs": self.reconcile_runs,
             "runs_failed": self.reconcile_failed_runs,
         }
 
-        # Dunning: each stage at most once per invoice (rows and e-mails); unpaid got all.
-        from billing import dunning
-
+    def _check_dunning(self, facts: _Facts) -> dict:
+        """Each stage at most once per invoice (rows and e-mails); unpaid got all."""
+        notices = facts.notices
         sent = Counter((i, s) for i, _, s, st, _ in notices if st == "sent")
         mails = self.mail_message_ids()
         dunning_mails = {m: n for m, n in mails.items() if m.startswith("<dunning.")}
         twice = [f"{i}:{s}" for (i, s), n in sent.items() if n > 1]
         twice += [m for m, n in dunning_mails.items() if n > 1]
-        policy = dunning.load_policy()
         stages_by_invoice = defaultdict(list)
+        skipped_by_invoice = defaultdict(list)
         for i, o, s, st, _ in notices:
             if st == "sent":
                 stages_by_invoice[(i, o)].append(s)
-        skipped_by_invoice = defaultdict(list)
-        for i, o, s, st, _ in notices:
-            if st == "skipped":
+            elif st == "skipped":
                 skipped_by_invoice[(i, o)].append(s)
-        missing_stages = {}
-        for (o, _p), (status, iid) in closes.items():
-            if status == "open" and self.group(o) == "never":
-                # Every stage due by the last dunning run (as of the morning after the run) is
-                # sent, except a leading run of stages recorded 'skipped': the invoice was
-                # first seen open when they were already past (e.g. its finalisation was
-                # parked by a Stripe failure and retried a day later). Never a gap after.
-                overdue = (self.days[-1] + dt.timedelta(days=1) - due_on[iid]).days
-                want = [s.name for s in policy.for_plan(plans[o]) if s.days_past_due <= overdue]
-                got = stages_by_invoice.get((iid, o), [])
-                skipped = skipped_by_invoice.get((iid, o), [])
-                k = len(skipped)
-                if (
-                    not got
-                    or sorted(skipped) != sorted(want[:k])
-                    or sorted(got) != sorted(want[k:])
-                ):
-                    missing_stages[iid] = {"want": want, "sent": got, "skipped": skipped}
+        missing_stages = self._missing_stages(facts, stages_by_invoice, skipped_by_invoice)
         paid_dunned = [
             f"{i}:{s}"
             for i, o, s, st, _ in notices
             if st == "sent" and self.group(o) == "prompt" and i in self.payments
         ]
-        inv["dunning_once_per_stage"] = {
+        return {
             "ok": not twice and not missing_stages and not paid_dunned,
             "notices_sent": sum(sent.values()),
             "emails": sum(dunning_mails.values()),
@@ -998,18 +1045,36 @@ class Simulation:
             "paid_at_once_but_dunned": paid_dunned,
             "invoices": {
                 iid: {"org": o, "status": st, "stages": stages_by_invoice.get((iid, o), [])}
-                for (o, _), (st, iid) in sorted(closes.items())
+                for (o, _), (st, iid) in sorted(facts.closes.items())
             },
         }
 
-        parked = self.parked_count()
-        inv["parked_queue_empty"] = {
-            "ok": parked == 0 and outbox_status.get("parked", 0) == 0,
-            "redis_parked": parked,
-            "outbox_parked": outbox_status.get("parked", 0),
-        }
+    def _missing_stages(self, facts: _Facts, sent_by_invoice, skipped_by_invoice) -> dict:
+        """Open invoices of never-paying orgs whose due stages were not all sent."""
+        from billing import dunning
 
-        missing_objects = []
+        policy = dunning.load_policy()
+        missing = {}
+        for (o, _p), (status, iid) in facts.closes.items():
+            if status != "open" or self.group(o) != "never":
+                continue
+            # Every stage due by the last dunning run (as of the morning after the run) is
+            # sent, except a leading run of stages recorded 'skipped': the invoice was
+            # first seen open when they were already past (e.g. its finalisation was
+            # parked by a Stripe failure and retried a day later). Never a gap after.
+            overdue = (self.days[-1] + dt.timedelta(days=1) - facts.due_on[iid]).days
+            want = [s.name for s in policy.for_plan(facts.plans[o]) if s.days_past_due <= overdue]
+            got = sent_by_invoice.get((iid, o), [])
+            skipped = skipped_by_invoice.get((iid, o), [])
+            k = len(skipped)
+            if not got or sorted(skipped) != sorted(want[:k]) or sorted(got) != sorted(want[k:]):
+                missing[iid] = {"want": want, "sent": got, "skipped": skipped}
+        return missing
+
+    def _check_outbox(self, facts: _Facts, client) -> dict:
+        """Every outbox row sent (its Stripe object exists) or cancelled."""
+        import stripe
+
         fetch = {
             "customer": client.v1.customers.retrieve,
             "usage_item": client.v1.invoice_items.retrieve,
@@ -1017,29 +1082,22 @@ class Simulation:
             "invoice": client.v1.invoices.retrieve,
             "finalize": client.v1.invoices.retrieve,
         }
-        import stripe
-
-        for kind, key, obj_id in sent_rows:
+        missing_objects = []
+        for kind, key, obj_id in facts.sent_rows:
             try:
                 if not obj_id:
                     raise LookupError
                 fetch[kind](obj_id)
             except (stripe.InvalidRequestError, LookupError):
                 missing_objects.append(key)
+        outbox_status = facts.outbox_status
         open_rows = {s: n for s, n in outbox_status.items() if s not in ("sent", "cancelled")}
-        inv["no_orphan_outbox_rows"] = {
+        return {
             "ok": not open_rows and not missing_objects,
             "by_status": outbox_status,
             "not_sent_or_cancelled": open_rows,
             "sent_without_stripe_object": missing_objects,
         }
-        if hasattr(self, "rerun_check"):
-            rc = self.rerun_check
-            inv["rerun_changes_nothing"] = {
-                "ok": rc["before"] == rc["after"],
-                **rc,
-            }
-        return inv
 
     def mail_message_ids(self) -> Counter:
         out: Counter = Counter()
