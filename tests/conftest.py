@@ -78,9 +78,8 @@ def pg(stack):
         yield cx
 
 
-@pytest.fixture
-def clean_db(stack):
-    """Empty every billing table (but keep the schema) before a test."""
+def _empty_billing_db() -> None:
+    """Empty every billing table (but keep the schema) and drop the derived snapshot."""
     from psycopg import sql
 
     from billing import db
@@ -101,4 +100,16 @@ def clean_db(stack):
 
         for schema in (transform.SNAPSHOT_SCHEMA, invoices.schema()):
             cx.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(scope="session")
+def empty_billing_db(stack):
+    """The function that empties the billing DB, for module-scoped setups (see clean_db)."""
+    return _empty_billing_db
+
+
+@pytest.fixture
+def clean_db(stack):
+    """Empty every billing table (but keep the schema) before a test."""
+    _empty_billing_db()
     yield

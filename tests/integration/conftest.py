@@ -6,6 +6,12 @@ stack writes to ``$AIRFLOW_HOME/passwords.json``. The DAGs are serialized into t
 DB first (``airflow dags reserialize``) so that the REST API can trigger them; no
 scheduler runs, so triggered runs stay ``queued``.
 
+``scheduler`` is the other setup: a real ``airflow scheduler`` with its own api-server
+(module scope), for the tests that drive runs the way the scheduler and the UI do.
+``browser`` is headless Chromium (the system's, installed by
+``scripts/install-system-deps.sh``; override with ``BILLING_CHROMIUM``) for Playwright.
+Outside CI a missing browser skips; in CI (``CI=true``) it fails.
+
 The server runs with a ``sitecustomize`` that records every import of chDB or dbt in
 ``imports.log``: web processes must never load them (ClickHouse work stays in workers).
 """
@@ -23,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import browser_support
 import httpx
 import pytest
 
@@ -176,3 +183,95 @@ def parked_customer(airflow_server):
                 WHERE idempotency_key = %s AND status <> 'sent'""",
             (write.idempotency_key,),
         )
+
+
+# ------------------------------------------------------------------ a real scheduler
+@dataclass
+class Scheduler:
+    """``airflow scheduler`` and the api-server its task workers report to."""
+
+    base: str
+    password: str
+    client: httpx.Client  # admin, bearer JWT
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def scheduler(stack, tmp_path_factory) -> Iterator[Scheduler]:
+    """``airflow scheduler`` (LocalExecutor, the stack's metadata DB) plus its own api-server
+    (REST API, UI, and the execution API its workers report to, with the same JWT secret).
+
+    Runs that earlier tests of this session left queued (no scheduler ran them) are deleted
+    first, so the scheduler starts only the runs this module makes. DAGs the module unpaused
+    are paused again, and both processes are stopped, after the module."""
+    from billing.stack.api_server import run_api_server
+
+    home = tmp_path_factory.mktemp("scheduler")
+    airflow = str(Path(sys.executable).parent / "airflow")
+    r = subprocess.run([airflow, "dags", "reserialize"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    password = json.loads((stack.airflow_home / "passwords.json").read_text())["admin"]
+    shared = {"AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32)}
+    with run_api_server(home, shared) as (base, _pid):
+        token = httpx.post(
+            f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30
+        ).json()["access_token"]
+        client = httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+        dags = client.get("/api/v2/dags", params={"tags": "billing", "limit": 100}).json()["dags"]
+        for dag in dags:
+            left = client.get(
+                f"/api/v2/dags/{dag['dag_id']}/dagRuns",
+                params={"state": ["queued", "running"], "limit": 100},
+            ).json()["dag_runs"]
+            for run in left:
+                client.delete(f"/api/v2/dags/{dag['dag_id']}/dagRuns/{run['dag_run_id']}")
+        paused = {d["dag_id"] for d in dags if d["is_paused"]}
+        env = {
+            **os.environ,
+            **shared,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+            "BILLING_RETRY_DELAY_SECONDS": "1",
+        }
+        log_path = home / "scheduler.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [airflow, "scheduler"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            yield Scheduler(base, password, client, log_path)
+        finally:
+            for dag_id in sorted(paused):
+                client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": True})
+            client.close()
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------ a real browser
+@pytest.fixture(scope="module")
+def browser():
+    exe = browser_support.chromium_path()
+    if exe is None:
+        browser_support.missing("no Chromium: apt-get install chromium, or set BILLING_CHROMIUM")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        browser_support.missing("the playwright package is not installed (requirements.txt)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=exe, headless=True, args=browser_support.CHROMIUM_FLAGS
+        )
+        try:
+            yield b
+        finally:
+            b.close()

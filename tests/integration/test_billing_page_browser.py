@@ -1,66 +1,18 @@
 """The Billing page in a real browser: log in to the Airflow UI, Admin → Billing, Reconcile
 now, then Admin → Health.
 
-Headless Chromium (the system's ``/usr/bin/chromium``, installed by
-``scripts/install-system-deps.sh``; override with ``BILLING_CHROMIUM``) driven by Playwright.
-Outside CI a missing browser skips; in CI (``CI=true``) it fails. A screenshot of the page
-is saved in the test's tmp folder.
+Headless Chromium driven by Playwright (``browser`` in tests/integration/conftest.py). A
+screenshot of the page is saved in the test's tmp folder.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
+from browser_support import login
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def chromium_path() -> str | None:
-    explicit = os.environ.get("BILLING_CHROMIUM")
-    if explicit:
-        return explicit if Path(explicit).exists() else None
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _missing(reason: str):
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} (CI must run the browser test: scripts/install-system-deps.sh)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    exe = chromium_path()
-    if exe is None:
-        _missing("no Chromium: apt-get install chromium, or set BILLING_CHROMIUM")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("the playwright package is not installed (requirements.txt)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_login_open_billing_and_reconcile_now(
@@ -68,18 +20,9 @@ def test_login_open_billing_and_reconcile_now(
 ):
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(20_000)
-    page = context.new_page()
+    # 1. The SimpleAuthManager login form (admin, password from the stack's passwords file).
+    context, page = login(browser, airflow_server.base, airflow_server.password)
     try:
-        # 1. The SimpleAuthManager login form (admin, password from the stack's passwords file).
-        page.goto(f"{airflow_server.base}/", wait_until="domcontentloaded")
-        page.get_by_label("Username").fill("admin")
-        page.get_by_label("Password").fill(airflow_server.password)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(re.compile(r"^(?!.*/auth/login).*$"))
-        assert any(c["name"] == "_token" for c in context.cookies())
-
         # 2. Admin → Billing in the navigation opens the page in the UI's iframe.
         page.get_by_role("button", name="Admin").click()
         page.get_by_role("menuitem", name="Billing").click()

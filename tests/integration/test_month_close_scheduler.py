@@ -10,114 +10,22 @@ with a deadline (no fixed sleeps). Slow: one nightly run through Cosmos costs ~7
 from __future__ import annotations
 
 import datetime as dt
-import os
-import secrets
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
+from scheduler_support import TERMINAL, prepare_days, runs, wait_for
 
 from billing.orchestration import NIGHTLY_DAG_ID, logical_date_of
 
 pytestmark = pytest.mark.integration
-
-TERMINAL = {"success", "failed"}
 
 
 def _yesterday() -> dt.date:
     return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 
 
-@pytest.fixture(scope="module")
-def scheduler(stack, tmp_path_factory) -> Iterator[httpx.Client]:
-    """``airflow scheduler`` plus its own api-server (REST API, and the execution API its
-    workers report to, with the same JWT secret); yields an admin client of that server.
-    billing_nightly is paused again and both are stopped after the module."""
-    import json
-
-    from billing.stack.api_server import run_api_server
-
-    home = tmp_path_factory.mktemp("scheduler")
-    airflow = str(Path(sys.executable).parent / "airflow")
-    r = subprocess.run([airflow, "dags", "reserialize"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    password = json.loads((stack.airflow_home / "passwords.json").read_text())["admin"]
-    shared = {"AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32)}
-    with run_api_server(home, shared) as (base, _pid):
-        env = {
-            **os.environ,
-            **shared,
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
-            "BILLING_RETRY_DELAY_SECONDS": "1",
-        }
-        with (home / "scheduler.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [airflow, "scheduler"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        token = httpx.post(
-            f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30
-        ).json()["access_token"]
-        client = httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60
-        )
-        try:
-            yield client
-        finally:
-            client.patch(f"/api/v2/dags/{NIGHTLY_DAG_ID}", json={"is_paused": True})
-            client.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-def _runs(client: httpx.Client) -> dict[str, dict]:
-    r = client.get(f"/api/v2/dags/{NIGHTLY_DAG_ID}/dagRuns", params={"limit": 100})
-    assert r.status_code == 200, r.text
-    return {run["dag_run_id"]: run for run in r.json()["dag_runs"]}
-
-
-def _wait_for(client: httpx.Client, done, what: str, timeout: float = 900) -> dict[str, dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = _runs(client)
-        if done(runs):
-            return runs
-        if time.monotonic() > deadline:
-            states = {k: v["state"] for k, v in runs.items()}
-            pytest.fail(f"timed out waiting for {what}: {states}")
-        time.sleep(1)  # polling interval only: the condition is the run states
-
-
-def _prepare_days(days: list[dt.date], orgs: int) -> list[str]:
-    from billing import db, pricing, settings, usage_gen
-    from billing import orgs as orgs_mod
-
-    catalog = pricing.load_catalog()
-    rows = usage_gen.demo_orgs(orgs, catalog)
-    with db.transaction() as cx:
-        orgs_mod.upsert(cx, rows)
-    for i, day in enumerate(days):
-        usage_gen.write_day(
-            usage_gen.UsageSpec(day, orgs, 60, seed=100 + i),
-            sorted(catalog.metrics),
-            settings.landing_uri(),
-        )
-    return sorted(o.org_id for o in rows)
-
-
 def test_skipped_last_day_the_month_closes_in_the_schedulers_next_run(scheduler, clean_db):
-    airflow_client = scheduler
+    airflow_client = scheduler.client
     from billing import db
 
     yesterday = _yesterday()
@@ -125,9 +33,9 @@ def test_skipped_last_day_the_month_closes_in_the_schedulers_next_run(scheduler,
     month_end = yesterday.replace(day=1) - dt.timedelta(days=1)
     month = month_end.replace(day=1)
     days = [month_end - dt.timedelta(days=1)]  # one run of the month's last days is enough
-    orgs = _prepare_days([*days, month_end], orgs=2)  # the last day has files: never ingested
+    orgs = prepare_days([*days, month_end], orgs=2)  # the last day has files: never ingested
 
-    before = set(_runs(airflow_client))
+    before = set(runs(airflow_client, NIGHTLY_DAG_ID))
     for day in days:  # the month's last days but one, as the scheduler would have run them
         r = airflow_client.post(
             f"/api/v2/dags/{NIGHTLY_DAG_ID}/dagRuns",
@@ -144,8 +52,8 @@ def test_skipped_last_day_the_month_closes_in_the_schedulers_next_run(scheduler,
     r = airflow_client.patch(f"/api/v2/dags/{NIGHTLY_DAG_ID}", json={"is_paused": False})
     assert r.status_code == 200, r.text
 
-    def all_done(runs: dict[str, dict]) -> bool:
-        mine = {k: v for k, v in runs.items() if k not in before}
+    def all_done(current: dict[str, dict]) -> bool:
+        mine = {k: v for k, v in current.items() if k not in before}
         scheduled = [v for v in mine.values() if v["run_type"] == "scheduled"]
         return (
             len(mine) == len(days) + 1
@@ -153,9 +61,11 @@ def test_skipped_last_day_the_month_closes_in_the_schedulers_next_run(scheduler,
             and all(v["state"] in TERMINAL for v in mine.values())
         )
 
-    runs = _wait_for(airflow_client, all_done, "the triggered run and the scheduled one")
+    found = wait_for(
+        airflow_client, NIGHTLY_DAG_ID, all_done, "the triggered run and the scheduled one"
+    )
     elapsed = time.monotonic() - started
-    mine = {k: v for k, v in runs.items() if k not in before}
+    mine = {k: v for k, v in found.items() if k not in before}
     by_day = {dt.date.fromisoformat(v["logical_date"][:10]): v for v in mine.values()}
     assert sorted(by_day) == [*days, yesterday], by_day
     assert {d: v["state"] for d, v in by_day.items()} == dict.fromkeys(by_day, "success")
