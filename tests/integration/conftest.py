@@ -266,7 +266,7 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        browser_support.missing("the playwright package is not installed (requirements.txt)")
+        browser_support.missing("the playwright package is not installed (requirements-dev.txt)")
     with sync_playwright() as pw:
         b = pw.chromium.launch(
             executable_path=exe, headless=True, args=browser_support.CHROMIUM_FLAGS
