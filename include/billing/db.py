@@ -67,9 +67,7 @@ def count_error(exc: BaseException) -> str:
     if getattr(exc, "_billing_counted", False):
         return kind
     obs.DB_ERRORS.labels(kind).inc()
-    from billing import metrics_export
-
-    metrics_export.record("billing_db_errors_total", kind)
+    obs.record("billing_db_errors_total", kind)
     if kind in _HINTS:
         exc.add_note(
             "billing: "
@@ -166,9 +164,7 @@ def retry_idempotent(
                         ) from exc
                     op = func.__name__
                     obs.DB_RETRIES.labels(op).inc()
-                    from billing import metrics_export
-
-                    metrics_export.record("billing_db_retries_total", op)
+                    obs.record("billing_db_retries_total", op)
                     delay = min(cap, base * 2**n) + random.uniform(0, jitter)
                     log.warning(
                         "%s: transient database error (%s); retry %d/%d in %.2fs",

@@ -279,22 +279,9 @@ def collect_postgres(f: _Families, up: dict[str, int]) -> None:
 
 
 # ---------------------------------------------------------------- Redis
-def redis_client():
-    import redis
-
-    from billing import connections
-
-    return redis.Redis.from_url(
-        connections.redis_url(),
-        decode_responses=True,
-        socket_timeout=1,
-        socket_connect_timeout=1,
-    )
-
-
 def collect_redis(f: _Families, up: dict[str, int]) -> None:
     try:
-        counters = redis_client().hgetall(obs.DURABLE_COUNTERS_KEY)
+        counters = obs.redis_client().hgetall(obs.DURABLE_COUNTERS_KEY)
     except Exception as exc:
         log.warning("metrics: Redis unavailable: %s", exc)
         up["redis"] = 0
@@ -314,16 +301,6 @@ def collect_redis(f: _Families, up: dict[str, int]) -> None:
         for labels, n in from_zero(known.get(name, ()), rows):
             f.add(name, n, *labels)
     up["redis"] = 1
-
-
-def record(metric: str, label: str, amount: int = 1) -> None:
-    """Add to a durable counter in Redis. Best effort: observability never breaks the caller."""
-    if metric not in obs.DURABLE_METRICS:
-        raise KeyError(f"unknown durable metric {metric}")
-    try:
-        redis_client().hincrby(obs.DURABLE_COUNTERS_KEY, f"{metric}|{label}", amount)
-    except Exception as exc:
-        log.debug("metrics: could not record %s{%s}: %s", metric, label, exc)
 
 
 # ---------------------------------------------------------------- Airflow metadata DB

@@ -7,7 +7,11 @@ give the same names to code that runs inside long-lived processes and to tests.
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -265,8 +269,25 @@ DURABLE_BUCKETS = {
 DURABLE_COUNTERS_KEY = "billing:metrics:counters"
 
 
-def render_metrics() -> tuple[bytes, str]:
-    """Prometheus text for GET /billing/metrics: API-server metrics plus durable state."""
-    from billing.metrics_export import render
+def redis_client():
+    """The Redis holding the durable counters, with short timeouts (a scrape must not hang)."""
+    import redis
 
-    return render()
+    from billing import connections
+
+    return redis.Redis.from_url(
+        connections.redis_url(),
+        decode_responses=True,
+        socket_timeout=1,
+        socket_connect_timeout=1,
+    )
+
+
+def record(metric: str, label: str, amount: int = 1) -> None:
+    """Add to a durable counter in Redis. Best effort: observability never breaks the caller."""
+    if metric not in DURABLE_METRICS:
+        raise KeyError(f"unknown durable metric {metric}")
+    try:
+        redis_client().hincrby(DURABLE_COUNTERS_KEY, f"{metric}|{label}", amount)
+    except Exception as exc:
+        log.debug("metrics: could not record %s{%s}: %s", metric, label, exc)

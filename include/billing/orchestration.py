@@ -7,8 +7,11 @@ network at import time.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +71,39 @@ def failure_message(
     return subject, body
 
 
+def failure_cause_path(dag_id: str, run_id: str, task_id: str, try_number: int | str) -> Path:
+    """Where a task's failed child process (dbt) leaves its cause for the task's alert (same
+    worker: the callback runs in the task's own process right after the child exits)."""
+    key = hashlib.sha256(f"{dag_id}\x1f{run_id}\x1f{task_id}\x1f{try_number}".encode())
+    return Path(tempfile.gettempdir()) / "billing-dbt-failures" / f"{key.hexdigest()[:32]}.txt"
+
+
+def leave_failure_cause(cause: str) -> None:
+    """Called by a failing child process of a task (a dbt run): the cause its alert will say."""
+    env = os.environ
+    ids = [env.get(f"AIRFLOW_CTX_{k}") for k in ("DAG_ID", "DAG_RUN_ID", "TASK_ID", "TRY_NUMBER")]
+    if not all(ids):  # not under an Airflow task: the CLI prints the cause itself
+        return
+    path = failure_cause_path(*ids)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.write_text(cause[:2000])
+
+
+def take_failure_cause(dag_id: str, run_id: str, task_id: str, try_number) -> str | None:
+    """The cause a child process left for this try of this task (and forget it), if any."""
+    path = failure_cause_path(dag_id, run_id, task_id, try_number)
+    try:
+        cause = path.read_text()
+    except OSError:
+        return None
+    path.unlink(missing_ok=True)
+    return cause
+
+
 def alert_on_failure(context) -> None:
     """Email on-call when a task fails for good. Never raises: alerting must not mask the error."""
     try:
         from billing import mailer
-        from billing.transform import take_failure_cause
 
         ti = context.get("task_instance") or context.get("ti")
         dag_id = getattr(ti, "dag_id", "?")

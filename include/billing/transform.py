@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from billing import analytics, settings
+from billing import analytics, orchestration, settings
 from billing import connections as conns
 from billing.errors import BillingError, ConfigError
 
@@ -466,9 +466,7 @@ def dbt_task_group(
     }
     if target == "clickhouse":
         # chDB: one process per data path, so the rollups run one dbt process at a time.
-        from billing.orchestration import CLICKHOUSE_POOL
-
-        args.setdefault("pool", CLICKHOUSE_POOL)
+        args.setdefault("pool", orchestration.CLICKHOUSE_POOL)
         args.setdefault("max_active_tis_per_dagrun", 1)
     project_config = ProjectConfig(
         dbt_project_path=project_dir,
@@ -633,21 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         result = dbtRunner().invoke(argv)
     if result.exception is not None:
         print(f"dbt: {result.exception}", file=sys.stderr)
-        _leave_failure_cause(f"dbt: {result.exception}")
+        orchestration.leave_failure_cause(f"dbt: {result.exception}")
         return 2
     if not result.success:
-        _leave_failure_cause(_cause_of(result.result))
+        orchestration.leave_failure_cause(_cause_of(result.result))
     return 0 if result.success else 1
-
-
-def failure_cause_path(dag_id: str, run_id: str, task_id: str, try_number: int | str) -> Path:
-    """Where a failed dbt child leaves its cause for the failing task's alert (same worker:
-    the callback runs in the task's own process right after the child exits)."""
-    import hashlib
-    import tempfile
-
-    key = hashlib.sha256(f"{dag_id}\x1f{run_id}\x1f{task_id}\x1f{try_number}".encode())
-    return Path(tempfile.gettempdir()) / "billing-dbt-failures" / f"{key.hexdigest()[:32]}.txt"
 
 
 def _cause_of(run_result) -> str:
@@ -659,27 +647,6 @@ def _cause_of(run_result) -> str:
             name = getattr(getattr(r, "node", None), "name", "?")
             lines.append(f"{name}: {' '.join(str(r.message or status).split())}")
     return "; ".join(lines[:8]) or "dbt failed without a node result (see the task log)"
-
-
-def _leave_failure_cause(cause: str) -> None:
-    env = os.environ
-    ids = [env.get(f"AIRFLOW_CTX_{k}") for k in ("DAG_ID", "DAG_RUN_ID", "TASK_ID", "TRY_NUMBER")]
-    if not all(ids):  # not under an Airflow task: the CLI prints the cause itself
-        return
-    path = failure_cause_path(*ids)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.write_text(cause[:2000])
-
-
-def take_failure_cause(dag_id: str, run_id: str, task_id: str, try_number) -> str | None:
-    """The cause a dbt child left for this try of this task (and forget it), if any."""
-    path = failure_cause_path(dag_id, run_id, task_id, try_number)
-    try:
-        cause = path.read_text()
-    except OSError:
-        return None
-    path.unlink(missing_ok=True)
-    return cause
 
 
 if __name__ == "__main__":

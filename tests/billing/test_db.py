@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from billing import connections as conns
-from billing import db, metrics_export
+from billing import db
 from billing import observability as obs
 from billing.errors import ServiceError
 
@@ -19,9 +19,7 @@ def _local(kind: str) -> float:
 
 
 def _durable(kind: str) -> int:
-    raw = metrics_export.redis_client().hget(
-        obs.DURABLE_COUNTERS_KEY, f"billing_db_errors_total|{kind}"
-    )
+    raw = obs.redis_client().hget(obs.DURABLE_COUNTERS_KEY, f"billing_db_errors_total|{kind}")
     return int(raw or 0)
 
 
@@ -170,5 +168,5 @@ def test_postgres_down_for_good_gives_a_clear_error_after_bounded_attempts(throw
 
 def test_durable_counter_fields_are_known_metrics():
     with pytest.raises(KeyError):
-        metrics_export.record("billing_not_a_metric_total", "x")
+        obs.record("billing_not_a_metric_total", "x")
     assert json.dumps(obs.DURABLE_METRICS)  # plain data, exportable

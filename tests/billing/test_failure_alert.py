@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from billing.orchestration import failure_message
+from billing.orchestration import failure_message, take_failure_cause
 
 IDS = {
     "dag_id": "billing_nightly",
@@ -93,4 +93,4 @@ def test_a_failed_dbt_task_emails_the_failing_test_and_its_log(stack, clean_db, 
     assert "Cause: org_plan_is_in_catalog" in body
     assert f"Log: {ti.log_url}" in body.splitlines()
     # The cause is handed over once: a later failure of another try does not reuse it.
-    assert transform.take_failure_cause(**IDS) is None
+    assert take_failure_cause(**IDS) is None

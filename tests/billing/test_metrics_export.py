@@ -27,7 +27,7 @@ def _samples(registry) -> dict[tuple, float]:
 def redis_keys(stack):
     from billing.stripe_sync import parking
 
-    r = metrics_export.redis_client()
+    r = obs.redis_client()
     parked = parking.PARKED
     saved = r.dump(parked)
     r.delete(parked)

@@ -1,5 +1,5 @@
 """The alert rules on what the exporter really serves: two real scrapes of GET /billing/metrics
-(``observability.render_metrics``, on the real stack), one before and one after real failures
+(``metrics_export.render``, on the real stack), one before and one after real failures
 (a refused dunning recipient on a real SMTP server, real lock timeouts, a corrupt .gz through
 ingest), turned into promtool ``input_series`` with the exact names and labels scraped.
 
@@ -20,8 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_support import RefusingHandler, free_port, point_smtp_at
 
-from billing import db, dunning, ingest
-from billing import observability as obs
+from billing import db, dunning, ingest, metrics_export
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +35,7 @@ RUNBOOKS = "https://runbooks.test"
 
 def scrape() -> dict[tuple[str, tuple], float]:
     """One scrape of the real exporter: (sample name, sorted labels) -> value."""
-    body, _ = obs.render_metrics()
+    body, _ = metrics_export.render()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for fam in text_string_to_metric_families(body.decode())
