@@ -24,10 +24,7 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
    The close is at month end, not after the snapshot's grace days: late events go on the
    next invoice as items of M. docs/MONTH_CLOSE.md.
 7. `stripe_sync_invoices`: invoice status back into Postgres for dunning.
-8. `render_invoice_pdfs` (after `publish_snapshot` and `stripe_sync_invoices`, whatever
-   their outcome): renders and stores (`BILLING_PDF_STORE`) the PDF of every invoice whose
-   ETag is not stored yet, so the API serves stored bytes and no client waits for a render
-   (`billing.invoice_store`). Idempotent: a re-run renders nothing.
+8. `render_invoice_pdfs` (after 3 and 7, even if they failed): stores PDFs not stored yet.
 9. `stripe_all_delivered`: the sentinel. **Skipped** (pink) when writes are parked or
    queued: "degraded: N parked, M queued (billing parked list)". The run stays green
    on purpose (nothing is lost), but a degraded day is visible here and on the Billing page.
@@ -46,8 +43,7 @@ today so far). Run ids of scheduled and triggered runs name the day (`arrival-D`
 - `stripe_all_delivered` skipped: the day is degraded. Parked: `billing parked list`,
   then `billing_retry_parked`; queued: Stripe read-only is on (`billing stripe read-only
   status`; docs/runbooks/stripe-outage.md). Once sent, clear the sentinel: it succeeds.
-- `render_invoice_pdfs` failed: the API still serves every invoice (a miss is rendered
-  on request, once); fix the store (`BILLING_PDF_STORE`) and clear the task.
+- `render_invoice_pdfs` failed: the API renders misses on request; fix `BILLING_PDF_STORE`, clear.
 - `stripe_close_period` returned `status: open`: a month could not be closed yet (items
   parked or queued; `left_open`, `blocked`); the next run retries it. Runbook:
   docs/runbooks/month-close.md (also for invoices parked with `foreign_pending_items`).
@@ -132,7 +128,7 @@ with DAG(
 
     @task(trigger_rule="all_done")
     def render_invoice_pdfs() -> dict:
-        """Render and store the PDF of every invoice whose ETag is not stored yet."""
+        """Render and store the PDF of every invoice whose ETag is not stored yet (idempotent)."""
         from billing.invoice_store import render_pending
 
         return render_pending()
@@ -144,14 +140,10 @@ with DAG(
 
         return sentinel()
 
-    snapshot = dbt_task_group("postgres")
-    rollups = dbt_task_group("clickhouse")
-    push = stripe_push()
-    published = publish_snapshot()
-    synced = stripe_sync_invoices()
-    ingest() >> prepare_pricing() >> snapshot >> published >> [rollups, push]
-    push >> stripe_close_period() >> synced >> stripe_all_delivered()
-    [published, synced] >> render_invoice_pdfs()
+    snapshot, rollups = dbt_task_group("postgres"), dbt_task_group("clickhouse")
+    push, synced, render = stripe_push(), stripe_sync_invoices(), render_invoice_pdfs()
+    ingest() >> prepare_pricing() >> snapshot >> publish_snapshot() >> [rollups, push, render]
+    push >> stripe_close_period() >> synced >> [stripe_all_delivered(), render]
 
 
 if __name__ == "__main__":

@@ -248,6 +248,16 @@ def test_stored_pdf_is_byte_identical_to_a_fresh_render(client, api_server, pdf_
     assert fresh == served.content
 
 
+def test_demo_pdfs_are_the_apis_bytes(client, tmp_path):
+    import datetime as dt
+
+    from billing import demo
+
+    out = demo.write_pdfs(dt.date(2026, 1, 15), tmp_path)
+    assert sorted(p.name for p in out.iterdir() if ORG in p.name) == [f"{INVOICE}.pdf"]
+    assert (out / f"{INVOICE}.pdf").read_bytes() == client.get(pdf_path()).content
+
+
 def test_concurrent_first_requests_render_once(client, api_server):
     with extra_invoice(f"inv_{ORG}_202603", "2026-03", 3) as fresh:
         concurrent_first_requests_render_once(client, api_server, fresh)
@@ -345,6 +355,8 @@ def test_anonymous_is_401_and_bad_token_is_403(anon):
         bad = anon.get(path, headers={"Authorization": "Bearer not-a-jwt"})
         assert bad.status_code == 403, path
     assert anon.head(pdf_path()).status_code == 401
+    # The benchmark's bare, unauthenticated endpoint exists only under BILLING_API_BENCH=1.
+    assert anon.get("/bench-ceiling/304").headers.get("etag") != '"ceiling"'
     assert anon.head(pdf_path(), headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403
     # A well-formed token signed with another secret is just as bad.
     forged = (
