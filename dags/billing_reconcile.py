@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from airflow.sdk import DAG, Param, task
 
-from billing.orchestration import DEFAULT_ARGS, START_DATE, STRIPE_POOL, STRIPE_PUSHED
+from billing.orchestration import (
+    DEFAULT_ARGS,
+    OPTIONAL_PERIOD_PATTERN,
+    START_DATE,
+    STRIPE_POOL,
+    STRIPE_PUSHED,
+)
 
 with DAG(
     dag_id="billing_reconcile",
@@ -35,7 +41,7 @@ with DAG(
         "period": Param(
             None,
             type=["null", "string"],
-            pattern=r"^$|^[0-9]{4}-(0[1-9]|1[0-2])$",
+            pattern=OPTIONAL_PERIOD_PATTERN,
             title="Period (YYYY-MM)",
             description="Empty: the period of the pushed day (or of the run's data interval).",
         ),

@@ -96,9 +96,9 @@ def _empty_billing_db() -> None:
             cx.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
         # The invoice snapshot is derived from those tables: dbt's incremental state of an
         # earlier test (its orgs, its periods) must not leak into this one's first build.
-        from billing import invoices, transform
+        from billing import settings, transform
 
-        for schema in (transform.SNAPSHOT_SCHEMA, invoices.schema()):
+        for schema in (transform.SNAPSHOT_BUILD_SCHEMA, settings.snapshot_schema()):
             cx.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 

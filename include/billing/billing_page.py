@@ -44,6 +44,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from billing.orchestration import OPTIONAL_PERIOD_PATTERN
 from billing.tables import money
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ RETRY_DAG = "billing_retry_parked"
 RUN_ID_PREFIX = "billing_page__"
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,100}$"
 PARKED_KEY_PATTERN = r"^[A-Za-z0-9_.:@=+-]{1,300}$"
-PERIOD_PATTERN = r"^$|^[0-9]{4}-(0[1-9]|1[0-2])$"
 ASSETS = {  # name -> media type; the only files the asset route serves
     "page.js": "text/javascript; charset=utf-8",
     "page.css": "text/css; charset=utf-8",
@@ -523,7 +523,9 @@ def _require_json(request: Request) -> None:
 
 
 class ReconcileRequest(BaseModel):
-    period: str = Field("", pattern=PERIOD_PATTERN, description="YYYY-MM; empty: the DAG's")
+    period: str = Field(
+        "", pattern=OPTIONAL_PERIOD_PATTERN, description="YYYY-MM; empty: the DAG's"
+    )
 
 
 def _run_json(run: dict, created: bool) -> dict:

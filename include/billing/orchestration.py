@@ -1,4 +1,5 @@
-"""Shared Airflow conventions: default_args, schedules and the failure alert.
+"""Shared Airflow conventions (default_args, schedules, the failure alert) and the one time
+vocabulary: arrival day, run end, period, month end and the period pattern.
 
 Imported by every DAG file, so it stays light: nothing here touches a database or the
 network at import time.
@@ -168,6 +169,11 @@ def arrival_interval(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
     return start, start + dt.timedelta(days=1)
 
 
+def run_end(day: dt.date) -> dt.datetime:
+    """The end of arrival day ``day``'s run: D+1 00:00 UTC (what ingest measures lateness from)."""
+    return arrival_interval(day)[1]
+
+
 def logical_date_of(day: dt.date, rerun: int = 0) -> dt.datetime:
     """The logical date of arrival day ``day``: D 00:00 UTC, as the scheduler and backfills use.
 
@@ -182,3 +188,19 @@ def logical_date_of(day: dt.date, rerun: int = 0) -> dt.datetime:
 def arrival_run_id(run_type: str, day: dt.date, run_after: dt.datetime) -> str:
     """A run id that names the arrival day: ``scheduled__arrival-2026-11-03_<run after>``."""
     return f"{run_type}__arrival-{day.isoformat()}_{run_after.isoformat()}"
+
+
+# ---------------------------------------------------------------- periods
+# A billing period is a calendar month (UTC), named by its first day or written ``YYYY-MM``.
+PERIOD_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
+OPTIONAL_PERIOD_PATTERN = rf"^$|{PERIOD_PATTERN}"  # a form field that may stay empty
+
+
+def period_of(day: dt.date) -> dt.date:
+    """The period ``day`` belongs to: the first day of its month."""
+    return day.replace(day=1)
+
+
+def month_end(period: dt.date) -> dt.date:
+    """The last day of the month of ``period`` (any day of it)."""
+    return period_of(period_of(period) + dt.timedelta(days=32)) - dt.timedelta(days=1)

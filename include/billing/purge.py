@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 from billing.errors import ConfigError
+from billing.orchestration import day_of
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def run_task(params: dict, run_type: str, data_interval_end, run_id: str) -> dic
     dry_run = bool(params.get("dry_run", True))
     if "manual" not in run_type.lower():
         dry_run = True
-    as_of = dt.datetime.fromtimestamp(data_interval_end.timestamp(), tz=dt.UTC).date()
+    as_of = day_of(data_interval_end)
     try:
         check_confirm(dry_run, params.get("confirm"))
     except PurgeRefused as exc:

@@ -19,7 +19,13 @@ import sys
 from pathlib import Path
 
 from billing.errors import ConfigError, RunRefused, ServiceError
-from billing.orchestration import NIGHTLY_DAG_ID, START_DATE, arrival_day, logical_date_of
+from billing.orchestration import (
+    NIGHTLY_DAG_ID,
+    START_DATE,
+    arrival_day,
+    arrival_interval,
+    logical_date_of,
+)
 
 RUN_DAY_LOCK = 7_203_104  # advisory lock class: (RUN_DAY_LOCK, day ordinal) = one run-day per day
 _ACTIVE = ("queued", "running")
@@ -98,14 +104,14 @@ def runs_of_day(dag_id: str, day: dt.date) -> list[dict]:
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    start = logical_date_of(day)
+    start, end = arrival_interval(day)
     with create_session() as session:
         rows = session.scalars(
             select(DagRun)
             .where(
                 DagRun.dag_id == dag_id,
                 DagRun.logical_date >= start,
-                DagRun.logical_date < start + dt.timedelta(days=1),
+                DagRun.logical_date < end,
             )
             .order_by(DagRun.logical_date)
         ).all()

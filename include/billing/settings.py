@@ -52,6 +52,13 @@ def mail_dir() -> Path:
     return Path(os.environ.get("BILLING_MAIL_DIR", local_dir() / "mail"))
 
 
+def snapshot_schema() -> str:
+    """The published invoice snapshot's schema, the one every reader reads
+    (``BILLING_SNAPSHOT_SCHEMA``, default ``billing_snapshot``); dbt builds into
+    ``transform.SNAPSHOT_BUILD_SCHEMA`` and ``transform.publish_snapshot`` copies it here."""
+    return os.environ.get("BILLING_SNAPSHOT_SCHEMA", "billing_snapshot")
+
+
 def lateness_days() -> int:
     return int(os.environ.get("BILLING_LATENESS_DAYS", "35"))
 

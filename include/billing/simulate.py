@@ -54,7 +54,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psycopg import sql
+
 from billing.errors import BillingError
+from billing.orchestration import month_end, period_of
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +103,19 @@ class Config:
 def default_start(days: int, today: dt.date | None = None) -> dt.date:
     """Start so the run crosses the end of the current month with room after it."""
     today = today or dt.datetime.now(dt.UTC).date()
-    month_end = (today.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(1)
     before = max(1, min(days // 2, 4))
-    return month_end - dt.timedelta(days=before - 1)
+    return month_end(today) - dt.timedelta(days=before - 1)
+
+
+def _snapshot(table: str) -> sql.Identifier:
+    """A table of the published invoice snapshot."""
+    from billing import settings
+
+    return sql.Identifier(settings.snapshot_schema(), table)
 
 
 def _month_end(day: dt.date) -> bool:
-    return (day + dt.timedelta(days=1)).day == 1
-
-
-def _period(day: dt.date) -> dt.date:
-    return day.replace(day=1)
+    return day == month_end(day)
 
 
 # ------------------------------------------------------------------ environment
@@ -197,8 +202,9 @@ class _Facts:
             snapshot={
                 (o, p): (int(t), c.strip().lower())
                 for o, p, t, c in cx.execute(
-                    "SELECT org_id, period_start, total_cents, currency "
-                    "FROM billing_snapshot.fct_invoices"
+                    sql.SQL("SELECT org_id, period_start, total_cents, currency FROM {}").format(
+                        _snapshot("fct_invoices")
+                    )
                 ).fetchall()
             },
             closes=closes,
@@ -368,7 +374,7 @@ class Simulation:
     def write_usage(self, day: dt.date, *, seed: int | None = None, files: int | None = None):
         from billing import settings, usage_gen
 
-        late_cap = min(self.cfg.late_days, (day - _period(self.cfg.start)).days)
+        late_cap = min(self.cfg.late_days, (day - period_of(self.cfg.start)).days)
         late_cap = min(late_cap, settings.lateness_days() - 1)
         spec = usage_gen.UsageSpec(
             day,
@@ -428,7 +434,7 @@ class Simulation:
     def close(self, day: dt.date) -> dict:
         if not _month_end(day):
             return {"status": "skipped"}
-        return self.close_period(_period(day), day)
+        return self.close_period(period_of(day), day)
 
     def close_period(self, period: dt.date, today: dt.date) -> dict:
         """Close ``period`` so its invoice is due on the simulated day it is finalized."""
@@ -471,9 +477,10 @@ class Simulation:
 
         with db.connect() as cx:
             for o, p, total in cx.execute(
-                """SELECT i.org_id, i.period, f.total_cents FROM billing.stripe_invoices i
-                     JOIN billing_snapshot.fct_invoices f
-                       ON f.org_id = i.org_id AND f.period_start = i.period"""
+                sql.SQL(
+                    """SELECT i.org_id, i.period, f.total_cents FROM billing.stripe_invoices i
+                         JOIN {} f ON f.org_id = i.org_id AND f.period_start = i.period"""
+                ).format(_snapshot("fct_invoices"))
             ).fetchall():
                 self.closed_at.setdefault((o, p), int(total))
 
@@ -530,7 +537,7 @@ class Simulation:
     def reconcile(self, day: dt.date) -> None:
         from billing import db, reconcile
 
-        periods = {_period(day)}
+        periods = {period_of(day)}
         with db.connect() as cx:  # closed periods still inside the lateness window
             for (p,) in cx.execute("SELECT DISTINCT period FROM billing.stripe_invoices"):
                 periods.add(p)
@@ -732,8 +739,8 @@ class Simulation:
             t = time.perf_counter()
             self.timed("real_dag", runner.run_day, day, quiet=True)
             self.capture_close_snapshots()
-            if _month_end(day) and self.unclosed_orgs(_period(day)):
-                self.pending_close.add(_period(day))
+            if _month_end(day) and self.unclosed_orgs(period_of(day)):
+                self.pending_close.add(period_of(day))
             self.note(day, "billing_nightly_dags_test", seconds=round(time.perf_counter() - t))
             return
         if s["pg_restart"] == i:
@@ -773,7 +780,7 @@ class Simulation:
     def backfill(self, i: int) -> None:
         """A file for an earlier day landed after that day ran: on-call re-runs that day."""
         earlier = self.days[max(0, i - 2)]
-        if _period(earlier) != _period(self.days[i]):
+        if period_of(earlier) != period_of(self.days[i]):
             earlier = self.days[i - 1]
         self.write_usage(earlier, seed=self.cfg.seed + 1000, files=1)
         before = self.outbox_rows()

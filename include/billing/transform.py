@@ -34,8 +34,8 @@ TARGETS = ("postgres", "clickhouse")
 MODEL_FOLDERS = {"postgres": "snapshot", "clickhouse": "rollups"}
 # dbt builds the invoice snapshot here; readers never look at it. Once a build (with its
 # tests) succeeds, publish_snapshot() copies the marts into the published schema
-# (billing.invoices.schema(), default billing_snapshot) in one transaction.
-SNAPSHOT_SCHEMA = "billing_snapshot_build"
+# (settings.snapshot_schema()) in one transaction.
+SNAPSHOT_BUILD_SCHEMA = "billing_snapshot_build"
 PUBLISHED_TABLES = {  # mart -> its key
     "fct_daily_charges": ("org_id", "period_start", "metric", "usage_date"),
     "fct_invoice_lines": ("invoice_line_id",),
@@ -371,9 +371,9 @@ def publish_snapshot(cx=None) -> dict[str, dict[str, int]]:
     """
     from psycopg import sql
 
-    from billing import db, invoices
+    from billing import db
 
-    build, published = SNAPSHOT_SCHEMA, invoices.schema()
+    build, published = SNAPSHOT_BUILD_SCHEMA, settings.snapshot_schema()
     if build == published:
         raise ConfigError(f"the published snapshot schema must differ from dbt's ({build!r})")
     out: dict[str, dict[str, int]] = {}
@@ -505,7 +505,7 @@ def _profile_mapping(target: str):
         from cosmos.profiles import PostgresUserPasswordProfileMapping
 
         return PostgresUserPasswordProfileMapping(
-            conn_id=conns.POSTGRES, profile_args={"schema": SNAPSHOT_SCHEMA}
+            conn_id=conns.POSTGRES, profile_args={"schema": SNAPSHOT_BUILD_SCHEMA}
         )
     from cosmos.profiles.clickhouse.user_pass import ClickhouseUserPasswordProfileMapping
 

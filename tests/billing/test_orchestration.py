@@ -1,12 +1,23 @@
-"""The arrival-day convention (pure logic): one logical date per arrival day."""
+"""The time vocabulary (pure logic): one logical date per arrival day, its run end, periods."""
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 
-from billing.orchestration import arrival_day, arrival_interval, arrival_run_id, logical_date_of
+from billing.orchestration import (
+    OPTIONAL_PERIOD_PATTERN,
+    PERIOD_PATTERN,
+    arrival_day,
+    arrival_interval,
+    arrival_run_id,
+    logical_date_of,
+    month_end,
+    period_of,
+    run_end,
+)
 
 D = dt.date(2026, 11, 3)
 UTC = dt.UTC
@@ -56,3 +67,43 @@ def test_run_id_names_the_arrival_day():
         arrival_run_id("scheduled", D, run_after)
         == "scheduled__arrival-2026-11-03_2026-11-04T00:00:00+00:00"
     )
+
+
+def test_run_end_is_the_next_midnight_utc():
+    assert run_end(D) == dt.datetime(2026, 11, 4, tzinfo=UTC)
+    assert run_end(dt.date(2026, 12, 31)) == dt.datetime(2027, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("day", "period", "last"),
+    [
+        (dt.date(2026, 11, 3), dt.date(2026, 11, 1), dt.date(2026, 11, 30)),
+        (dt.date(2026, 12, 31), dt.date(2026, 12, 1), dt.date(2026, 12, 31)),
+        (dt.date(2028, 2, 1), dt.date(2028, 2, 1), dt.date(2028, 2, 29)),  # leap year
+        (dt.date(2027, 2, 28), dt.date(2027, 2, 1), dt.date(2027, 2, 28)),
+        (dt.date(2026, 1, 31), dt.date(2026, 1, 1), dt.date(2026, 1, 31)),
+    ],
+)
+def test_period_and_month_end_of_a_day(day, period, last):
+    assert period_of(day) == period
+    assert month_end(day) == last
+    assert month_end(period) == last
+
+
+@pytest.mark.parametrize(
+    ("text", "period", "optional"),
+    [
+        ("2026-11", True, True),
+        ("2026-01", True, True),
+        ("2026-12", True, True),
+        ("", False, True),
+        ("2026-13", False, False),
+        ("2026-00", False, False),
+        ("2026-1", False, False),
+        ("2026-11-03", False, False),
+        (" 2026-11", False, False),
+    ],
+)
+def test_period_patterns(text, period, optional):
+    assert bool(re.search(PERIOD_PATTERN, text)) is period
+    assert bool(re.search(OPTIONAL_PERIOD_PATTERN, text)) is optional

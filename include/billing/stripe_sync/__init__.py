@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from billing import db
 from billing.errors import BillingError, ServiceError
+from billing.orchestration import period_of
 from billing.stripe_sync import closing, mode, outbox, parking, push
 from billing.stripe_sync.client import Gateway, Policy
 from billing.stripe_sync.engine import Engine, upsert_invoice
@@ -73,7 +74,7 @@ def push_day(day: dt.date, *, engine: Engine | None = None, sleep: Sleep | None 
     result = eng.drain()
     summary = {
         "day": day.isoformat(),
-        "period": push.period_of(day).strftime("%Y-%m"),
+        "period": period_of(day).strftime("%Y-%m"),
         "planned": len(planned),
         "planned_cents": amounts,
         **result,
@@ -101,7 +102,7 @@ def close_period(
     explicitly, never a later period's. Once every org with items has a finalized invoice
     the close is recorded in ``billing.period_closes`` (``closing``), which the nightly reads.
     """
-    period = push.period_of(period)
+    period = period_of(period)
     eng = _engine(engine, sleep)
     with db.transaction() as cx:
         cx.execute("SELECT pg_advisory_xact_lock(hashtext('billing.stripe_sync.plan'))")

@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from billing.stripe_sync.push import period_of
-
-
-def last_day(period: dt.date) -> dt.date:
-    return period_of(period_of(period) + dt.timedelta(days=32)) - dt.timedelta(days=1)
+from billing.orchestration import month_end, period_of
 
 
 def days_of(period: dt.date) -> list[dt.date]:
     first = period_of(period)
-    return [first + dt.timedelta(days=i) for i in range((last_day(first) - first).days + 1)]
+    return [first + dt.timedelta(days=i) for i in range((month_end(first) - first).days + 1)]
 
 
 def record_day(cx, day: dt.date, run_id: str | None = None) -> None:
@@ -61,7 +57,7 @@ def due(cx, day: dt.date, today: dt.date) -> list[tuple[dt.date, list[dt.date]]]
     ).fetchall()
     out = []
     for (period,) in rows:
-        end = last_day(period)
+        end = month_end(period)
         if end >= today:
             continue
         done = {

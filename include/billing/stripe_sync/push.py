@@ -18,12 +18,9 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 
+from billing.orchestration import month_end, period_of
 from billing.stripe_sync import snapshot
 from billing.stripe_sync.outbox import Write, key_for
-
-
-def period_of(day: dt.date) -> dt.date:
-    return day.replace(day=1)
 
 
 def _metadata(
@@ -90,9 +87,7 @@ def plan_day(cx, day: dt.date) -> list[Write]:
     period = period_of(day)
     items: list[Write] = []
     for p in periods_open_for(day):
-        through = (
-            day if p == period else period_of(p + dt.timedelta(days=32)) - dt.timedelta(days=1)
-        )
+        through = day if p == period else month_end(p)
         items += _usage_items(cx, p, day, through)
     fees: list[Write] = []
     for b in snapshot.base_fees(cx, period):

@@ -1,8 +1,8 @@
 """What the invoice snapshot (dbt, Postgres) says we should have charged: the only reads
 the push makes of it, so the relation names live in one place.
 
-``BILLING_SNAPSHOT_SCHEMA`` (default ``billing_snapshot``, dbt's postgres target schema)
-names the schema holding ``fct_daily_charges`` and ``fct_invoices``.
+``settings.snapshot_schema()`` names the published schema holding ``fct_daily_charges`` and
+``fct_invoices``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from billing.invoices import _rel, schema  # noqa: E402,F401 - one place names the snapshot schema
+from billing import settings
+
+
+def _rel(name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(settings.snapshot_schema()), sql.Identifier(name))
 
 
 @dataclass(frozen=True)
