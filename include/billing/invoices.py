@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -28,8 +27,10 @@ _INVOICE_COLUMNS = (
 
 
 def schema() -> str:
-    """The Postgres schema dbt builds the snapshot into (dbt's postgres target schema)."""
-    return os.environ.get("BILLING_SNAPSHOT_SCHEMA", "billing_snapshot")
+    """The published snapshot's schema (``settings.snapshot_schema``, the one place)."""
+    from billing import settings
+
+    return settings.snapshot_schema()
 
 
 def _rel(name: str) -> sql.Composed:
