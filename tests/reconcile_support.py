@@ -10,7 +10,7 @@ import uuid
 
 from stripe_support import direct_client
 
-from billing import db, reconcile, settings
+from billing import db, settings
 
 SCHEMA = "reconcile_test_snapshot"
 _PERIODS = itertools.count()
@@ -20,7 +20,7 @@ def prepare(monkeypatch) -> dt.date:
     """Point the snapshot at a fresh private schema; return a period no other test uses."""
     monkeypatch.setenv("BILLING_SNAPSHOT_SCHEMA", SCHEMA)
     monkeypatch.setenv("BILLING_STRIPE_MAX_RPS", "0")
-    monkeypatch.delenv(reconcile.TOLERANCE_ENV, raising=False)
+    monkeypatch.delenv(settings.RECONCILE_TOLERANCE_ENV, raising=False)
     with db.connect(autocommit=True) as cx:
         cx.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
         cx.execute(f"CREATE SCHEMA {SCHEMA}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import statistics
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +43,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from billing import settings
 from billing.orchestration import OPTIONAL_PERIOD_PATTERN
 from billing.tables import money
 
@@ -65,14 +65,6 @@ CSP = (
 )
 
 
-def window_days() -> int:
-    return int(os.environ.get("BILLING_PAGE_WINDOW_DAYS", "7"))
-
-
-def airflow_timeout_s() -> float:
-    return float(os.environ.get("BILLING_PAGE_AIRFLOW_TIMEOUT_S", "30"))
-
-
 # ---------------------------------------------------------------- Airflow REST API
 def caller_token(request: Request) -> str | None:
     """The credential the caller authenticated with: bearer header first, then the cookie.
@@ -91,7 +83,7 @@ def caller_token(request: Request) -> str | None:
 def airflow_base_url(request: Request) -> str:
     """Where this API server answers: ``BILLING_AIRFLOW_API_URL``, else ``[api] base_url``,
     else the origin the request came in on."""
-    explicit = os.environ.get("BILLING_AIRFLOW_API_URL")
+    explicit = settings.airflow_api_url()
     if explicit:
         return explicit.rstrip("/")
     try:
@@ -113,7 +105,7 @@ class Airflow:
         self.client = httpx.Client(
             base_url=airflow_base_url(request),
             headers={"Authorization": f"Bearer {token}"} if token else {},
-            timeout=airflow_timeout_s(),
+            timeout=settings.page_airflow_timeout_s(),
             trust_env=False,  # loopback to ourselves: never through a proxy
         )
 
@@ -428,7 +420,7 @@ def default_period(reconcile: dict) -> str:
 def overview(request: Request) -> dict:
     from billing.api import stripe_status
 
-    days = window_days()
+    days = settings.page_window_days()
     with Airflow(request) as af:
         red = flows(af, days)
     rec = latest_reconciliation()
@@ -468,7 +460,7 @@ def render_page(data: dict) -> str:
 
 def health(request: Request) -> dict:
     """Admin → Health: the RED tiles only (the playbook's Admin → Health)."""
-    days = window_days()
+    days = settings.page_window_days()
     with Airflow(request) as af:
         red = flows(af, days)
     return {

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import random
 import time
 from contextlib import contextmanager
@@ -20,18 +19,11 @@ from psycopg import errors as pgerr
 
 from billing import connections as conns
 from billing import observability as obs
+from billing import settings
 from billing.errors import ServiceError
 
 MIGRATION_LOCK = 7_202_611  # advisory lock key for migrations
 log = logging.getLogger(__name__)
-
-
-def statement_timeout_ms() -> int:
-    return int(os.environ.get("BILLING_PG_STATEMENT_TIMEOUT_MS", "300000"))
-
-
-def lock_timeout_ms() -> int:
-    return int(os.environ.get("BILLING_PG_LOCK_TIMEOUT_MS", "30000"))
 
 
 # ---------------------------------------------------------------- fault accounting
@@ -71,7 +63,9 @@ def count_error(exc: BaseException) -> str:
     if kind in _HINTS:
         exc.add_note(
             "billing: "
-            + _HINTS[kind].format(ms=statement_timeout_ms(), lock=lock_timeout_ms())
+            + _HINTS[kind].format(
+                ms=settings.pg_statement_timeout_ms(), lock=settings.pg_lock_timeout_ms()
+            )
             + " (runbook: docs/runbooks/db-errors.md)"
         )
     try:
@@ -184,8 +178,8 @@ def retry_idempotent(
 
 def _session_options() -> str:
     return (
-        f"-c statement_timeout={statement_timeout_ms()} "
-        f"-c lock_timeout={lock_timeout_ms()} -c timezone=UTC"
+        f"-c statement_timeout={settings.pg_statement_timeout_ms()} "
+        f"-c lock_timeout={settings.pg_lock_timeout_ms()} -c timezone=UTC"
     )
 
 

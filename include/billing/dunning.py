@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import smtplib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -43,22 +42,6 @@ SEND_ERRORS = (smtplib.SMTPException, OSError)
 
 class TemplateError(BillingError):
     """A dunning template is missing or needs a variable the renderer does not provide."""
-
-
-def policy_path() -> Path:
-    return Path(
-        os.environ.get(
-            "BILLING_DUNNING_POLICY", settings.PROJECT_DIR / "include" / "config" / "dunning.yaml"
-        )
-    )
-
-
-def templates_dir() -> Path:
-    return Path(
-        os.environ.get(
-            "BILLING_DUNNING_TEMPLATES", settings.PROJECT_DIR / "include" / "templates" / "dunning"
-        )
-    )
 
 
 # ---------------------------------------------------------------- policy
@@ -264,7 +247,7 @@ def _plan_override(path, where: str, o, stages: list[Stage]) -> dict:
 
 
 def load_policy(path: Path | None = None) -> Policy:
-    path = Path(path or policy_path())
+    path = Path(path or settings.dunning_policy_path())
     try:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -307,7 +290,7 @@ def _environment():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
     return Environment(
-        loader=FileSystemLoader(templates_dir()),
+        loader=FileSystemLoader(settings.dunning_templates_dir()),
         undefined=StrictUndefined,
         autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
         keep_trailing_newline=True,
@@ -325,7 +308,9 @@ def render(stage: str, variables: Mapping, env=None) -> Rendered:
         try:
             out[kind] = env.get_template(name).render(**variables)
         except TemplateNotFound:
-            raise TemplateError(f"dunning template {name} not found in {templates_dir()}") from None
+            raise TemplateError(
+                f"dunning template {name} not found in {settings.dunning_templates_dir()}"
+            ) from None
         except UndefinedError as exc:
             raise TemplateError(
                 f"dunning template {name}: {exc.message} "

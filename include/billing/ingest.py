@@ -87,10 +87,6 @@ class CorruptFile(Exception):
         self.reason, self.detail = reason, detail
 
 
-def workers() -> int:
-    return max(1, int(os.environ.get("BILLING_INGEST_WORKERS", "2")))
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -126,7 +122,7 @@ def ingest_day(
     if files:
         _ensure_partitions(ctx)
 
-    n = min(workers_ or workers(), max(1, len(files)))
+    n = min(workers_ or settings.ingest_workers(), max(1, len(files)))
     if n == 1:
         results = [_load(p, ctx) for p in files]
     else:

@@ -12,7 +12,6 @@ never fails because one flow is missing. Names and help texts come from
 from __future__ import annotations
 
 import logging
-import os
 
 from prometheus_client import generate_latest
 from prometheus_client.core import (
@@ -23,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from billing import observability as obs
+from billing import settings
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,8 @@ def collect_postgres(f: _Families, up: dict[str, int]) -> None:
         return
     with cx:
         cx.execute(
-            "SELECT set_config('statement_timeout', %s, false)", (f"{scrape_timeout_ms()}ms",)
+            "SELECT set_config('statement_timeout', %s, false)",
+            (f"{settings.metrics_scrape_timeout_ms()}ms",),
         )
         for name, relations in PG_SOURCES.items():
             present = cx.execute(
@@ -375,10 +376,6 @@ def collect_airflow(f: _Families, up: dict[str, int]) -> None:
     for dag_id, end in last:
         f.add("billing_last_successful_run_timestamp_seconds", end.timestamp(), dag_id)
     up["airflow"] = 1
-
-
-def scrape_timeout_ms() -> int:
-    return int(os.environ.get("BILLING_METRICS_SCRAPE_TIMEOUT_MS", "5000"))
 
 
 class DurableCollector:

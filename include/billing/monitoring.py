@@ -119,7 +119,7 @@ def up(stack, base: str | None = None, password: str | None = None) -> dict:
     if process.read_pid(pidfile) is not None:  # running: a new token and config are enough
         _reload(state["url"])
         return {**state, "target": target, "started": False}
-    port = int(os.environ.get("BILLING_PORT_PROMETHEUS") or process.free_port())
+    port = settings.prometheus_port() or process.free_port()
     if not process.port_bindable(port):
         raise MonitoringError(f"port {port} (BILLING_PORT_PROMETHEUS) is taken")
     url = f"http://127.0.0.1:{port}"

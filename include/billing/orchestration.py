@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from billing import settings
+
 log = logging.getLogger(__name__)
 
 OWNER = "platform"
@@ -133,7 +135,7 @@ DEFAULT_ARGS = {
     "owner": OWNER,
     "retries": 2,
     # Local `dags test` runs shorten the delay (BILLING_RETRY_DELAY_SECONDS); production keeps 2 min.
-    "retry_delay": dt.timedelta(seconds=int(os.environ.get("BILLING_RETRY_DELAY_SECONDS", "120"))),
+    "retry_delay": dt.timedelta(seconds=settings.retry_delay_seconds()),
     "retry_exponential_backoff": True,
     "max_retry_delay": dt.timedelta(minutes=20),
     "on_failure_callback": alert_on_failure,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, replace
 
+from billing import settings
 from billing.errors import ConfigError
 from billing.orchestration import day_of
 
@@ -30,13 +30,6 @@ PARTITION_RE = re.compile(r"^usage_events_p(\d{4})(\d{2})$")
 
 class PurgeRefused(ConfigError):
     """A real purge was asked for without the exact confirmation word."""
-
-
-def retention_days() -> int:
-    days = int(os.environ.get("BILLING_RETENTION_DAYS", "400"))
-    if days < 1:
-        raise ConfigError(f"BILLING_RETENTION_DAYS must be positive, got {days}")
-    return days
 
 
 def cutoff(as_of: dt.date, days: int) -> dt.date:
@@ -246,7 +239,7 @@ def purge(
     Retries are harmless: dropped partitions are gone, audit rows are keyed by run.
     """
     check_confirm(dry_run, confirm)
-    days = days or retention_days()
+    days = days or settings.retention_days()
     cutoff(as_of, days)  # refuse an impossible window before touching anything
     report = []
     with cx.transaction():

@@ -21,22 +21,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
-from billing import db
+from billing import db, settings
 from billing.errors import BillingError, ConfigError
 from billing.stripe_sync.engine import field as _field
 
 log = logging.getLogger(__name__)
 
-TOLERANCE_ENV = "BILLING_RECONCILE_TOLERANCE"
-DEFAULT_TOLERANCE = Decimal("0.005")
 ASSIGNEES = ("Engineering", "Finance")
 EMAIL_LEASE = dt.timedelta(minutes=15)  # a claimed-but-unsent alert is re-sent after this
 RUNBOOK = "docs/runbooks/reconciliation-mismatch.md"
@@ -59,19 +56,6 @@ class ReconcileMismatch(BillingError):
 
 class ReconcileKeyConflict(ConfigError):
     """An idempotency key reused with other parameters (period or orgs)."""
-
-
-def tolerance() -> Decimal:
-    raw = os.environ.get(TOLERANCE_ENV, "")
-    if not raw:
-        return DEFAULT_TOLERANCE
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        raise ConfigError(f"{TOLERANCE_ENV}={raw!r} is not a number") from None
-    if not value.is_finite() or not 0 <= value < 1:
-        raise ConfigError(f"{TOLERANCE_ENV}={raw!r} must be a ratio in [0, 1), e.g. 0.005")
-    return value
 
 
 def period_of(value: str | dt.date | dt.datetime) -> dt.date:
@@ -416,7 +400,7 @@ def _run(
     run_id: str,
     reader: StripeReader | None,
 ) -> dict:
-    tol = tolerance()
+    tol = settings.reconcile_tolerance()
     reader = reader or StripeReader()
     with db.connect() as cx:
         internal = _internal(cx, period, orgs)

@@ -139,9 +139,7 @@ def run_vars(
         "day": day.isoformat(),
         "since": (since or day).isoformat(),
         "lateness_days": settings.lateness_days(),
-        "invoice_grace_days": int(
-            os.environ.get("BILLING_INVOICE_GRACE_DAYS", settings.lateness_days())
-        ),
+        "invoice_grace_days": settings.invoice_grace_days(),
     }
     if catalog_version:
         out["catalog_version"] = catalog_version
@@ -453,9 +451,7 @@ def dbt_task_group(
         "day": "{{ data_interval_start.strftime('%Y-%m-%d') }}",
         "since": "{{ data_interval_start.strftime('%Y-%m-%d') }}",
         "lateness_days": settings.lateness_days(),
-        "invoice_grace_days": int(
-            os.environ.get("BILLING_INVOICE_GRACE_DAYS", settings.lateness_days())
-        ),
+        "invoice_grace_days": settings.invoice_grace_days(),
     }
     args = {
         "install_deps": False,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from smtp_support import RefusingHandler, free_port, point_smtp_at
 
-from billing import dunning
+from billing import dunning, settings
 from billing.errors import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -308,7 +308,7 @@ def test_voided_invoice_cancels_its_pending_notice(pg, tag, monkeypatch):
 
 # ---------------------------------------------------------------- templates and policy
 def test_missing_template_variable_fails_before_anything_is_sent(pg, tag, tmp_path, monkeypatch):
-    shutil.copytree(dunning.templates_dir(), tmp_path / "t")
+    shutil.copytree(settings.dunning_templates_dir(), tmp_path / "t")
     (tmp_path / "t" / "second_notice.txt.j2").write_text(
         "Subject: hi\n\nDear {{ account_manager }}, pay {{ amount_due }}\n"
     )
@@ -333,7 +333,7 @@ def test_render_needs_every_variable():
 def _policy_doc():
     import yaml
 
-    return yaml.safe_load(dunning.policy_path().read_text())
+    return yaml.safe_load(settings.dunning_policy_path().read_text())
 
 
 def _broken(edit):

@@ -112,3 +112,104 @@ def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path):
         "billing.sub.high": {"billing.low"},
     }
     assert cycles(graph) == [frozenset({"billing.low", "billing.sub.high"})]
+
+
+# ---------------------------------------------------------------- settings
+# Where BILLING_* variables may be read: settings.py, and the development machinery (the
+# local stack, the simulation, fault proxy, demo and usage generator), which is to move to
+# its own package.
+SETTINGS_READERS = {"settings.py", "simulate.py", "faults.py", "demo.py", "usage_gen.py"}
+# Temporary: files another helper is changing now (issue 21's API and PDF work); their
+# BILLING_SNAPSHOT_SCHEMA, BILLING_STRIPE_STATUS_TTL_S, BILLING_SELLER and
+# BILLING_PDF_FALLBACK_FONTS reads are to move to settings.py when that work lands.
+NOT_YET_MOVED = {"api.py", "invoices.py", "invoice_pdf.py"}
+
+
+def _billing_name(node: ast.expr, constants: dict[str, str]) -> str | None:
+    """The BILLING_* variable an environment key names, if it is one."""
+    if isinstance(node, ast.JoinedStr) and node.values:
+        node = node.values[0]
+    if isinstance(node, ast.Name):
+        value = constants.get(node.id)
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        value = node.value
+    else:
+        return None
+    return value if value and value.startswith("BILLING_") else None
+
+
+def _is_environ(node: ast.expr) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+        isinstance(node, ast.Name) and node.id == "environ"
+    )
+
+
+def environment_reads(source: str) -> list[tuple[int, str]]:
+    """(line, variable) of each read of a BILLING_* environment variable: ``os.environ.get``,
+    ``os.environ[...]``, ``os.getenv`` with a literal, an f-string or a module constant."""
+    tree = ast.parse(source)
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    reads = []
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Call) and node.args:
+            f = node.func
+            if (isinstance(f, ast.Attribute) and f.attr in ("get", "setdefault", "pop")) and (
+                _is_environ(f.value)
+            ):
+                key = node.args[0]
+            elif (isinstance(f, ast.Attribute) and f.attr == "getenv") or (
+                isinstance(f, ast.Name) and f.id == "getenv"
+            ):
+                key = node.args[0]
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            if _is_environ(node.value):
+                key = node.slice
+        name = _billing_name(key, constants) if key is not None else None
+        if name:
+            reads.append((node.lineno, name))
+    return sorted(reads)
+
+
+def test_billing_settings_are_read_in_settings_only():
+    found = [
+        f"{path.relative_to(PACKAGE)}:{line}: {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if "stack" not in path.relative_to(PACKAGE).parts
+        and path.name not in SETTINGS_READERS | NOT_YET_MOVED
+        for line, name in environment_reads(path.read_text())
+    ]
+    assert found == []
+
+
+def test_the_settings_check_sees_every_way_of_reading():
+    source = """
+import os
+from os import environ, getenv
+TOLERANCE = "BILLING_TOLERANCE"
+PATH = "PATH"
+
+def f(kind):
+    os.environ.get("BILLING_A", "1")
+    os.environ["BILLING_B"]
+    os.getenv("BILLING_C")
+    environ.get(TOLERANCE)
+    getenv(f"BILLING_PORT_{kind}")
+    os.environ.get(PATH), os.environ["HOME"], os.environ.get("AIRFLOW_HOME")
+    os.environ["BILLING_WRITTEN"] = "not a read"
+"""
+    assert environment_reads(source) == [
+        (8, "BILLING_A"),
+        (9, "BILLING_B"),
+        (10, "BILLING_C"),
+        (11, "BILLING_TOLERANCE"),
+        (12, "BILLING_PORT_"),
+    ]

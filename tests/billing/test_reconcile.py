@@ -20,7 +20,7 @@ from reconcile_support import (
     stripe_items,
 )
 
-from billing import db, reconcile
+from billing import db, reconcile, settings
 from billing.reconcile import ReconcileKeyConflict, ReconcileMismatch
 
 pytestmark = pytest.mark.integration
@@ -306,8 +306,8 @@ def test_cli_prints_the_payload_and_exits_non_zero_on_mismatch(period, capsys):
 
 
 def test_tolerance_is_configurable_and_exact(monkeypatch):
-    monkeypatch.setenv(reconcile.TOLERANCE_ENV, "0.0051")
-    tol = reconcile.tolerance()
+    monkeypatch.setenv(settings.RECONCILE_TOLERANCE_ENV, "0.0051")
+    tol = settings.reconcile_tolerance()
     side = reconcile.Side
     assert reconcile.compare("o", side(100000, {"usd"}), side(100510, {"usd"}), tol)["status"] == (
         "within_tolerance"
@@ -315,6 +315,6 @@ def test_tolerance_is_configurable_and_exact(monkeypatch):
     assert reconcile.compare("o", side(100000, {"usd"}), side(100511, {"usd"}), tol)["status"] == (
         "mismatch"
     )
-    monkeypatch.setenv(reconcile.TOLERANCE_ENV, "half")
+    monkeypatch.setenv(settings.RECONCILE_TOLERANCE_ENV, "half")
     with pytest.raises(reconcile.ConfigError):
-        reconcile.tolerance()
+        settings.reconcile_tolerance()

@@ -12,7 +12,6 @@ strings before they reach the outbox or Redis.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -22,26 +21,13 @@ from typing import Any
 
 import stripe
 
-from billing import connections
+from billing import connections, settings
 from billing import observability as obs
 from billing.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"\b(sk|rk|pk)_(test|live)_[A-Za-z0-9*]+")
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ServiceError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ServiceError(f"{name}={raw!r} must not be negative")
-    return value
 
 
 @dataclass(frozen=True)
@@ -58,12 +44,12 @@ class Policy:
     @classmethod
     def from_env(cls) -> Policy:
         return cls(
-            backoff_base=_env_float("BILLING_STRIPE_BACKOFF_BASE_SECONDS", 1.0),
-            max_retries=int(_env_float("BILLING_STRIPE_MAX_RETRIES", 5)),
-            max_rps=_env_float("BILLING_STRIPE_MAX_RPS", 25.0),
-            concurrency=max(1, int(_env_float("BILLING_STRIPE_CONCURRENCY", 4))),
-            timeout=_env_float("BILLING_STRIPE_TIMEOUT_SECONDS", 30.0),
-            days_until_due=int(_env_float("BILLING_STRIPE_DAYS_UNTIL_DUE", 30)),
+            backoff_base=settings.stripe_backoff_base_s(),
+            max_retries=settings.stripe_max_retries(),
+            max_rps=settings.stripe_max_rps(),
+            concurrency=settings.stripe_concurrency(),
+            timeout=settings.stripe_timeout_s(),
+            days_until_due=settings.stripe_days_until_due(),
         )
 
     def delays(self) -> list[float]:
