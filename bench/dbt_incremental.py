@@ -87,7 +87,7 @@ def scenario(history_days: int, new_day: dt.date, per_day: int, n_orgs: int, roo
             day = first + dt.timedelta(days=k)
             _insert_day(cx, day, day, per_day, n_orgs, f"h{k}")
         cx.commit()
-    transform.run_day(new_day - dt.timedelta(days=1), first, full_refresh=True)
+    transform.transform_day(new_day - dt.timedelta(days=1), first, full_refresh=True)
     with db.connect() as cx:
         _insert_day(cx, new_day, new_day, per_day, n_orgs, "new")
         for back in (1, 2, 3):  # ~1.5% late events for the previous days
@@ -96,7 +96,7 @@ def scenario(history_days: int, new_day: dt.date, per_day: int, n_orgs: int, roo
         cx.execute("ANALYZE billing.usage_events")
         cx.commit()
     start = time.perf_counter()
-    results = transform.run_day(new_day)
+    results = transform.transform_day(new_day)
     total = time.perf_counter() - start
     return {
         "history_days": history_days,

@@ -300,7 +300,7 @@ def cmd_transform(args) -> int:
         return 0
     if args.day is None:
         raise ConfigError("transform needs --day YYYY-MM-DD (or --parse)")
-    results = transform.run_day(
+    results = transform.transform_day(
         args.day,
         args.since,
         targets=args.target or transform.TARGETS,

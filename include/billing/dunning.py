@@ -53,7 +53,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Policy:
+class DunningPolicy:
     stages: tuple[Stage, ...]
     minimum_amount_due: Mapping[str, int]
     degradation_enabled: bool
@@ -61,7 +61,7 @@ class Policy:
     support_contact: str
     plan_overrides: Mapping[str, dict] = field(default_factory=dict)
 
-    def for_plan(self, plan: str) -> Policy:
+    def for_plan(self, plan: str) -> DunningPolicy:
         """The policy for one plan: overrides applied, degrade stages dropped when disabled."""
         o = self.plan_overrides.get(plan, {})
         days = o.get("stages", {})
@@ -141,7 +141,7 @@ def _check_order(path, where, stages) -> None:
             )
 
 
-def parse_policy(doc, path: Path) -> Policy:
+def parse_policy(doc, path: Path) -> DunningPolicy:
     """Validate a policy document; every problem names its field."""
     _check_fields(path, doc)
     stages = _stages(path, doc.get("stages"))
@@ -149,7 +149,7 @@ def parse_policy(doc, path: Path) -> Policy:
     minimums = _minimums(path, "minimum_amount_due", doc.get("minimum_amount_due", {}))
     enabled = _degradation(path, "degradation", doc.get("degradation", {"enabled": False}))
     overrides = _plan_overrides(path, doc.get("plan_overrides") or {}, stages)
-    return Policy(
+    return DunningPolicy(
         tuple(stages),
         MappingProxyType(minimums),
         enabled,
@@ -246,7 +246,7 @@ def _plan_override(path, where: str, o, stages: list[Stage]) -> dict:
     return entry
 
 
-def load_policy(path: Path | None = None) -> Policy:
+def load_policy(path: Path | None = None) -> DunningPolicy:
     path = Path(path or settings.dunning_policy_path())
     try:
         doc = yaml.safe_load(path.read_text())
@@ -349,7 +349,7 @@ def sample_variables() -> dict:
     }
 
 
-def check_templates(policy: Policy) -> None:
+def check_templates(policy: DunningPolicy) -> None:
     """Render every stage with sample values: a broken template fails before any send."""
     env = _environment()
     for stage in policy.stages:
@@ -358,7 +358,7 @@ def check_templates(policy: Policy) -> None:
 
 # ---------------------------------------------------------------- selection and decisions
 @dataclass(frozen=True)
-class Invoice:
+class OverdueInvoice:
     stripe_invoice_id: str
     org_id: str
     org_name: str
@@ -371,7 +371,7 @@ class Invoice:
     days_overdue: int
 
 
-def overdue_invoices(cx, as_of: dt.date, org_id: str | None = None) -> list[Invoice]:
+def overdue_invoices(cx, as_of: dt.date, org_id: str | None = None) -> list[OverdueInvoice]:
     """Open invoices whose due day (UTC) is before ``as_of``, oldest first per org."""
     rows = cx.execute(
         """SELECT i.stripe_invoice_id, i.org_id, o.name, o.email, o.plan, i.period,
@@ -386,20 +386,20 @@ def overdue_invoices(cx, as_of: dt.date, org_id: str | None = None) -> list[Invo
             ORDER BY i.org_id, i.due_at, i.stripe_invoice_id""",
         {"as_of": as_of, "org": org_id},
     ).fetchall()
-    return [Invoice(*r[:8], r[8], (as_of - r[8]).days) for r in rows]
+    return [OverdueInvoice(*r[:8], r[8], (as_of - r[8]).days) for r in rows]
 
 
 @dataclass
 class Decision:
-    invoice: Invoice
-    policy: Policy
+    invoice: OverdueInvoice
+    policy: DunningPolicy
     stage: Stage | None = None  # the notice to send (or resend) now
     skip: list[Stage] = field(default_factory=list)  # earlier stages never sent
     supersede: list[Stage] = field(default_factory=list)  # earlier claimed/failed rows
     outcome: str = ""  # send | resend | done | not_due | below_minimum | later_stage_exists
 
 
-def decide(inv: Invoice, policy: Policy, existing: Mapping[str, str]) -> Decision:
+def decide(inv: OverdueInvoice, policy: DunningPolicy, existing: Mapping[str, str]) -> Decision:
     """What one invoice needs today, given its existing notice rows (stage -> status)."""
     p = policy.for_plan(inv.plan)
     d = Decision(inv, p)
@@ -436,12 +436,12 @@ def message_id(stripe_invoice_id: str, stage: str) -> str:
     return f"<dunning.{safe}.{stage}@billing.local>"
 
 
-def _variables(d: Decision, stage: Stage, org_invoices: list[Invoice]) -> dict:
+def _variables(d: Decision, stage: Stage, org_invoices: list[OverdueInvoice]) -> dict:
     from billing.pricing import format_money
 
     inv = d.invoice
 
-    def row(i: Invoice) -> dict:
+    def row(i: OverdueInvoice) -> dict:
         return {
             "invoice_id": i.stripe_invoice_id,
             "period": i.period.strftime("%Y-%m"),
@@ -506,7 +506,7 @@ def _insert(cx, d: Decision, stage: Stage, as_of, status, recipient=None, mid=No
     return row is not None
 
 
-def _recipient(stage: Stage, inv: Invoice, addrs: Mapping[str, str]) -> str:
+def _recipient(stage: Stage, inv: OverdueInvoice, addrs: Mapping[str, str]) -> str:
     return addrs["finance"] if stage.action == "escalate" else inv.org_email
 
 
@@ -559,7 +559,9 @@ def _smtp_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _send(cx, d: Decision, org_invoices: list[Invoice]) -> tuple[str, str | None, str | None]:
+def _send(
+    cx, d: Decision, org_invoices: list[OverdueInvoice]
+) -> tuple[str, str | None, str | None]:
     """Send a claimed/failed notice under its row lock. Returns (status, recipient, error)."""
     from billing import mailer
 
@@ -710,7 +712,7 @@ def run(
     *,
     dry_run: bool = False,
     actor: str = "dunning",
-    policy: Policy | None = None,
+    policy: DunningPolicy | None = None,
     redis_client=None,
 ) -> dict:
     """Dun every overdue invoice as of ``as_of``; never raises for one refused recipient.
@@ -729,7 +731,7 @@ def run(
         invoices = overdue_invoices(cx, as_of)
         existing = _existing(cx, [i.stripe_invoice_id for i in invoices])
         decisions = [decide(i, policy, existing.get(i.stripe_invoice_id, {})) for i in invoices]
-        by_org: dict[str, list[Invoice]] = {}
+        by_org: dict[str, list[OverdueInvoice]] = {}
         for d in decisions:
             by_org.setdefault(d.invoice.org_id, []).append(d.invoice)
         outcomes: dict[str, int] = {}

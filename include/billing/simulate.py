@@ -424,7 +424,7 @@ class Simulation:
     def transform(self, day: dt.date) -> None:
         from billing import transform
 
-        self.timed("transform", transform.run_day, day)
+        self.timed("transform", transform.transform_day, day)
 
     def push(self, day: dt.date) -> dict:
         from billing import stripe_sync

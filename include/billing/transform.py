@@ -320,7 +320,7 @@ def sync_catalog() -> str:
         return prepare(cx)
 
 
-def run_day(
+def transform_day(
     day: dt.date,
     since: dt.date | None = None,
     *,

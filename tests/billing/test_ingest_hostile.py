@@ -82,7 +82,7 @@ def test_a_quantity_too_large_to_price_is_quarantined_and_the_snapshot_builds(pg
         "(0 to 1000000000, at most 9 decimal places)",
     )
     assert [n for n, _ in details] == [2, 3, 4]
-    transform.run_day(DAY, targets=["postgres"], full_refresh=True)
+    transform.transform_day(DAY, targets=["postgres"], full_refresh=True)
     totals = dict(
         pg_orgs.execute(
             f"SELECT org_id, total_cents FROM {SNAPSHOT}.fct_invoices WHERE period_start = %s",

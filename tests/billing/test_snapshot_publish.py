@@ -52,7 +52,7 @@ def test_readers_see_the_old_or_the_new_snapshot_never_a_mix(fresh):
     with db.connect() as cx:
         _calls(cx, 150_000, DAY1, "day1")  # starter: 100k free, then $0.0002 a call
         cx.commit()
-    transform.run_day(DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True)
+    transform.transform_day(DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True)
     with db.connect() as cx:
         assert _published(cx) == (3900, 3900)  # $29 base + 50k x $0.0002
         _calls(cx, 50_000, DAY2, "day2")
@@ -75,7 +75,7 @@ def test_readers_see_the_old_or_the_new_snapshot_never_a_mix(fresh):
 
     def rebuild() -> None:
         try:
-            transform.run_day(DAY2, targets=["postgres"])
+            transform.transform_day(DAY2, targets=["postgres"])
         except BaseException as exc:  # reported by the main thread
             failure.append(exc)
 

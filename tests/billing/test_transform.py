@@ -201,14 +201,14 @@ def test_snapshot_matches_pricing_to_the_cent(fresh, scenario):
         _insert_orgs(cx, orgs)
         _insert_events(cx, first, "a")
         cx.commit()
-    transform.run_day(
+    transform.transform_day(
         DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True, catalog=catalog
     )
     with db.connect() as cx:
         assert _actual(cx) == _expected(catalog, orgs, first, [DAY1.replace(day=1)])
         _insert_events(cx, late, "b")
         cx.commit()
-    transform.run_day(DAY2, targets=["postgres"], catalog=catalog)
+    transform.transform_day(DAY2, targets=["postgres"], catalog=catalog)
     with db.connect() as cx:
         charges, totals = _actual(cx)
         want_charges, want_totals = _expected(catalog, orgs, first + late, [DAY1.replace(day=1)])
@@ -287,7 +287,7 @@ def test_invoices_read_through_invoices_module_and_cli(fresh):
 
     with db.connect() as cx:
         _seed_demo(cx)
-    transform.run_day(DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True)
+    transform.transform_day(DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True)
     with db.connect() as cx:
         got = {i.invoice_id: i for i in invoices.list_invoices(cx, "2025-02")}
         acme = invoices.get_invoice(cx, "inv_acme_202502")
@@ -361,7 +361,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(fresh, problem, tmp_path, mo
 
     with db.connect() as cx:
         _seed_demo(cx)
-    transform.run_day(DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True)
+    transform.transform_day(DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True)
     with db.connect() as cx:
         before = _snapshot(cx)
         _insert_events(
@@ -394,7 +394,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(fresh, problem, tmp_path, mo
         "currency": "currency 'chf' does not match plan 'starter'",
     }[problem]
     with pytest.raises(ConfigError, match=expected):
-        transform.run_day(DAY2, targets=["postgres"])
+        transform.transform_day(DAY2, targets=["postgres"])
     if problem != "catalog":
         # The dbt gate alone (as run by Cosmos, without the Python pre-check) also stops it.
         name = (
@@ -411,7 +411,7 @@ def test_rollups_match_postgres_and_late_event_reaggregates_only_its_day(fresh):
 
     with db.connect() as cx:
         _seed_demo(cx)
-    transform.run_day(DAY1, dt.date(2025, 1, 1), full_refresh=True)
+    transform.transform_day(DAY1, dt.date(2025, 1, 1), full_refresh=True)
     with db.connect() as cx:
         # Tamper with an old day behind dbt's back: a correct incremental run leaves it alone.
         cx.execute("UPDATE billing.usage_events SET quantity = 1 WHERE event_id = 'demo-1'")
@@ -440,7 +440,7 @@ def test_rollups_match_postgres_and_late_event_reaggregates_only_its_day(fresh):
             "late",
         )
         cx.commit()
-    transform.run_day(DAY2)
+    transform.transform_day(DAY2)
 
     daily = {
         (r["org_id"], r["metric"], r["usage_date"]): Decimal(r["billable_quantity"])
@@ -564,7 +564,7 @@ def test_every_column_is_documented_and_persisted_as_a_comment(fresh):
 
     with db.connect() as cx:
         _seed_demo(cx)
-    transform.run_day(DAY1, dt.date(2025, 1, 1), full_refresh=True)
+    transform.transform_day(DAY1, dt.date(2025, 1, 1), full_refresh=True)
     rollups = _analytics(
         "SELECT table, name, comment FROM system.columns"
         " WHERE database = 'analytics' AND table LIKE 'fct_usage_%' ORDER BY table, position"
