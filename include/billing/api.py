@@ -19,8 +19,6 @@ import email.utils
 import os
 import re
 import threading
-import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -31,8 +29,8 @@ from psycopg.rows import dict_row
 
 from billing import db, invoice_store, invoices, settings
 from billing.errors import ConfigError, ServiceError
+from billing.web_common import requires_billing_access, stripe_status
 
-RESOURCE_NAME = "Billing"
 # inv_<org_id>_<YYYYMM>; org_id as constrained in billing.organizations.
 INVOICE_ID_PATTERN = r"^inv_[A-Za-z0-9_.-]{1,64}_[0-9]{6}$"
 PERIOD_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
@@ -41,25 +39,6 @@ CACHE_CONTROL = "private, must-revalidate"
 RETRY_AFTER_S = "1"  # a pool wait is short: the next try usually gets a connection
 MAX_LIMIT = 200
 etag_for = invoice_store.etag_for  # the API's ETag is the store's key
-
-
-# ---------------------------------------------------------------- authentication
-def requires_billing_access() -> Callable:
-    """Airflow's authentication plus the auth manager's decision on the Billing view."""
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.core_api.security import get_user
-
-    # A Depends() default, not an annotation: annotations are strings under
-    # ``from __future__ import annotations`` and this import is local. Async, as Airflow's
-    # own ``requires_access_*``: no thread-pool hop per request for a CPU-only check.
-    async def inner(user=Depends(get_user)) -> None:  # noqa: B008
-        allowed = get_auth_manager().is_authorized_custom_view(
-            method="GET", resource_name=RESOURCE_NAME, user=user
-        )
-        if not allowed:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "Forbidden")
-
-    return inner
 
 
 # ---------------------------------------------------------------- connections
@@ -225,40 +204,6 @@ def _summary_json(row: dict) -> dict:
         "snapshot_hash": row["snapshot_hash"],
         "pdf_url": f"/billing/invoices/{row['invoice_id']}/pdf",
     }
-
-
-_stripe_cache: tuple[float, dict | None] = (0.0, None)
-
-
-def _stripe_ttl_s() -> float:
-    return float(os.environ.get("BILLING_STRIPE_STATUS_TTL_S", "5"))
-
-
-def stripe_status() -> dict | None:
-    """Stripe outage mode for the read-only views, from ``billing.stripe_sync`` when present.
-
-    Cached for a few seconds: the flag is a Postgres row (``billing.stripe_sync.mode``), and
-    neither its latency nor an outage may slow down or break invoice reads.
-    """
-    global _stripe_cache
-    now = time.monotonic()
-    if _stripe_cache[0] and now - _stripe_cache[0] < _stripe_ttl_s():
-        return _stripe_cache[1]
-    try:
-        from billing import stripe_sync
-    except ImportError:
-        stripe_sync = None
-    probe = getattr(stripe_sync, "read_only", None)
-    if probe is None:
-        value = None
-    else:
-        try:
-            info = probe()
-            value = {"read_only": info is not None, **(info or {})}
-        except Exception as exc:  # database down: report unknown, keep serving
-            value = {"read_only": None, "error": type(exc).__name__}
-    _stripe_cache = (now, value)
-    return value
 
 
 # ---------------------------------------------------------------- the app

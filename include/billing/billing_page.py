@@ -13,7 +13,7 @@ only performs the two actions and writes their results with ``textContent``):
 * RED tiles per billing flow (each ``billing_*`` DAG): rate, errors and duration over
   the recent runs, read from Airflow's REST API with the caller's own token, so the page
   shows exactly the runs the user may see.
-* Stripe outage mode (``billing.api.stripe_status``) and the parked pushes
+* Stripe outage mode (``billing.web_common.stripe_status``) and the parked pushes
   (``billing.stripe_sync.list_parked``: the outbox's parked rows) with a retry button each
   (``POST /billing/stripe/parked/{key}/retry`` → ``billing.stripe_sync.retry_parked``).
 * The latest reconciliation (``billing.reconcile_runs``), its discrepancies
@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field
 from billing import settings
 from billing.orchestration import OPTIONAL_PERIOD_PATTERN
 from billing.tables import money
+from billing.web_common import RESOURCE_NAME, stripe_status
 
 log = logging.getLogger(__name__)
 
@@ -418,8 +419,6 @@ def default_period(reconcile: dict) -> str:
 
 
 def overview(request: Request) -> dict:
-    from billing.api import stripe_status
-
     days = settings.page_window_days()
     with Airflow(request) as af:
         red = flows(af, days)
@@ -492,7 +491,7 @@ def requires_write(dag_id: str):
     def inner(user=Depends(get_user)) -> None:  # noqa: B008
         am = get_auth_manager()
         allowed = am.is_authorized_custom_view(
-            method="POST", resource_name="Billing", user=user
+            method="POST", resource_name=RESOURCE_NAME, user=user
         ) and am.is_authorized_dag(
             method="POST",
             access_entity=DagAccessEntity.RUN,

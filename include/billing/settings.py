@@ -77,6 +77,33 @@ def pdf_store_uri() -> str:
     return os.environ.get("BILLING_PDF_STORE") or (local_dir() / "pdf-store").as_uri()
 
 
+INVOICE_SELLER_DEFAULT = (
+    "Example Billing Ltd.",
+    "1 Example Street",
+    "Example City",
+    "billing@example.test",
+)
+
+
+def invoice_seller() -> tuple[str, ...]:
+    """The seller block of invoice PDFs: ``BILLING_SELLER`` (lines separated by ``|``)."""
+    raw = os.environ.get("BILLING_SELLER")
+    return tuple(s.strip() for s in raw.split("|")) if raw else INVOICE_SELLER_DEFAULT
+
+
+def pdf_fallback_fonts() -> tuple[Path, ...]:
+    """TTF/OTF files for scripts DejaVu lacks (``BILLING_PDF_FALLBACK_FONTS``, ``os.pathsep``
+    separated)."""
+    raw = os.environ.get("BILLING_PDF_FALLBACK_FONTS", "")
+    return tuple(Path(p) for p in raw.split(os.pathsep) if p.strip())
+
+
+def stripe_status_ttl_s() -> float:
+    """How long an api-server worker caches the Stripe outage flag
+    (``BILLING_STRIPE_STATUS_TTL_S``)."""
+    return float(os.environ.get("BILLING_STRIPE_STATUS_TTL_S", "5"))
+
+
 def api_pg_pool_size() -> int:
     """PostgreSQL connections per api-server worker process (``BILLING_API_PG_POOL_SIZE``).
 
