@@ -14,7 +14,6 @@ font has is replaced by ``?`` so a name never makes rendering fail.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -25,18 +24,12 @@ from pathlib import Path
 from fpdf import FPDF
 from fpdf.fonts import FontFace
 
+from billing import settings
 from billing.pricing import format_money
 
 FONT_DIR = Path(__file__).resolve().parent / "fonts"
 RENDERER_VERSION = "2"  # bump when the layout changes: it is part of the API's ETag
 BASE_FEE_METRIC = "base_fee"
-
-SELLER_DEFAULT = (
-    "Example Billing Ltd.",
-    "1 Example Street",
-    "Example City",
-    "billing@example.test",
-)
 
 # fontTools logs every font subsetting step at INFO; keep task logs readable.
 logging.getLogger("fontTools").setLevel(logging.WARNING)
@@ -96,17 +89,6 @@ def issue_and_due(invoice: Invoice) -> tuple[date, date, bool]:
         return invoice.issued_on, invoice.due_on, False
     issued = invoice.issued_on or period_end(invoice.period).date()
     return issued, invoice.due_on or issued + timedelta(days=days_until_due()), True
-
-
-def seller() -> tuple[str, ...]:
-    """Seller block lines; ``BILLING_SELLER`` overrides them (lines separated by ``|``)."""
-    raw = os.environ.get("BILLING_SELLER")
-    return tuple(s.strip() for s in raw.split("|")) if raw else SELLER_DEFAULT
-
-
-def fallback_font_paths() -> tuple[Path, ...]:
-    raw = os.environ.get("BILLING_PDF_FALLBACK_FONTS", "")
-    return tuple(Path(p) for p in raw.split(os.pathsep) if p.strip())
 
 
 @lru_cache(maxsize=8)
@@ -175,7 +157,7 @@ class _InvoicePDF(FPDF):
 
 def render(invoice: Invoice) -> bytes:
     """The invoice as PDF bytes; identical snapshots give identical bytes."""
-    fallbacks = fallback_font_paths()
+    fallbacks = settings.pdf_fallback_fonts()
     covered = _covered(fallbacks)
 
     def t(s: object) -> str:
@@ -186,7 +168,7 @@ def render(invoice: Invoice) -> bytes:
     pdf.set_creation_date(period_end(invoice.period))
     pdf.set_producer("billing invoice_pdf")
     pdf.set_title(f"Invoice {invoice.invoice_id}")
-    pdf.set_author(t(seller()[0]))
+    pdf.set_author(t(settings.invoice_seller()[0]))
     pdf.set_subject(t(f"{invoice.org_id} {invoice.period}"))
     pdf.add_font("DejaVu", "", FONT_DIR / "DejaVuSans.ttf")
     pdf.add_font("DejaVu", "B", FONT_DIR / "DejaVuSans-Bold.ttf")
@@ -204,7 +186,7 @@ def render(invoice: Invoice) -> bytes:
     pdf.set_font("DejaVu", "B", 16)
     pdf.cell(0, 9, "INVOICE", new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("DejaVu", "", 9)
-    for line in seller():
+    for line in settings.invoice_seller():
         pdf.cell(90, 5, t(line), new_x="LMARGIN", new_y="NEXT")
     left_bottom = pdf.get_y()
     issued, due, estimated = issue_and_due(invoice)

@@ -80,12 +80,12 @@ def etag_for(row: dict) -> str:
         row["org_name"],
         row["org_email"],
         invoice_pdf.RENDERER_VERSION,
-        "|".join(invoice_pdf.seller()),
+        "|".join(settings.invoice_seller()),
         str(row.get("issued_on")),
         str(row.get("due_on")),
         str(invoice_pdf.days_until_due()),
         json.dumps(row.get("metric_names") or {}, sort_keys=True),
-        os.pathsep.join(str(p) for p in invoice_pdf.fallback_font_paths()),
+        os.pathsep.join(str(p) for p in settings.pdf_fallback_fonts()),
     ]
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
     return f'"{digest}"'

@@ -114,10 +114,6 @@ def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path):
 # local stack, the simulation, fault proxy, demo and usage generator), which is to move to
 # its own package.
 SETTINGS_READERS = {"settings.py", "simulate.py", "faults.py", "demo.py", "usage_gen.py"}
-# Temporary: files another helper is changing now (issue 21's API and PDF work); their
-# BILLING_STRIPE_STATUS_TTL_S, BILLING_SELLER and BILLING_PDF_FALLBACK_FONTS reads are to
-# move to settings.py when that work lands.
-NOT_YET_MOVED = {"api.py", "invoice_pdf.py"}
 
 
 def _billing_name(node: ast.expr, constants: dict[str, str]) -> str | None:
@@ -178,8 +174,7 @@ def test_billing_settings_are_read_in_settings_only():
     found = [
         f"{path.relative_to(PACKAGE)}:{line}: {name}"
         for path in sorted(PACKAGE.rglob("*.py"))
-        if "stack" not in path.relative_to(PACKAGE).parts
-        and path.name not in SETTINGS_READERS | NOT_YET_MOVED
+        if "stack" not in path.relative_to(PACKAGE).parts and path.name not in SETTINGS_READERS
         for line, name in environment_reads(path.read_text())
     ]
     assert found == []
