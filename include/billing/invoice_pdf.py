@@ -1,6 +1,6 @@
 """Invoice PDFs rendered from the invoice snapshot.
 
-Pure function of an :class:`Invoice`: no database, no Airflow, no clock. The same
+Pure function of a :class:`PdfInvoice`: no database, no Airflow, no clock. The same
 snapshot version always gives the same bytes (fixed creation date, deterministic font
 subsetting), so the API can key its cache and its ETag on the snapshot version.
 
@@ -36,7 +36,7 @@ logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
-class Tier:
+class PdfTier:
     """One tier of a metric's price: the quantity priced in it and its exact cost."""
 
     label: str  # e.g. "1,001 – 10,000" or "packages of 1,000"
@@ -46,16 +46,16 @@ class Tier:
 
 
 @dataclass(frozen=True)
-class InvoiceLine:
+class PdfLine:
     metric: str
     quantity: Decimal
     amount_cents: int
-    tiers: tuple[Tier, ...] = ()
+    tiers: tuple[PdfTier, ...] = ()
     description: str | None = None
 
 
 @dataclass(frozen=True)
-class Invoice:
+class PdfInvoice:
     invoice_id: str
     org_id: str
     org_name: str
@@ -66,7 +66,7 @@ class Invoice:
     base_fee_cents: int
     total_cents: int
     snapshot_version: str
-    lines: tuple[InvoiceLine, ...] = field(default_factory=tuple)
+    lines: tuple[PdfLine, ...] = field(default_factory=tuple)
     issued_on: date | None = None  # Stripe's finalization date; None while a draft
     due_on: date | None = None  # Stripe's due date; None while a draft
 
@@ -82,7 +82,7 @@ def days_until_due() -> int:
     return Policy.from_env().days_until_due
 
 
-def issue_and_due(invoice: Invoice) -> tuple[date, date, bool]:
+def issue_and_due(invoice: PdfInvoice) -> tuple[date, date, bool]:
     """(issue date, due date, estimated?): Stripe's once finalized, else the period close
     (the first day after the period) plus the payment terms."""
     if invoice.issued_on is not None and invoice.due_on is not None:
@@ -155,7 +155,7 @@ class _InvoicePDF(FPDF):
         self.cell(0, 6, f"Page {self.page_no()}/{{nb}}", align="C")
 
 
-def render(invoice: Invoice) -> bytes:
+def render(invoice: PdfInvoice) -> bytes:
     """The invoice as PDF bytes; identical snapshots give identical bytes."""
     fallbacks = settings.pdf_fallback_fonts()
     covered = _covered(fallbacks)

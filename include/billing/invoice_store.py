@@ -104,7 +104,7 @@ def last_modified(row: dict) -> dt.datetime:
 
 
 def _tiers(raw) -> tuple:
-    from billing.invoice_pdf import Tier
+    from billing.invoice_pdf import PdfTier
 
     raw = raw or []
     if isinstance(raw, str):
@@ -113,7 +113,7 @@ def _tiers(raw) -> tuple:
     for t in raw:
         if "packages" in t:
             out.append(
-                Tier(
+                PdfTier(
                     f"packages of {Decimal(str(t['package_size'])):,f}",
                     Decimal(str(t["packages"])),
                     Decimal(str(t["package_price"])),
@@ -125,7 +125,7 @@ def _tiers(raw) -> tuple:
         up_to = t.get("up_to")
         label = f"{lower + 1:,f} – " + (f"{Decimal(str(up_to)):,f}" if up_to is not None else "∞")
         out.append(
-            Tier(
+            PdfTier(
                 label,
                 Decimal(str(t["quantity"])),
                 Decimal(str(t["unit_price"])),
@@ -138,10 +138,10 @@ def _tiers(raw) -> tuple:
 def to_pdf_invoice(inv: invoices.Invoice, row: dict):
     """The snapshot reader's invoice plus its :func:`lookup` row -> the renderer's input
     (Stripe's issue/due dates once finalized, the catalog's metric names)."""
-    from billing.invoice_pdf import Invoice, InvoiceLine
+    from billing.invoice_pdf import PdfInvoice, PdfLine
 
     names = row.get("metric_names") or {}
-    return Invoice(
+    return PdfInvoice(
         issued_on=row.get("issued_on"),
         due_on=row.get("due_on"),
         invoice_id=inv.invoice_id,
@@ -155,7 +155,7 @@ def to_pdf_invoice(inv: invoices.Invoice, row: dict):
         total_cents=int(inv.total_cents),
         snapshot_version=inv.snapshot_hash,
         lines=tuple(
-            InvoiceLine(
+            PdfLine(
                 metric=line.metric or "",
                 quantity=Decimal(line.quantity),
                 amount_cents=int(line.amount_cents),

@@ -11,18 +11,18 @@ import pytest
 from pdf_support import pdf_text
 
 from billing import invoice_pdf
-from billing.invoice_pdf import Invoice, InvoiceLine, Tier
+from billing.invoice_pdf import PdfInvoice, PdfLine, PdfTier
 
 
-def make_invoice(n_lines: int = 3, name: str = "Acme Inc.", version: str = "v1") -> Invoice:
+def make_invoice(n_lines: int = 3, name: str = "Acme Inc.", version: str = "v1") -> PdfInvoice:
     lines = tuple(
-        InvoiceLine(
+        PdfLine(
             metric=f"api_calls_{i:02d}",
             quantity=Decimal(12_000 + i),
             amount_cents=1_200 + i,
             tiers=(
-                Tier("1 – 1,000", Decimal(1_000), Decimal("0"), Decimal("0")),
-                Tier(
+                PdfTier("1 – 1,000", Decimal(1_000), Decimal("0"), Decimal("0")),
+                PdfTier(
                     "1,001 – ∞",
                     Decimal(11_000 + i),
                     Decimal("0.0011"),
@@ -32,7 +32,7 @@ def make_invoice(n_lines: int = 3, name: str = "Acme Inc.", version: str = "v1")
         )
         for i in range(n_lines)
     )
-    return Invoice(
+    return PdfInvoice(
         invoice_id="inv_2026-01_acme",
         org_id="acme",
         org_name=name,

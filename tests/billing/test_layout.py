@@ -206,13 +206,6 @@ def f(kind):
 
 
 # ---------------------------------------------------------------- names
-# Temporary: invoice_pdf's Invoice and Tier (what the PDF prints) share their names with
-# invoices.Invoice (a snapshot row) and pricing.Tier (a catalog price tier); invoice_pdf is
-# being reworked by the API/PDF work (issue 21), where they are to be renamed.
-SHARED_CLASS_NAMES = {
-    "Invoice": {"billing.invoices", "billing.invoice_pdf"},
-    "Tier": {"billing.pricing", "billing.invoice_pdf"},
-}
 
 
 def test_a_class_name_means_one_thing():
@@ -226,4 +219,4 @@ def test_a_class_name_means_one_thing():
             if isinstance(node, ast.ClassDef):
                 where.setdefault(node.name, set()).add(name)
     shared = {cls: mods for cls, mods in where.items() if len(mods) > 1}
-    assert shared == SHARED_CLASS_NAMES
+    assert shared == {}
