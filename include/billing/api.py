@@ -29,11 +29,11 @@ from psycopg.rows import dict_row
 
 from billing import db, invoice_store, invoices, settings
 from billing.errors import ConfigError, ServiceError
+from billing.orchestration import PERIOD_PATTERN
 from billing.web_common import requires_billing_access, stripe_status
 
 # inv_<org_id>_<YYYYMM>; org_id as constrained in billing.organizations.
 INVOICE_ID_PATTERN = r"^inv_[A-Za-z0-9_.-]{1,64}_[0-9]{6}$"
-PERIOD_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
 ORG_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 CACHE_CONTROL = "private, must-revalidate"
 RETRY_AFTER_S = "1"  # a pool wait is short: the next try usually gets a connection

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +25,7 @@ from fpdf import FPDF
 from fpdf.fonts import FontFace
 
 from billing import settings
+from billing.orchestration import parse_period, period_close
 from billing.pricing import format_money
 
 FONT_DIR = Path(__file__).resolve().parent / "fonts"
@@ -87,7 +88,7 @@ def issue_and_due(invoice: PdfInvoice) -> tuple[date, date, bool]:
     (the first day after the period) plus the payment terms."""
     if invoice.issued_on is not None and invoice.due_on is not None:
         return invoice.issued_on, invoice.due_on, False
-    issued = invoice.issued_on or period_end(invoice.period).date()
+    issued = invoice.issued_on or period_close(parse_period(invoice.period)).date()
     return issued, invoice.due_on or issued + timedelta(days=days_until_due()), True
 
 
@@ -111,13 +112,6 @@ def safe_text(text: str, covered: frozenset[int]) -> str:
     return "".join(
         ch if ord(ch) in covered or ch in "\n\t" else "?" for ch in str(text).replace("\r", "")
     )
-
-
-def period_end(period: str) -> datetime:
-    """First instant after the period: the PDF's fixed creation date."""
-    y, m = (int(x) for x in period[:7].split("-"))
-    y, m = (y + 1, 1) if m == 12 else (y, m + 1)
-    return datetime(y, m, 1, tzinfo=UTC)
 
 
 def _qty(q: Decimal | int) -> str:
@@ -165,7 +159,7 @@ def render(invoice: PdfInvoice) -> bytes:
 
     money = lambda cents: format_money(int(cents), invoice.currency)  # noqa: E731
     pdf = _InvoicePDF(t(f"Invoice {invoice.invoice_id} · {invoice.period}"), covered)
-    pdf.set_creation_date(period_end(invoice.period))
+    pdf.set_creation_date(period_close(parse_period(invoice.period)))  # fixed: the close
     pdf.set_producer("billing invoice_pdf")
     pdf.set_title(f"Invoice {invoice.invoice_id}")
     pdf.set_author(t(settings.invoice_seller()[0]))

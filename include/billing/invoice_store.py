@@ -34,6 +34,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from billing import invoices, settings
+from billing.orchestration import day_start, parse_period, period_close
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,10 @@ def last_modified(row: dict) -> dt.datetime:
     """When the PDF's content last changed, from the data (never a clock or a file time, so
     every worker and every re-render answers the same): the later of the snapshot's data
     day and Stripe's finalization day, else the period's close."""
-    from billing import invoice_pdf
-
     days = [d for d in (row.get("as_of_day"), row.get("issued_on")) if d is not None]
     if not days:
-        return invoice_pdf.period_end(row["period"])
-    return dt.datetime.combine(max(days), dt.time(), tzinfo=dt.UTC)
+        return period_close(parse_period(row["period"]))
+    return day_start(max(days))
 
 
 def _tiers(raw) -> tuple:

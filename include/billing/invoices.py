@@ -16,9 +16,9 @@ from typing import Any
 from psycopg import sql
 
 from billing.errors import ConfigError
+from billing.orchestration import parse_period, period_of
 
 INVOICE_ID = re.compile(r"^inv_[A-Za-z0-9_.-]{1,64}_[0-9]{6}$")
-PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 
 _INVOICE_COLUMNS = (
     "invoice_id, org_id, period, period_start, period_end, plan, currency, base_fee_cents, "
@@ -89,10 +89,11 @@ def _jsonable(value):
 
 def _period(value: str | dt.date) -> dt.date:
     if isinstance(value, dt.date):
-        return value.replace(day=1)
-    if not isinstance(value, str) or not PERIOD.match(value):
-        raise ConfigError(f"invalid period {value!r}: expected YYYY-MM")
-    return dt.date(int(value[:4]), int(value[5:7]), 1)
+        return period_of(value)
+    try:
+        return parse_period(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _fetch(cx, where: sql.Composable, params: tuple) -> list[Invoice]:

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -165,9 +166,14 @@ def arrival_day(logical_date) -> dt.date:
     return day_of(logical_date)
 
 
+def day_start(day: dt.date) -> dt.datetime:
+    """00:00 UTC of ``day``: where its arrival interval starts."""
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+
+
 def arrival_interval(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
     """Arrival day ``day`` as the run's data interval: [D 00:00, D+1 00:00) UTC."""
-    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    start = day_start(day)
     return start, start + dt.timedelta(days=1)
 
 
@@ -206,3 +212,16 @@ def period_of(day: dt.date) -> dt.date:
 def month_end(period: dt.date) -> dt.date:
     """The last day of the month of ``period`` (any day of it)."""
     return period_of(period_of(period) + dt.timedelta(days=32)) - dt.timedelta(days=1)
+
+
+def parse_period(text: str) -> dt.date:
+    """The period written ``YYYY-MM`` (:data:`PERIOD_PATTERN`), as its first day."""
+    if not isinstance(text, str) or not re.match(PERIOD_PATTERN, text):
+        raise ValueError(f"invalid period {text!r}: expected YYYY-MM")
+    return dt.date(int(text[:4]), int(text[5:7]), 1)
+
+
+def period_close(period: dt.date) -> dt.datetime:
+    """The first instant after ``period`` (any day of it): the run end of its last day,
+    00:00 UTC on the first of the next month."""
+    return run_end(month_end(period))

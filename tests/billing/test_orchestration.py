@@ -13,8 +13,11 @@ from billing.orchestration import (
     arrival_day,
     arrival_interval,
     arrival_run_id,
+    day_start,
     logical_date_of,
     month_end,
+    parse_period,
+    period_close,
     period_of,
     run_end,
 )
@@ -74,6 +77,11 @@ def test_run_end_is_the_next_midnight_utc():
     assert run_end(dt.date(2026, 12, 31)) == dt.datetime(2027, 1, 1, tzinfo=UTC)
 
 
+def test_day_start_is_the_days_midnight_utc():
+    assert day_start(D) == dt.datetime(2026, 11, 3, tzinfo=UTC)
+    assert day_start(D) == arrival_interval(D)[0]
+
+
 @pytest.mark.parametrize(
     ("day", "period", "last"),
     [
@@ -107,3 +115,23 @@ def test_period_and_month_end_of_a_day(day, period, last):
 def test_period_patterns(text, period, optional):
     assert bool(re.search(PERIOD_PATTERN, text)) is period
     assert bool(re.search(OPTIONAL_PERIOD_PATTERN, text)) is optional
+
+
+@pytest.mark.parametrize(
+    ("text", "first", "close"),
+    [
+        ("2026-11", dt.date(2026, 11, 1), dt.datetime(2026, 12, 1, tzinfo=UTC)),
+        ("2026-12", dt.date(2026, 12, 1), dt.datetime(2027, 1, 1, tzinfo=UTC)),
+        ("2028-02", dt.date(2028, 2, 1), dt.datetime(2028, 3, 1, tzinfo=UTC)),
+    ],
+)
+def test_a_period_by_name_and_its_close(text, first, close):
+    assert parse_period(text) == first
+    assert period_close(first) == close
+    assert period_close(month_end(first)) == close
+
+
+@pytest.mark.parametrize("text", ["2026-13", "2026-1", "2026-11-03", "", None])
+def test_a_period_name_is_yyyy_mm(text):
+    with pytest.raises(ValueError, match="expected YYYY-MM"):
+        parse_period(text)
