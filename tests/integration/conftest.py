@@ -225,8 +225,13 @@ def scheduler(stack, tmp_path_factory) -> Iterator[Scheduler]:
                 f"/api/v2/dags/{dag['dag_id']}/dagRuns",
                 params={"state": ["queued", "running"], "limit": 100},
             ).json()["dag_runs"]
-            for run in left:
-                client.delete(f"/api/v2/dags/{dag['dag_id']}/dagRuns/{run['dag_run_id']}")
+            for run in left:  # a running run can't be deleted: fail it first
+                path = f"/api/v2/dags/{dag['dag_id']}/dagRuns/{run['dag_run_id']}"
+                if run["state"] == "running":
+                    r = client.patch(path, json={"state": "failed"})
+                    assert r.status_code == 200, r.text
+                r = client.delete(path)
+                assert r.status_code == 204, r.text
         paused = {d["dag_id"] for d in dags if d["is_paused"]}
         env = {
             **os.environ,
