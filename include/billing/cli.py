@@ -219,9 +219,11 @@ def cmd_monitoring(args) -> int:
 
 # ---------------------------------------------------------------- invoices / transform / sql
 def _period_arg(value: str) -> str:
-    from billing.invoices import PERIOD
+    import re
 
-    if not PERIOD.match(value):
+    from billing.orchestration import PERIOD_PATTERN
+
+    if not re.match(PERIOD_PATTERN, value):
         raise argparse.ArgumentTypeError(f"invalid period {value!r}: expected YYYY-MM")
     return value
 
