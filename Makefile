@@ -17,10 +17,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # requirements-dev.txt is the runtime requirements.txt plus the development tools.
-$(STAMP): $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml dev/pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip wheel setuptools
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e . -e dev
 	@touch $(STAMP)
 
 # Cosmos renders the dbt task groups from pre-built manifests, so DAG parsing never runs dbt.
@@ -40,12 +40,12 @@ test: setup ## Run the whole test suite on the real embedded stack
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 lint: setup ## ruff check + format check
-	$(BIN)/ruff check include dags plugins tests bench
-	$(BIN)/ruff format --check include dags plugins tests bench
+	$(BIN)/ruff check include dev dags plugins tests bench
+	$(BIN)/ruff format --check include dev dags plugins tests bench
 
 format: setup ## Apply ruff fixes and formatting
-	$(BIN)/ruff check --fix include dags plugins tests bench
-	$(BIN)/ruff format include dags plugins tests bench
+	$(BIN)/ruff check --fix include dev dags plugins tests bench
+	$(BIN)/ruff format include dev dags plugins tests bench
 
 SIMULATE_ARGS ?= --days 35 --orgs 5 --events-per-day 2000 --seed 7 --faults all
 simulate: setup ## A month of nightly runs under faults on a private stack; invariant report (SIMULATE_ARGS=...)

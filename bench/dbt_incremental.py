@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _stack(root: Path) -> None:
     os.environ["BILLING_LOCAL_DIR"] = str(root)
-    from billing import db
-    from billing.stack.manager import Stack
+    from billing.platform import db
+    from billing_dev.stack.manager import Stack
 
     stack = Stack(root)
     state = stack._init_state()
@@ -36,7 +36,7 @@ def _stack(root: Path) -> None:
 
 
 def _chdb_path(path: Path) -> None:
-    from billing import connections as conns
+    from billing.platform import connections as conns
 
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -47,7 +47,8 @@ def _chdb_path(path: Path) -> None:
 
 
 def _reset(cx, n_orgs: int) -> None:
-    from billing import orgs, pricing, usage_gen
+    from billing import orgs, pricing
+    from billing_dev import usage_gen
 
     cx.execute("DROP SCHEMA IF EXISTS billing_snapshot CASCADE")
     cx.execute("DROP SCHEMA IF EXISTS billing_snapshot_build CASCADE")
@@ -77,7 +78,8 @@ def _insert_day(cx, day: dt.date, arrival: dt.date, n: int, n_orgs: int, tag: st
 
 
 def scenario(history_days: int, new_day: dt.date, per_day: int, n_orgs: int, root: Path) -> dict:
-    from billing import db, transform
+    from billing import transform
+    from billing.platform import db
 
     _chdb_path(root / f"clickhouse-{history_days}")
     with db.connect() as cx:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/ingest.py [--events N] [--files F] [--workers W]
 
 Uses the running dev stack (``billing stack up``). Writes synthetic files for a dedicated
-arrival day under ``.local/bench/``, times ``billing.ingest.ingest_day`` on them, then times a
+arrival day under ``.local/bench/``, times ``billing.ingest.loader.ingest_day`` on them, then times a
 single-stream ``COPY`` of the same rows pre-flattened to CSV into a plain (logged) table with
 the same columns. Its own rows are removed afterwards (``--keep`` to keep them).
 Peak memory: the ingest process's max RSS plus, for each file worker it forks, the largest
@@ -115,8 +115,10 @@ def _ingest_child(landing: str, workers: int, q) -> None:
 
 def prepare(name: str) -> Path:
     """The running dev stack, its schema and the bench's orgs; the bench's scratch folder."""
-    from billing import db, orgs, pricing, settings, usage_gen
-    from billing.stack.manager import activate
+    from billing import orgs, pricing
+    from billing.platform import db, settings
+    from billing_dev import usage_gen
+    from billing_dev.stack.manager import activate
 
     activate()
     db.migrate()
@@ -163,8 +165,8 @@ def psql_copy(csv_path: Path) -> float | None:
     psql = shutil.which("psql")
     if psql is None:
         return None
-    from billing import connections as conns
-    from billing import db
+    from billing.platform import connections as conns
+    from billing.platform import db
 
     c = conns.get(conns.POSTGRES)
     env = {
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from billing import db
+    from billing.platform import db
 
     root = prepare("bench")
     results = []

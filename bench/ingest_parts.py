@@ -1,7 +1,7 @@
 """Benchmark: where ingest's CPU goes, piece by piece, on one clean file (default 500k events).
 
-Times each piece of ingest alone, with ingest's own code and statements (``billing.usage_line``,
-``billing.ingest._STAGE`` / ``_REGISTER`` / ``_INSERT_EVENTS``), next to the raw COPY baseline
+Times each piece of ingest alone, with ingest's own code and statements (``billing.ingest.usage_line``,
+``billing.ingest.loader._STAGE`` / ``_REGISTER`` / ``_INSERT_EVENTS``), next to the raw COPY baseline
 of ``bench/ingest.py``; then the registry insert of two files at once (two connections, as two
 file workers do); then the two writes a design without a staging table would do instead (COPY
 straight into ``usage_events`` and into the registry, rows pre-sorted by key). Everything is
@@ -24,8 +24,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "include")]
 
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: data writer, DAY, RUN_END)
 
-from billing import db, usage_line  # noqa: E402
-from billing import ingest as ing  # noqa: E402
+from billing.ingest import loader as ing  # noqa: E402
+from billing.ingest import usage_line  # noqa: E402
+from billing.platform import db  # noqa: E402
 
 EVENT_COLUMNS = (
     "event_id, org_id, metric, quantity, occurred_at, billable, source, properties, "
@@ -59,7 +60,7 @@ def _copy(cx, sql: str, chunks) -> None:
 
 def _typer(cx) -> usage_line.Typer:
     """The Typer ingest builds for the bench's run (same bounds: ``ingest._params``)."""
-    from billing import settings
+    from billing.platform import settings
 
     ctx = ing._Context(
         day=ingest_bench.DAY,

@@ -6,7 +6,7 @@ Brings up its own stack under ``.local/bench-stack`` (so it never touches dev da
 seeds synthetic snapshot rows (``billing_snapshot.fct_invoices`` / ``fct_invoice_lines``,
 created if dbt has not built them there), empties its PDF store
 (``.local/bench-stack/pdf-store``), renders the hot set into it as the nightly task would
-(``billing.invoice_store``), starts ``airflow api-server --workers N`` with our plugin and
+(``billing.invoices.store``), starts ``airflow api-server --workers N`` with our plugin and
 the bare ceiling endpoint (``BILLING_API_BENCH=1``), gets a JWT, then runs each phase with
 C concurrent clients for S seconds:
 
@@ -35,7 +35,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from billing import settings
+from billing.platform import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_DIR = ROOT / ".local" / "bench-stack"
@@ -58,7 +58,7 @@ METRICS = ("api_calls", "storage_gb", "compute_minutes", "emails_sent", "seats",
 
 
 def seed(n: int) -> list[str]:
-    from billing import db
+    from billing.platform import db
 
     ids, inv_rows, line_rows = [], [], []
     for k in range(n):
@@ -117,7 +117,7 @@ def seed(n: int) -> list[str]:
 
 def prerender(ids: list[str]) -> None:
     """Render and store ``ids`` as the nightly ``render_invoice_pdfs`` does."""
-    from billing import invoice_store
+    from billing.invoices import store as invoice_store
 
     store = invoice_store.PdfStore()
     for iid in ids:
@@ -130,7 +130,7 @@ def start_server(workers: int, exits: ExitStack) -> tuple[str, str, int, Path]:
     """The real api-server with the billing plugin (stopped when ``exits`` closes)."""
     import httpx
 
-    from billing.stack.api_server import run_api_server
+    from billing_dev.stack.api_server import run_api_server
 
     home = STACK_DIR / "api-bench"
     home.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def main() -> None:
     os.environ["BILLING_LOCAL_DIR"] = str(STACK_DIR)
     store_dir = STACK_DIR / "pdf-store"
     os.environ["BILLING_PDF_STORE"] = store_dir.as_uri()
-    from billing.stack.manager import Stack
+    from billing_dev.stack.manager import Stack
 
     stack = Stack(STACK_DIR)
     stack.up()

@@ -4,7 +4,7 @@ Why the retention purge deletes registry rows (migration 0050, docs/USAGE_EVENTS
 registry's primary key is random (``md5(event_id)``), so every file's insert touches leaf pages
 across the whole index; once the index outgrows ``shared_buffers`` the same insert costs more.
 This times ingest's own registry insert (``ingest._REGISTER``, key order, plain) of one clean
-file (default 500k events, typed by ``billing.usage_line`` as ingest does) against registries
+file (default 500k events, typed by ``billing.ingest.usage_line`` as ingest does) against registries
 pre-filled with synthetic rows, three runs per size, each rolled back. The synthetic rows
 (``file_id = -2``) are deleted at the end and the registry is rewritten (``VACUUM FULL``), so
 run it on a dev stack, not while ingest runs. Needs ``billing stack up``.
@@ -25,8 +25,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "include")]
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: data writer, DAY)
 import ingest_parts as parts  # noqa: E402  (the Typer and helpers ingest_parts times)
 
-from billing import db, usage_line  # noqa: E402
-from billing import ingest as ing  # noqa: E402
+from billing.ingest import loader as ing  # noqa: E402
+from billing.ingest import usage_line  # noqa: E402
+from billing.platform import db  # noqa: E402
 
 SYNTHETIC = -2  # file_id of the filler rows
 _FILL = """

@@ -29,9 +29,9 @@ DAY = dt.date(2026, 11, 2)
 
 def _stack(root: Path):
     os.environ["BILLING_LOCAL_DIR"] = str(root)
-    from billing import db
-    from billing.stack import process
-    from billing.stack.manager import Stack
+    from billing.platform import db
+    from billing_dev.stack import process
+    from billing_dev.stack.manager import Stack
 
     stack = Stack(root)
     for d in (stack.root, stack.run_dir, stack.log_dir):
@@ -93,7 +93,8 @@ def _requests_total() -> float:
 
 
 def run_once(n_orgs: int, n_metrics: int, rps: float, concurrency: int) -> dict:
-    from billing import db, stripe_sync
+    from billing import stripe_sync
+    from billing.platform import db
     from billing.stripe_sync import Engine, outbox, push
 
     os.environ["BILLING_STRIPE_MAX_RPS"] = str(rps)

@@ -57,16 +57,10 @@ from __future__ import annotations
 
 from airflow.sdk import DAG, task
 
-from billing.orchestration import (
-    DEFAULT_ARGS,
-    START_DATE,
-    STRIPE_POOL,
-    STRIPE_PUSHED,
-    arrival_day,
-    arrival_interval,
-)
-from billing.timetables import ArrivalDayTimetable
-from billing.transform import dbt_task_group
+from billing.orchestration import DEFAULT_ARGS, START_DATE, STRIPE_POOL, STRIPE_PUSHED
+from billing.orchestration.timetables import ArrivalDayTimetable
+from billing.platform.dates import arrival_day, arrival_interval
+from billing.transform.project import dbt_task_group
 
 with DAG(
     dag_id="billing_nightly",
@@ -83,7 +77,7 @@ with DAG(
     @task
     def ingest(logical_date=None) -> dict:
         """Load the arrival day's usage files; returns the per-file summary."""
-        from billing.ingest import ingest_day
+        from billing.ingest.loader import ingest_day
 
         day = arrival_day(logical_date)
         return ingest_day(day, arrival_interval(day)[1])
@@ -91,7 +85,8 @@ with DAG(
     @task
     def prepare_pricing() -> str:
         """Sync the catalog into Postgres and check orgs against it; returns its version."""
-        from billing import db, transform
+        from billing import transform
+        from billing.platform import db
 
         with db.connect() as cx:
             return transform.prepare(cx)
@@ -129,7 +124,7 @@ with DAG(
     @task(trigger_rule="all_done")
     def render_invoice_pdfs() -> dict:
         """Render and store the PDF of every invoice whose ETag is not stored yet (idempotent)."""
-        from billing.invoice_store import render_pending
+        from billing.invoices.store import render_pending
 
         return render_pending()
 

@@ -20,13 +20,8 @@ from __future__ import annotations
 
 from airflow.sdk import DAG, Param, task
 
-from billing.orchestration import (
-    DEFAULT_ARGS,
-    OPTIONAL_PERIOD_PATTERN,
-    START_DATE,
-    STRIPE_POOL,
-    STRIPE_PUSHED,
-)
+from billing.orchestration import DEFAULT_ARGS, START_DATE, STRIPE_POOL, STRIPE_PUSHED
+from billing.platform.dates import OPTIONAL_PERIOD_PATTERN
 
 with DAG(
     dag_id="billing_reconcile",
@@ -67,7 +62,7 @@ with DAG(
         """Reconcile the period; fails without retries when Stripe and the snapshot disagree."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from billing.reconcile import ReconcileMismatch, run_task
+        from billing.reconcile.compare import ReconcileMismatch, run_task
 
         days = [
             e.extra.get("day") or getattr(e.source_dag_run, "data_interval_start", None)

@@ -1,15 +1,15 @@
-"""Airflow plugin: the Billing API (``billing.api``) mounted at ``/billing``, the
+"""Airflow plugin: the Billing API (``billing.web.api``) mounted at ``/billing``, the
 Billing page (Admin → Billing) it serves at ``/billing/ui`` and the RED tiles on their own
 (Admin → Health) at ``/billing/ui/health``.
 
-A thin shell: routes, auth and caching live in ``include/billing/api.py``.
+A thin shell: routes, auth and caching live in ``include/billing/web/api.py``.
 """
 
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from billing.api import fastapi_apps as billing_apps
+from billing.web.api import fastapi_apps as billing_apps
 
 
 class BillingPlugin(AirflowPlugin):

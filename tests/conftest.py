@@ -27,12 +27,12 @@ def pytest_configure(config):
     os.environ.setdefault("BILLING_MAIL_DIR", str(TEST_STACK / "mail"))
     # dbt's artifacts per session too (parallel sessions and xdist workers never share
     # run_results.json), starting from the manifests `make setup` pre-built.
-    from billing import settings
+    from billing.platform import settings
 
     built = settings.dbt_target_dir()
     os.environ["BILLING_DBT_TARGET_DIR"] = str(TEST_STACK / "dbt-target")
     _seed_dbt_target(built, settings.dbt_target_dir())
-    from billing.stack.manager import Stack
+    from billing_dev.stack.manager import Stack
 
     stack = Stack(TEST_STACK)
     state = stack._init_state()
@@ -40,7 +40,7 @@ def pytest_configure(config):
 
 
 def _seed_dbt_target(built: Path, dest: Path) -> None:
-    from billing.transform import TARGETS
+    from billing.transform.project import TARGETS
 
     for target in TARGETS:
         src, dst = built / target, dest / target
@@ -60,7 +60,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def stack():
     """Start the real services once for the whole session; stop them at the end."""
-    from billing.stack.manager import Stack
+    from billing_dev.stack.manager import Stack
 
     s = Stack(TEST_STACK)
     s.up()
@@ -72,7 +72,7 @@ def stack():
 @pytest.fixture
 def pg(stack):
     """A fresh connection to the test database (autocommit off)."""
-    from billing import db
+    from billing.platform import db
 
     with db.connect() as cx:
         yield cx
@@ -82,7 +82,7 @@ def _empty_billing_db() -> None:
     """Empty every billing table (but keep the schema) and drop the derived snapshot."""
     from psycopg import sql
 
-    from billing import db
+    from billing.platform import db
 
     with db.connect(autocommit=True) as cx:
         tables = [
@@ -96,7 +96,8 @@ def _empty_billing_db() -> None:
             cx.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
         # The invoice snapshot is derived from those tables: dbt's incremental state of an
         # earlier test (its orgs, its periods) must not leak into this one's first build.
-        from billing import settings, transform
+        from billing.platform import settings
+        from billing.transform import project as transform
 
         for schema in (transform.SNAPSHOT_BUILD_SCHEMA, settings.snapshot_schema()):
             cx.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

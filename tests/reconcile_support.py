@@ -10,7 +10,7 @@ import uuid
 
 from stripe_support import direct_client
 
-from billing import db, settings
+from billing.platform import db, settings
 
 SCHEMA = "reconcile_test_snapshot"
 _PERIODS = itertools.count()

@@ -44,8 +44,10 @@ def wait_for(
 
 def prepare_days(days: list[dt.date], orgs: int, events_per_org: int = 60) -> list[str]:
     """Demo orgs in the billing DB and one usage file per arrival day in the landing zone."""
-    from billing import db, pricing, settings, usage_gen
     from billing import orgs as orgs_mod
+    from billing import pricing
+    from billing.platform import db, settings
+    from billing_dev import usage_gen
 
     catalog = pricing.load_catalog()
     rows = usage_gen.demo_orgs(orgs, catalog)

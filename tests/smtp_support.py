@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def point_smtp_at(monkeypatch, port: int) -> None:
-    from billing import connections as conns
+    from billing.platform import connections as conns
 
     c = dataclasses.replace(conns.get(conns.SMTP), port=port)
     monkeypatch.setenv(conns.env_var(conns.SMTP), c.to_json())

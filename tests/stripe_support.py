@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import stripe
 
-from billing import connections, db
+from billing.platform import connections, db
 from billing.stripe_sync import mode, parking
 
 SNAPSHOT_SCHEMA = "stripe_sync_test_snapshot"

@@ -1,5 +1,5 @@
 {#-
-  Exact tier math (docs/PRICING.md, billing.pricing.price). All arguments are SQL
+  Exact tier math (docs/PRICING.md, billing.pricing.catalog.price). All arguments are SQL
   expressions of type numeric; numeric arithmetic is exact in Postgres, so the only
   rounding is the one in to_minor_units.
 

@@ -10,12 +10,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
 
-from billing.errors import BillingError
+from billing.platform.errors import BillingError
+
+COMMAND_GROUP = "billing.commands"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,35 +63,9 @@ def _existing_file(value: str) -> Path:
 
 
 # ---------------------------------------------------------------- commands
-def cmd_stack(args) -> int:
-    from billing.stack.manager import current
-
-    stack = current()
-    if args.action == "up":
-        result = stack.up()
-        _print_status(stack.status(), result)
-        print(f"\nshell env: source {stack.root / 'stack.env'}")
-    elif args.action in ("down", "destroy"):
-        for name, state in (stack.down() if args.action == "down" else stack.destroy()).items():
-            print(f"{name:<10} {state}")
-    else:
-        status = stack.status(show_secrets=args.show_secrets)
-        if args.format == "json":
-            print(json.dumps(status, indent=2))
-        else:
-            _print_status(status)
-    return 0
-
-
-def _print_status(status: dict, result: dict | None = None) -> None:
-    for name, info in status.items():  # URIs come masked unless --show-secrets
-        note = f"  ({result[name]})" if result and name in result else ""
-        uri = info.get("uri") or ""
-        print(f"{name:<10} {info['state']:<8} {uri}{note}")
-
-
 def cmd_orgs_import(args) -> int:
-    from billing import db, orgs, pricing
+    from billing import orgs, pricing
+    from billing.platform import db
 
     parsed = orgs.parse_csv(args.file, pricing.load_catalog())
     with db.transaction() as cx:
@@ -99,21 +74,9 @@ def cmd_orgs_import(args) -> int:
     return 0
 
 
-def cmd_generate_usage(args) -> int:
-    from billing import pricing, settings, usage_gen
-
-    spec = usage_gen.UsageSpec(
-        args.day, args.orgs, args.events, args.seed, args.bad_ratio, args.dup_ratio, args.late_ratio
-    )
-    metrics = sorted(pricing.load_catalog().metrics)
-    for uri in usage_gen.write_day(spec, metrics, settings.landing_uri(), args.files, args.gzip):
-        print(uri)
-    return 0
-
-
 def cmd_ingest_run(args) -> int:
     from billing import ingest
-    from billing.orchestration import arrival_interval
+    from billing.platform.dates import arrival_interval
 
     summary = ingest.ingest_day(args.day, arrival_interval(args.day)[1])
     print(json.dumps(summary, indent=2) if args.format == "json" else ingest.format_report(summary))
@@ -128,28 +91,11 @@ def cmd_ingest_report(args) -> int:
     return 0
 
 
-def cmd_run_day(args) -> int:
-    from billing import runner
-
-    return runner.run_day(args.day, dag_id=args.dag)
-
-
-def cmd_demo(args) -> int:
-    from billing import demo
-
-    return demo.run(args.day, orgs=args.orgs, events=args.events, seed=args.seed)
-
-
-def cmd_simulate(args) -> int:
-    from billing import simulate
-
-    return simulate.main(args)
-
-
 def cmd_purge(args) -> int:
     import uuid
 
-    from billing import analytics, db, purge
+    from billing import purge
+    from billing.platform import analytics, db
 
     dry_run = args.confirm is None
     purge.check_confirm(dry_run, args.confirm)
@@ -172,56 +118,11 @@ def cmd_purge(args) -> int:
     return 0
 
 
-def cmd_airflow(args) -> int:
-    from billing import settings
-    from billing.stack.manager import current
-
-    stack = current()
-    if not stack.state_file.exists():
-        stack.up()
-    env = {**os.environ, **stack.env()}
-    # `airflow standalone` starts its api-server with [api] workers.
-    env.setdefault("AIRFLOW__API__WORKERS", str(settings.api_workers()))
-    port = stack.load_state()["ports"]["airflow"]
-    print(
-        f"Airflow UI: http://127.0.0.1:{port}  login: admin / password in "
-        f"{stack.airflow_home / 'passwords.json'}  (Ctrl-C to stop)",
-        flush=True,
-    )
-    pidfile = stack.run_dir / "airflow.pid"
-    proc = subprocess.Popen(["airflow", "standalone"], env=env)
-    pidfile.write_text(f"{proc.pid}\n")
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
-    finally:
-        pidfile.unlink(missing_ok=True)
-
-
-def cmd_monitoring(args) -> int:
-    from billing import monitoring
-    from billing.stack.manager import current
-
-    stack = current()
-    if args.action == "up":
-        s = monitoring.up(stack)
-        verb = "started" if s["started"] else "running (token and config refreshed)"
-        print(f"Prometheus {verb}: {s['url']}  scraping http://{s['target']}/billing/metrics")
-    elif args.action == "down":
-        print("prometheus: " + ("stopped" if monitoring.down(stack) else "not running"))
-    else:
-        s = monitoring.status(stack)
-        print(json.dumps(s, indent=2) if args.format == "json" else monitoring.format_status(s))
-    return 0
-
-
 # ---------------------------------------------------------------- invoices / transform / sql
 def _period_arg(value: str) -> str:
     import re
 
-    from billing.orchestration import PERIOD_PATTERN
+    from billing.platform.dates import PERIOD_PATTERN
 
     if not re.match(PERIOD_PATTERN, value):
         raise argparse.ArgumentTypeError(f"invalid period {value!r}: expected YYYY-MM")
@@ -229,7 +130,7 @@ def _period_arg(value: str) -> str:
 
 
 def _print_invoices(summaries: list[dict], fmt: str) -> None:
-    from billing.tables import money, render
+    from billing.platform.tables import money, render
 
     if fmt == "json":
         print(json.dumps(summaries, indent=2))
@@ -251,7 +152,7 @@ def _print_invoices(summaries: list[dict], fmt: str) -> None:
 
 
 def _print_invoice(inv) -> None:
-    from billing.tables import money, number, render
+    from billing.platform.tables import money, number, render
 
     print(f"{inv.invoice_id}  {inv.org_id}  {inv.period} ({inv.plan}, {inv.currency.upper()})")
     print(f"status {inv.status}, catalog {inv.catalog_version}, as of {inv.as_of_day}")
@@ -269,7 +170,8 @@ def _print_invoice(inv) -> None:
 
 
 def cmd_invoices_list(args) -> int:
-    from billing import db, invoices
+    from billing import invoices
+    from billing.platform import db
 
     with db.connect() as cx:
         found = invoices.list_invoices(cx, args.period, args.org)
@@ -278,8 +180,9 @@ def cmd_invoices_list(args) -> int:
 
 
 def cmd_invoices_show(args) -> int:
-    from billing import db, invoices
-    from billing.errors import ConfigError
+    from billing import invoices
+    from billing.platform import db
+    from billing.platform.errors import ConfigError
 
     with db.connect() as cx:
         inv = invoices.get_invoice(cx, args.invoice_id)
@@ -294,7 +197,7 @@ def cmd_invoices_show(args) -> int:
 
 def cmd_transform(args) -> int:
     from billing import transform
-    from billing.errors import ConfigError
+    from billing.platform.errors import ConfigError
 
     if args.parse:
         for target in args.target or transform.TARGETS:
@@ -327,8 +230,8 @@ def cmd_docs(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from billing import analytics
-    from billing.tables import number, render
+    from billing.platform import analytics
+    from billing.platform.tables import number, render
 
     result = analytics.read_only_query(args.query)
     if args.format == "json":
@@ -365,7 +268,7 @@ def cmd_parked(args) -> int:
     from billing import stripe_sync
 
     if args.parked_command == "list":
-        from billing.tables import money, render
+        from billing.platform.tables import money, render
 
         parked = stripe_sync.list_parked()
         rows = [
@@ -469,7 +372,7 @@ def cmd_reconcile(args) -> int:
 
 def cmd_incidents(args) -> int:
     from billing import reconcile
-    from billing.tables import render
+    from billing.platform.tables import render
 
     if args.incidents_command == "resolve":
         _print_json(reconcile.resolve_incident(args.incident_id, args.note))
@@ -498,23 +401,12 @@ def cmd_incidents(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(found: list | None = None) -> argparse.ArgumentParser:
     p = _Parser(
         prog="billing",
         description="Billing data platform: local stack, ingest, pricing, Stripe, dunning.",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    s = sub.add_parser(
-        "stack",
-        help="start/stop/inspect the embedded local services; destroy = stop + delete their data",
-    )
-    s.add_argument("action", choices=["up", "down", "status", "destroy"])
-    s.add_argument("--format", choices=["table", "json"], default="table")
-    s.add_argument(
-        "--show-secrets", action="store_true", help="status: print passwords in URIs unmasked"
-    )
-    s.set_defaults(func=cmd_stack)
 
     o = sub.add_parser("orgs", help="organisations")
     osub = o.add_subparsers(dest="orgs_command", required=True, parser_class=_Parser)
@@ -523,20 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     oi.add_argument("file", type=_existing_file)
     oi.set_defaults(func=cmd_orgs_import)
-
-    g = sub.add_parser("generate-usage", help="write synthetic usage files into the landing zone")
-    g.add_argument("--day", type=_day, required=True)
-    g.add_argument("--orgs", type=_positive, required=True)
-    g.add_argument("--events", type=_positive, required=True)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--bad-ratio", type=_ratio, default=0.0, help="share of malformed/invalid lines")
-    g.add_argument("--dup-ratio", type=_ratio, default=0.0, help="share of repeated lines")
-    g.add_argument(
-        "--late-ratio", type=_ratio, default=0.0, help="share of events from earlier days"
-    )
-    g.add_argument("--files", type=_positive, default=1)
-    g.add_argument("--gzip", action="store_true")
-    g.set_defaults(func=cmd_generate_usage)
 
     ing = sub.add_parser("ingest", help="usage ingestion: load a day, report on it")
     ingsub = ing.add_subparsers(dest="ingest_command", required=True, parser_class=_Parser)
@@ -550,22 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
     irp.add_argument("--day", type=_day, required=True)
     irp.add_argument("--format", choices=["table", "json"], default="table")
     irp.set_defaults(func=cmd_ingest_report)
-
-    r = sub.add_parser(
-        "run-day",
-        help="billing_nightly for one arrival day (logical date D) without a scheduler; "
-        "refused while D runs or a scheduler is up",
-    )
-    r.add_argument("day", type=_day)
-    r.add_argument("--dag", default="billing_nightly", choices=["billing_nightly"])
-    r.set_defaults(func=cmd_run_day)
-
-    d = sub.add_parser("demo", help="stack up, demo orgs, one day of usage, run-day, summary")
-    d.add_argument("--day", type=_day, default=dt.date(2026, 11, 2))
-    d.add_argument("--orgs", type=_positive, default=8)
-    d.add_argument("--events", type=_positive, default=20_000)
-    d.add_argument("--seed", type=int, default=42)
-    d.set_defaults(func=cmd_demo)
 
     inv = sub.add_parser("invoices", help="read the invoice snapshot (dbt, Postgres)")
     isub = inv.add_subparsers(dest="invoices_command", required=True, parser_class=_Parser)
@@ -619,34 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--confirm", default=None, help="type CONFIRM to really delete")
     pu.add_argument("--skip-clickhouse", action="store_true", help="leave hourly rollups alone")
     pu.set_defaults(func=cmd_purge)
-
-    sim = sub.add_parser(
-        "simulate", help="a month of nightly runs under faults on a private stack, then invariants"
-    )
-    sim.add_argument("--days", type=_positive, default=35)
-    sim.add_argument("--orgs", type=_positive, default=5)
-    sim.add_argument("--events-per-day", type=_positive, default=2000)
-    sim.add_argument("--seed", type=int, default=7)
-    sim.add_argument("--start", type=_day, default=None, help="first day (default: near month end)")
-    sim.add_argument("--faults", choices=("none", "stripe", "all"), default="all")
-    sim.add_argument("--stack-dir", default=None, help="private stack (default .local/simulate)")
-    sim.add_argument("--keep-stack", action="store_true", help="leave the stack running")
-    sim.add_argument("--dunning-step", type=_positive, default=None)
-    sim.add_argument("--no-dag", action="store_true", help="skip the real-DAG day")
-    sim.add_argument("--report", default=None, help="also write the JSON report here")
-    sim.add_argument("--json", action="store_true", help="print the JSON report only")
-    sim.add_argument("--verbose", action="store_true", help="keep the steps' INFO logs")
-    sim.set_defaults(func=cmd_simulate)
-
-    a = sub.add_parser("airflow", help="run the Airflow UI (standalone) against the local stack")
-    a.set_defaults(func=cmd_airflow)
-
-    mo = sub.add_parser(
-        "monitoring", help="Prometheus with the billing alert rules, scraping `billing airflow`"
-    )
-    mo.add_argument("action", choices=("up", "down", "status"))
-    mo.add_argument("--format", choices=("table", "json"), default="table")
-    mo.set_defaults(func=cmd_monitoring)
 
     pk = sub.add_parser("parked", help="Stripe writes parked after failed retries (Redis)")
     pksub = pk.add_subparsers(dest="parked_command", required=True, parser_class=_Parser)
@@ -709,15 +543,26 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--as-of", type=_day, default=None, help="overdue as of (default: today UTC)")
     ds.add_argument("--format", choices=["table", "json"], default="table")
     ds.set_defaults(func=cmd_dunning)
+    for plugin in plugins() if found is None else found:
+        plugin.register(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command != "stack":
-        from billing.stack.manager import activate
+def plugins() -> list:
+    """The command plugins installed alongside (entry point group ``billing.commands``):
+    modules with ``register(subparsers)`` and optionally ``before(args)``, the way Flask
+    finds ``flask.commands``. The development package adds the local stack's commands."""
+    from importlib.metadata import entry_points
 
-        activate()
+    return [ep.load() for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    found = plugins()
+    args = build_parser(found).parse_args(argv)
+    for plugin in found:
+        if hasattr(plugin, "before"):
+            plugin.before(args)
     try:
         return args.func(args) or 0
     except BillingError as exc:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from billing.errors import ConfigError
+from billing.platform.errors import ConfigError
 
 COLUMNS = ("org_id", "name", "email", "plan", "currency")
 _ORG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -17,9 +17,9 @@ import logging
 import re
 from dataclasses import asdict, dataclass, replace
 
-from billing import settings
-from billing.errors import ConfigError
-from billing.orchestration import day_of
+from billing.platform import settings
+from billing.platform.dates import day_of
+from billing.platform.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def run_task(params: dict, run_type: str, data_interval_end, run_id: str) -> dic
     """The DAG task: scheduled runs are always dry runs; refusals fail without retrying."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from billing import analytics, db
+    from billing.platform import analytics, db
 
     dry_run = bool(params.get("dry_run", True))
     if "manual" not in run_type.lower():

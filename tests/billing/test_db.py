@@ -8,10 +8,10 @@ import json
 import psycopg
 import pytest
 
-from billing import connections as conns
-from billing import db
 from billing import observability as obs
-from billing.errors import ServiceError
+from billing.platform import connections as conns
+from billing.platform import db
+from billing.platform.errors import ServiceError
 
 
 def _local(kind: str) -> float:
@@ -103,7 +103,7 @@ def test_non_transient_errors_are_not_retried():
 @pytest.fixture
 def throwaway_pg(stack, tmp_path, monkeypatch):
     """A private Postgres we may stop and start; the shared test stack is never touched."""
-    from billing.stack.manager import Stack
+    from billing_dev.stack.manager import Stack
 
     s = Stack(tmp_path / "pg-outage")
     state = s._init_state()

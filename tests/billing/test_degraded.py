@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from billing.billing_page import red_tiles
 from billing.stripe_sync import delivery
+from billing.web.page import red_tiles
 
 T = dt.datetime(2026, 3, 4, 2, 15, tzinfo=dt.UTC)
 NOTHING = {

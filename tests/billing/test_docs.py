@@ -30,7 +30,7 @@ def _billing(*argv: str, **kw) -> subprocess.CompletedProcess:
 
 
 def test_generate_keeps_each_warehouse_apart_and_serve_answers(stack):
-    from billing import transform
+    from billing.transform import project as transform
 
     done = _billing("docs", "generate", check=False)
     assert done.returncode == 0, done.stderr
@@ -84,7 +84,7 @@ def test_generate_keeps_each_warehouse_apart_and_serve_answers(stack):
 
 
 def test_serve_before_generate_is_one_line(stack, tmp_path, monkeypatch):
-    from billing import transform
+    from billing.transform import project as transform
 
     missing = transform.target_path("clickhouse") / "catalog.json"
     if missing.exists():

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from smtp_support import RefusingHandler, free_port, point_smtp_at
 
-from billing import dunning, settings
-from billing.errors import ConfigError
+from billing.dunning import notices as dunning
+from billing.platform import settings
+from billing.platform.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +70,7 @@ def set_status(pg, inv, status):
 
 def mails(tag, maildir=None):
     """Messages the sink received for this test's orgs, in arrival order."""
-    from billing import settings
+    from billing.platform import settings
 
     out = []
     for p in sorted(Path(maildir or settings.mail_dir()).glob("*.eml")):
@@ -216,7 +217,7 @@ def test_minimum_amount_plan_override_and_dry_run(pg, tag):
 def test_refused_recipient_is_recorded_and_retried_without_blocking_others(pg, tag, monkeypatch):
     from aiosmtpd.controller import Controller
 
-    from billing import metrics_export
+    from billing.observability import export as metrics_export
 
     for o in ("a", "b", "c"):
         add_org(pg, f"{tag}-{o}")

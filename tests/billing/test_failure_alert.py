@@ -50,8 +50,11 @@ def test_without_a_dbt_cause_the_exception_is_the_cause():
 
 @pytest.mark.integration
 def test_a_failed_dbt_task_emails_the_failing_test_and_its_log(stack, clean_db, monkeypatch):
-    from billing import catalog_sync, db, pricing, settings, transform
+    from billing import pricing
     from billing.orchestration import alert_on_failure
+    from billing.platform import db, settings
+    from billing.pricing import catalog_sync
+    from billing.transform import project as transform
 
     with db.connect(autocommit=True) as cx:
         catalog_sync.sync(cx, pricing.load_catalog())  # the catalog is fine; one org is not

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from billing import ingest
+from billing.ingest import loader as ingest
 
 DAY = dt.date(2026, 11, 2)
 RUN_END = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)

@@ -104,7 +104,7 @@ def test_a_corrupt_compressed_file_is_rejected_whole_and_the_run_succeeds(pg_org
     """Item 2: truncated gzip, trailing garbage, plain text named .gz: a manifest row with a
     reason each, nothing of them loaded, the rest of the day loaded, no failed run; a re-run
     changes nothing; new bytes under a rejected name load; the counter is exported from zero."""
-    from billing import metrics_export
+    from billing.observability import export as metrics_export
 
     def rejected_metric() -> dict:
         f, up = metrics_export._Families(), {}
@@ -250,7 +250,8 @@ def test_hostile_corpus_through_the_nightly(pg_orgs, monkeypatch):
     """The whole corpus lands in the test stack's landing zone and a real billing_nightly run
     (``airflow dags test``) loads it: every org is invoiced to the cent from its good events,
     every bad line, file and entry is accounted for with its reason, and the invariant holds."""
-    from billing import runner, settings
+    from billing.platform import settings
+    from billing_dev import runner
 
     landing = Path(settings.landing_uri().removeprefix("file://"))
     day_root = landing / "usage" / f"dt={DAY.isoformat()}"

@@ -1,6 +1,6 @@
 """Ingest's fast paths keep exactly the lines (and values) the safe SQL path keeps.
 
-A line is typed in Python while streaming (``billing.usage_line``) or judged by SQL, first by a
+A line is typed in Python while streaming (``billing.ingest.usage_line``) or judged by SQL, first by a
 fast statement (direct casts) and, if that gives up, by the safe one, the reference that names
 every reason. Both fast paths exist for speed only: every line they keep must come out
 identical to the safe path's. Checked line by line on a real Postgres, on edge cases and on
@@ -18,7 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing import ingest, pricing, usage_line
+from billing import pricing
+from billing.ingest import loader as ingest
+from billing.ingest import usage_line
 
 DAY = dt.date(2026, 11, 2)
 RUN_END = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
@@ -26,7 +28,7 @@ RUN_END = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
 
 @pytest.fixture(scope="module")
 def cx(stack):
-    from billing import db
+    from billing.platform import db
 
     with db.connect(autocommit=True) as c:
         c.execute(
@@ -185,7 +187,7 @@ EDGE_LINES = [
     '{"event_id": "e-1", "org_id": "org-1"',
     '{"event_id":"e-\\u0000","org_id":"org-1","metric":"api_calls","quantity":2,"occurred_at":"2026-11-02T10:00:00Z"}',
     '{"event_id":"e-1","org_id":"org-1","metric":"api_calls","quantity":1e400000,"occurred_at":"2026-11-02T10:00:00Z"}',
-    # the quantity range (billing.pricing.QUANTITY_MAX = 10^9, QUANTITY_DECIMALS = 9)
+    # the quantity range (billing.pricing.catalog.QUANTITY_MAX = 10^9, QUANTITY_DECIMALS = 9)
     *(
         obj(quantity=...)[:-1] + f', "quantity": {q}}}'
         for q in (

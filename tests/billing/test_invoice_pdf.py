@@ -10,8 +10,8 @@ from decimal import Decimal
 import pytest
 from pdf_support import pdf_text
 
-from billing import invoice_pdf
-from billing.invoice_pdf import PdfInvoice, PdfLine, PdfTier
+from billing.invoices import pdf as invoice_pdf
+from billing.invoices.pdf import PdfInvoice, PdfLine, PdfTier
 
 
 def make_invoice(n_lines: int = 3, name: str = "Acme Inc.", version: str = "v1") -> PdfInvoice:

@@ -1,4 +1,4 @@
-"""billing.invoice_store without a database: the store's keys and atomic writes, the
+"""billing.invoices.store without a database: the store's keys and atomic writes, the
 nightly's work list and Last-Modified from the data."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import datetime as dt
 
 import pytest
 
-from billing import invoice_store
-from billing.invoice_store import PdfStore
+from billing.invoices import store as invoice_store
+from billing.invoices.store import PdfStore
 
 ETAG = '"0123456789abcdef0123456789abcdef"'
 

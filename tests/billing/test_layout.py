@@ -7,9 +7,14 @@ a lazy import hides a cycle from Python, not from the design.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "include" / "billing"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "include" / "billing"
+DEV_PACKAGE = ROOT / "dev" / "billing_dev"
 
 
 def modules(package: Path = PACKAGE) -> dict[str, tuple[Path, bool]]:
@@ -26,7 +31,7 @@ def imported(source: str, name: str, is_init: bool, known) -> set[str]:
     """The billing modules that the module ``name`` imports anywhere in ``source``.
 
     ``from billing.pkg import sub`` names the submodule, not the package; a name not in
-    ``known`` counts as its nearest known parent (``billing.db.connect`` -> ``billing.db``)."""
+    ``known`` counts as its nearest known parent (``billing.platform.db.connect`` -> ``billing.platform.db``)."""
     here = name.split(".") if is_init else name.split(".")[:-1]
     targets = set()
     for node in ast.walk(ast.parse(source)):
@@ -110,10 +115,9 @@ def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path):
 
 
 # ---------------------------------------------------------------- settings
-# Where BILLING_* variables may be read: settings.py, and the development machinery (the
-# local stack, the simulation, fault proxy, demo and usage generator), which is to move to
-# its own package.
-SETTINGS_READERS = {"settings.py", "simulate.py", "faults.py", "demo.py", "usage_gen.py"}
+# Where BILLING_* variables may be read in the product: platform/settings.py only. (The
+# development package, dev/billing_dev, reads its own: ports, stack folders, seeds.)
+SETTINGS_READERS = {Path("platform") / "settings.py"}
 
 
 def _billing_name(node: ast.expr, constants: dict[str, str]) -> str | None:
@@ -174,7 +178,7 @@ def test_billing_settings_are_read_in_settings_only():
     found = [
         f"{path.relative_to(PACKAGE)}:{line}: {name}"
         for path in sorted(PACKAGE.rglob("*.py"))
-        if "stack" not in path.relative_to(PACKAGE).parts and path.name not in SETTINGS_READERS
+        if path.relative_to(PACKAGE) not in SETTINGS_READERS
         for line, name in environment_reads(path.read_text())
     ]
     assert found == []
@@ -209,14 +213,83 @@ def f(kind):
 
 
 def test_a_class_name_means_one_thing():
-    """No two product modules define a top-level class of the same name (the local stack
-    mirrors Stripe's names and is left out)."""
+    """No two product modules define a top-level class of the same name."""
     where: dict[str, set[str]] = {}
     for name, (path, _) in modules().items():
-        if name.startswith("billing.stack"):
-            continue
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.ClassDef):
                 where.setdefault(node.name, set()).add(name)
     shared = {cls: mods for cls, mods in where.items() if len(mods) > 1}
     assert shared == {}
+
+
+# ---------------------------------------------------------------- the development package
+PRODUCT_SOURCES = [PACKAGE, ROOT / "dags", ROOT / "plugins"]
+
+
+def imports_of(source: str) -> set[str]:
+    """Every module name an ``import`` or ``from ... import`` names, at any depth."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def dev_imports(folders) -> list[str]:
+    """``<file relative to its folder>: <module>`` for each import of the dev package."""
+    return [
+        f"{path.relative_to(folder)}: {name}"
+        for folder in folders
+        for path in sorted(folder.rglob("*.py"))
+        for name in sorted(imports_of(path.read_text()))
+        if name == "billing_dev" or name.startswith("billing_dev.")
+    ]
+
+
+def test_the_product_never_imports_the_development_package():
+    assert dev_imports(PRODUCT_SOURCES) == []
+
+
+def test_the_dev_import_check_sees_nested_imports(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "import billing_devtools\n"
+        "def f():\n    from billing_dev.stack.manager import current\n    import billing_dev\n"
+    )
+    assert dev_imports([tmp_path]) == ["m.py: billing_dev", "m.py: billing_dev.stack.manager"]
+
+
+def test_the_production_wheel_holds_the_product_only(tmp_path):
+    """The wheel ``pip`` builds from pyproject.toml: every product module and its data
+    (migrations, fonts, web assets), and nothing of the development package."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    (wheel,) = tmp_path.glob("billing-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"billing"}
+    expected = {
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert {n for n in names if n.startswith("billing/")} == expected
+    dev_names = {p.stem for p in DEV_PACKAGE.rglob("*.py")} - {"__init__", "cli"}
+    assert not {Path(n).stem for n in names} & dev_names

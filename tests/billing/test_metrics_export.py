@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from billing import metrics_export
 from billing import observability as obs
+from billing.observability import export as metrics_export
 
 
 def _samples(registry) -> dict[tuple, float]:
@@ -172,7 +172,7 @@ def test_metrics_route_is_authenticated_and_counts_requests(stack):
 
 
 def test_billing_api_serves_metrics_behind_its_auth():
-    from billing import api
+    from billing.web import api
 
     app = api.create_app()
     assert "/metrics" in {getattr(r, "path", None) for r in app.routes}

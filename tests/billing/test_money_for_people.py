@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def parked_items(stack, clean_db):
-    from billing import db
+    from billing.platform import db
 
     rows = [("eur-org", 98561, "eur"), ("jpy-org", 3600, "jpy")]
     with db.connect(autocommit=True) as cx:

@@ -23,7 +23,8 @@ from stripe_support import (
     stripe_items,
 )
 
-from billing import db, stripe_sync
+from billing import stripe_sync
+from billing.platform import db
 from billing.stripe_sync import Engine, closing
 
 pytestmark = pytest.mark.integration

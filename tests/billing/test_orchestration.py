@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from billing.orchestration import (
+from billing.platform.dates import (
     OPTIONAL_PERIOD_PATTERN,
     PERIOD_PATTERN,
     arrival_day,

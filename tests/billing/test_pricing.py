@@ -12,8 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing.errors import BillingError, ConfigError
-from billing.pricing import (
+from billing.platform.errors import BillingError, ConfigError
+from billing.pricing.catalog import (
     CURRENCIES,
     Catalog,
     MetricPrice,
@@ -797,7 +797,7 @@ def test_catalog_refuses_prices_that_overflow_within_the_quantity_range(edit, me
 
 
 def test_the_shipped_catalog_prices_the_whole_range():
-    from billing.pricing import AMOUNT_MAX_MINOR, MONTHLY_QUANTITY_MAX
+    from billing.pricing.catalog import AMOUNT_MAX_MINOR, MONTHLY_QUANTITY_MAX
 
     catalog = load_catalog()
     for plan in catalog.plans.values():

@@ -321,7 +321,7 @@ def test_a_real_purge_and_loading_files_wait_for_each_other(clean_db):
     real purge exclusive: neither moves the horizon under the other (lock waits cut short)."""
     import psycopg
 
-    from billing import db
+    from billing.platform import db
 
     with db.connect() as loading, db.connect() as other_file, db.connect() as purging:
         for cx in (loading, other_file, purging):

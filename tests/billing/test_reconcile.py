@@ -20,8 +20,9 @@ from reconcile_support import (
     stripe_items,
 )
 
-from billing import db, reconcile, settings
-from billing.reconcile import ReconcileKeyConflict, ReconcileMismatch
+from billing.platform import db, settings
+from billing.reconcile import compare as reconcile
+from billing.reconcile.compare import ReconcileKeyConflict, ReconcileMismatch
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +104,7 @@ def test_049_percent_passes_and_is_listed(period):
 
 
 def test_051_percent_fails_opens_one_incident_and_emails_once(period, capsys):
-    from billing import mailer
+    from billing.platform import mailer
 
     ok = org_in_both(period, {"base_fee": 5000}, {"base_fee": 5000})
     bad = org_in_both(
@@ -154,7 +155,7 @@ def test_051_percent_fails_opens_one_incident_and_emails_once(period, capsys):
     assert "internal 100000 usd  stripe 100510 usd  diff 510 cents (0.51%)" in body
 
     # The alert gauge the rule BillingReconcileMismatch (> 0.005) reads, and open incidents.
-    from billing import metrics_export
+    from billing.observability import export as metrics_export
 
     f, up = metrics_export._Families(), {}
     metrics_export.collect_postgres(f, up)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from billing.orchestration import arrival_day, logical_date_of
+from billing.platform.dates import arrival_day, logical_date_of
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def billing(*args, env=None) -> subprocess.CompletedProcess:
 
 def _wait_until_blocked(proc: subprocess.Popen, tables: list[str], log, timeout=300) -> None:
     """Until a backend waits for the table locks this test holds (a condition on pg_locks)."""
-    from billing import db
+    from billing.platform import db
 
     deadline = time.monotonic() + timeout
     with db.connect(autocommit=True) as cx:
@@ -75,8 +75,10 @@ def test_concurrent_run_day_is_refused_and_the_day_runs_once(stack, clean_db, tm
     from airflow.models.backfill import ReprocessBehavior, _do_dry_run
     from airflow.utils.session import create_session
 
-    from billing import db, pricing, runner, settings, usage_gen
-    from billing.errors import RunRefused
+    from billing import pricing
+    from billing.platform import db, settings
+    from billing.platform.errors import RunRefused
+    from billing_dev import runner, usage_gen
 
     usage_gen.write_day(
         usage_gen.UsageSpec(DAY, 2, 40, seed=7),

@@ -1,5 +1,5 @@
 """Readers never see the invoice snapshot mid-build: dbt builds into its own schema and
-billing.transform.publish_snapshot() swaps the result in whole, in one transaction."""
+billing.transform.project.publish_snapshot() swaps the result in whole, in one transaction."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ BUILD = "billing_snapshot_build"
 
 @pytest.fixture
 def fresh(stack, clean_db):
-    from billing import db
+    from billing.platform import db
 
     with db.connect(autocommit=True) as cx:
         cx.execute("SELECT billing.ensure_usage_partition(%s)", (dt.date(2025, 2, 1),))
@@ -47,7 +47,8 @@ def _published(cx) -> tuple[int, int]:
 
 
 def test_readers_see_the_old_or_the_new_snapshot_never_a_mix(fresh):
-    from billing import db, transform
+    from billing.platform import db
+    from billing.transform import project as transform
 
     with db.connect() as cx:
         _calls(cx, 150_000, DAY1, "day1")  # starter: 100k free, then $0.0002 a call

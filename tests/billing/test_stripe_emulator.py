@@ -1,4 +1,4 @@
-"""The Stripe emulator (billing.stack.stripe_emulator), run as a real subprocess on a loopback
+"""The Stripe emulator (billing_dev.stack.stripe_emulator), run as a real subprocess on a loopback
 port and driven through the official ``stripe`` SDK, plus raw HTTP where the SDK hides
 headers or status codes."""
 
@@ -56,7 +56,7 @@ class Emulator:
                 [
                     sys.executable,
                     "-m",
-                    "billing.stack.stripe_emulator",
+                    "billing_dev.stack.stripe_emulator",
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -819,7 +819,7 @@ def test_unknown_endpoints_and_auth_errors_are_stripe_json(
 def test_internal_errors_are_api_error_json(tmp_path: Path) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from billing.stack import stripe_emulator as emulator_module
+    from billing_dev.stack import stripe_emulator as emulator_module
 
     async def boom(request: Any) -> Any:
         raise RuntimeError("kaboom")
@@ -873,7 +873,7 @@ def test_refuses_to_bind_all_interfaces(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "billing.stack.stripe_emulator",
+            "billing_dev.stack.stripe_emulator",
             "--host",
             "0.0.0.0",
             "--port",

@@ -188,7 +188,9 @@ def test_parked_push_survives_a_redis_loss(proxy, env, capsys):
     push, the Redis copy is written back, and a retry sends it to Stripe exactly once."""
     from prometheus_client import CollectorRegistry
 
-    from billing import billing_page, cli, metrics_export
+    from billing import cli
+    from billing.observability import export as metrics_export
+    from billing.web import page as billing_page
 
     env.setenv("BILLING_STRIPE_CONCURRENCY", "1")
     snap = random_snapshot(n_orgs=1, n_days=1, seed=1)
@@ -272,7 +274,7 @@ def test_non_retryable_parks_immediately(proxy):
     snap = random_snapshot(n_orgs=1, n_days=1, seed=1)
     snap.save()
     (org,) = snap.orgs
-    from billing import db
+    from billing.platform import db
 
     with db.transaction() as cx:  # a customer Stripe does not know: every item is a 404
         cx.execute("INSERT INTO billing.stripe_customers VALUES (%s, 'cus_doesnotexist')", (org,))
@@ -287,7 +289,7 @@ def test_non_retryable_parks_immediately(proxy):
 
 def test_adopts_writes_stripe_has_after_the_idempotency_window(proxy):
     """Responses lost after commit, retried more than 24 h later: found by metadata, not re-sent."""
-    from billing import db
+    from billing.platform import db
 
     snap = random_snapshot(n_orgs=2, n_days=1, seed=5)
     snap.save()
@@ -366,7 +368,7 @@ def test_outage_mode_survives_a_redis_flushall(proxy):
     the next push still queues instead of sending, and the gauge still says 1."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from billing import metrics_export
+    from billing.observability import export as metrics_export
 
     random_snapshot(n_orgs=2, n_days=1, seed=4).save()
     stripe_sync.set_read_only(True, "incident 17")
@@ -423,7 +425,7 @@ def test_sync_invoices_tracks_status(proxy):
     client.v1.invoices.void_invoice(invoices[open_org])
     result = stripe_sync.sync_invoices(engine=eng)
     assert result["by_status"] == {"paid": 1, "void": 1}
-    from billing import db
+    from billing.platform import db
 
     with db.connect() as cx:
         rows = {
@@ -438,7 +440,7 @@ def test_sync_invoices_tracks_status(proxy):
 
 
 def test_key_is_never_logged_or_stored(proxy, caplog):
-    from billing import connections
+    from billing.platform import connections
 
     key = connections.get(connections.STRIPE).password
     random_snapshot(n_orgs=1, n_days=1, seed=1).save()
@@ -454,7 +456,7 @@ def test_rejected_key_fails_the_run_and_parks_nothing(env):
     from billing.stripe_sync.client import StripeAuthError
 
     point_stripe_at(env, emulator_url())
-    from billing import connections
+    from billing.platform import connections
 
     conn = connections.get(connections.STRIPE)
     bad = connections.Conn(

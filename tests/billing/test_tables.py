@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from billing.tables import money, number, render
+from billing.platform.tables import money, number, render
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing import pricing
+from billing.pricing import catalog as pricing
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ PERIODS = (dt.date(2025, 1, 1), dt.date(2025, 2, 1))
 # ---------------------------------------------------------------- helpers
 @pytest.fixture
 def fresh(stack, clean_db):
-    from billing import db
+    from billing.platform import db
 
     with db.connect(autocommit=True) as cx:
         for month in PERIODS:
@@ -193,7 +193,8 @@ def _scenario(draw):
 )
 @given(_scenario())
 def test_snapshot_matches_pricing_to_the_cent(fresh, scenario):
-    from billing import db, transform
+    from billing.platform import db
+    from billing.transform import project as transform
 
     catalog, orgs, first, late = scenario
     with db.connect() as cx:
@@ -283,7 +284,9 @@ def _seed_demo(cx):
 
 
 def test_invoices_read_through_invoices_module_and_cli(fresh):
-    from billing import db, invoices, transform
+    from billing import invoices
+    from billing.platform import db
+    from billing.transform import project as transform
 
     with db.connect() as cx:
         _seed_demo(cx)
@@ -356,8 +359,9 @@ def test_invoices_read_through_invoices_module_and_cli(fresh):
 
 @pytest.mark.parametrize("problem", ["catalog", "unknown_plan", "currency"])
 def test_bad_input_fails_clearly_and_writes_nothing(fresh, problem, tmp_path, monkeypatch):
-    from billing import db, transform
-    from billing.errors import ConfigError
+    from billing.platform import db
+    from billing.platform.errors import ConfigError
+    from billing.transform import project as transform
 
     with db.connect() as cx:
         _seed_demo(cx)
@@ -407,7 +411,8 @@ def test_bad_input_fails_clearly_and_writes_nothing(fresh, problem, tmp_path, mo
 
 
 def test_rollups_match_postgres_and_late_event_reaggregates_only_its_day(fresh):
-    from billing import db, transform
+    from billing.platform import db
+    from billing.transform import project as transform
 
     with db.connect() as cx:
         _seed_demo(cx)
@@ -482,8 +487,9 @@ def test_clickhouse_run_writes_no_postgres_password(fresh, stack):
     """The rollups read Postgres through a named collection: after a real full and an
     incremental clickhouse run, no file dbt wrote (compiled SQL, manifest.json,
     run_results.json, logs) nor the chDB folder holds the Postgres password."""
-    from billing import connections as conns
-    from billing import db, settings, transform
+    from billing.platform import connections as conns
+    from billing.platform import db, settings
+    from billing.transform import project as transform
 
     password = conns.get(conns.POSTGRES).password
     assert len(password) >= 16
@@ -528,8 +534,8 @@ def test_cosmos_task_groups_render_from_manifest(stack):
     """What the nightly DAG wires in: both groups, rendered without running dbt."""
     from airflow.sdk import DAG
 
-    from billing import transform
     from billing.orchestration import CLICKHOUSE_POOL
+    from billing.transform import project as transform
 
     with DAG(
         "render_check", schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -560,7 +566,8 @@ def test_cosmos_task_groups_render_from_manifest(stack):
 def test_every_column_is_documented_and_persisted_as_a_comment(fresh):
     """Analysts read column meanings where they query: ClickHouse and Postgres comments,
     written by persist_docs from the dbt yml; every rollup column has one."""
-    from billing import db, transform
+    from billing.platform import db
+    from billing.transform import project as transform
 
     with db.connect() as cx:
         _seed_demo(cx)

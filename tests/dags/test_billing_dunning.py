@@ -51,7 +51,7 @@ def _setup(pg, tag: str) -> None:
 
 
 def _mails(tag: str) -> list[tuple[str, str, str, str]]:
-    from billing import settings
+    from billing.platform import settings
 
     out = []
     for p in sorted(settings.mail_dir().glob("*.eml")):

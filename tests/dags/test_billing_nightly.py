@@ -11,7 +11,7 @@ from pathlib import Path
 import pendulum
 import pytest
 
-from billing.orchestration import arrival_day, arrival_interval, logical_date_of
+from billing.platform.dates import arrival_day, arrival_interval, logical_date_of
 
 DAG_FILE = Path(__file__).resolve().parents[2] / "dags" / "billing_nightly.py"
 D = dt.date(2026, 11, 3)
@@ -166,7 +166,7 @@ def _group(dag, group: str) -> dict:
 
 
 def test_the_dag_runs_one_arrival_day_at_a_time(serialized):
-    from billing.timetables import ArrivalDayTimetable
+    from billing.orchestration.timetables import ArrivalDayTimetable
 
     assert serialized.dag_id == "billing_nightly"
     assert isinstance(serialized.timetable, ArrivalDayTimetable)

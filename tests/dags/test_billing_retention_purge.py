@@ -46,7 +46,7 @@ def test_default_run_is_a_dry_run(clean_db, pg):
     assert rows[0][1:] == (rows[0][1], True, "2026-03-01")
     assert rows[0][1] in ("kept", "would_drop")
 
-    from billing import metrics_export
+    from billing.observability import export as metrics_export
 
     f, up = metrics_export._Families(), {}
     metrics_export.collect_airflow(f, up)

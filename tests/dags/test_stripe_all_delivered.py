@@ -22,7 +22,7 @@ from stripe_support import (
     reset_state,
 )
 
-from billing.orchestration import logical_date_of
+from billing.platform.dates import logical_date_of
 
 AIRFLOW = Path(sys.executable).parent / "airflow"
 

@@ -33,7 +33,7 @@ import browser_support
 import httpx
 import pytest
 
-from billing.stack.api_server import run_api_server
+from billing_dev.stack.api_server import run_api_server
 
 FORBIDDEN_IN_WEB = ("chdb", "dbt")
 
@@ -125,7 +125,7 @@ def airflow_client(airflow_server) -> Iterator[httpx.Client]:
 @pytest.fixture
 def latest_reconciliation(airflow_server):
     """A newest reconcile run with two discrepancies (one with markup in its org id)."""
-    from billing import db
+    from billing.platform import db
 
     key = f"page-test-{uuid.uuid4()}"
     with db.connect(autocommit=True) as cx:
@@ -160,7 +160,7 @@ def latest_reconciliation(airflow_server):
 @pytest.fixture
 def parked_customer(airflow_server):
     """A parked customer write for a fresh org (Stripe accepts it on retry)."""
-    from billing import db
+    from billing.platform import db
     from billing.stripe_sync import outbox, parking, push
 
     org = f"page-{uuid.uuid4().hex[:10]}"
@@ -204,7 +204,7 @@ def scheduler(stack, tmp_path_factory) -> Iterator[Scheduler]:
     Runs that earlier tests of this session left queued (no scheduler ran them) are deleted
     first, so the scheduler starts only the runs this module makes. DAGs the module unpaused
     are paused again, and both processes are stopped, after the module."""
-    from billing.stack.api_server import run_api_server
+    from billing_dev.stack.api_server import run_api_server
 
     home = tmp_path_factory.mktemp("scheduler")
     airflow = str(Path(sys.executable).parent / "airflow")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from billing.stack.api_server import run_api_server
+from billing_dev.stack.api_server import run_api_server
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def drop_invoice(cx, invoice_id: str) -> None:
 @contextmanager
 def extra_invoice(invoice_id: str, period: str, total_extra: int):
     """One more invoice of ORG for a test, gone after it (the list test counts ORG's)."""
-    from billing import db
+    from billing.platform import db
 
     with db.connect(autocommit=True) as cx:
         put_invoice(cx, invoice_id, period, total_extra)
@@ -123,7 +123,7 @@ def put_invoice(cx, invoice_id: str, period: str, total_extra: int, n_lines: int
 
 @pytest.fixture(scope="module")
 def snapshot(stack):
-    from billing import db
+    from billing.platform import db
 
     with db.connect(autocommit=True) as cx:
         cx.execute(DDL)
@@ -235,7 +235,7 @@ def test_if_none_match_gives_304_without_body(client, api_server):
 
 
 def test_stored_pdf_is_byte_identical_to_a_fresh_render(client, api_server, pdf_store_uri):
-    from billing import invoice_store
+    from billing.invoices import store as invoice_store
 
     served = client.get(pdf_path())
     assert served.status_code == 200
@@ -251,7 +251,7 @@ def test_stored_pdf_is_byte_identical_to_a_fresh_render(client, api_server, pdf_
 def test_demo_pdfs_are_the_apis_bytes(client, tmp_path):
     import datetime as dt
 
-    from billing import demo
+    from billing_dev import demo
 
     out = demo.write_pdfs(dt.date(2026, 1, 15), tmp_path)
     assert sorted(p.name for p in out.iterdir() if ORG in p.name) == [f"{INVOICE}.pdf"]
@@ -289,7 +289,7 @@ def test_nightly_renders_and_stores_so_no_request_renders(client, api_server, pd
 
 
 def nightly_renders_and_stores(client, api_server, pdf_store_uri, nightly: str):
-    from billing import invoice_store
+    from billing.invoices import store as invoice_store
 
     with invoice_store.snapshot_connection() as cx:
         etag = invoice_store.etag_for(invoice_store.lookup(cx, nightly))
@@ -311,7 +311,7 @@ def nightly_renders_and_stores(client, api_server, pdf_store_uri, nightly: str):
 
 
 def test_new_snapshot_gives_new_etag_and_new_pdf(client):
-    from billing import db
+    from billing.platform import db
 
     first = client.get(pdf_path(OTHER))
     assert first.status_code == 200
@@ -398,7 +398,7 @@ def test_malformed_ids_are_rejected(client, raw_path):
 
 
 def test_malformed_ids_get_422_and_sql_stays_data(client):
-    from billing import db
+    from billing.platform import db
 
     for bad in ("inv_x' OR '1'='1_202601", "inv_x;--_202601", "acme", "inv_acme_2026011"):
         assert client.get(f"/billing/invoices/{bad}").status_code == 422, bad
@@ -440,7 +440,7 @@ def test_pdf_shows_catalog_names_and_stripes_dates_once_finalized(client, tmp_pa
 
     from pdf_support import pdf_text
 
-    from billing import db
+    from billing.platform import db
 
     with db.connect(autocommit=True) as cx:
         cx.execute("INSERT INTO billing.catalog_versions (catalog_version) VALUES (%s)", (CATALOG,))
@@ -491,7 +491,7 @@ def one_connection_server(stack, tmp_path_factory, pdf_store_uri):
 
 
 def test_exhausted_pool_answers_503_with_retry_after_then_recovers(one_connection_server, snapshot):
-    from billing import db
+    from billing.platform import db
 
     base, password, _log = one_connection_server
     with _client(base, password) as c, db.connect() as holder:

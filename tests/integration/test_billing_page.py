@@ -194,7 +194,8 @@ def test_reconcile_now_validates_its_input(airflow_client):
 
 
 def test_parked_retry_sends_the_push(airflow_client, parked_customer):
-    from billing import db, stripe_sync
+    from billing import stripe_sync
+    from billing.platform import db
     from billing.stripe_sync import outbox
 
     key = parked_customer
@@ -246,7 +247,7 @@ def unreachable_push(airflow_server, monkeypatch):
     from faultproxy import FaultProxy
     from stripe_support import emulator_url, point_stripe_at
 
-    from billing import db
+    from billing.platform import db
     from billing.stripe_sync import Engine, outbox, parking, push
 
     org = f"down-{uuid.uuid4().hex[:10]}"
@@ -285,7 +286,7 @@ def unreachable_push(airflow_server, monkeypatch):
 
 
 def test_stripe_status_says_unreachable_while_writes_are_parked(airflow_client, unreachable_push):
-    from billing import db
+    from billing.platform import db
     from billing.stripe_sync import outbox
 
     with db.connect() as cx:
@@ -353,7 +354,7 @@ def test_a_task_up_for_retry_counts_in_the_error_tile(airflow_client):
 
 def test_parked_amounts_show_in_their_currency(airflow_client):
     """Finance reads €985.61 and ¥3,600 on the page, never 98561 next to 3600."""
-    from billing import db
+    from billing.platform import db
 
     tag = uuid.uuid4().hex[:8]
     rows = [(f"eur-{tag}", 98561, "eur"), (f"jpy-{tag}", 3600, "jpy")]

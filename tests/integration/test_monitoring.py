@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from billing import monitoring
-from billing.stack import process
+from billing_dev import monitoring
+from billing_dev.stack import process
 
 pytestmark = pytest.mark.integration
 

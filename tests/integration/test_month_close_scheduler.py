@@ -15,7 +15,8 @@ import time
 import pytest
 from scheduler_support import TERMINAL, prepare_days, runs, wait_for
 
-from billing.orchestration import NIGHTLY_DAG_ID, logical_date_of
+from billing.orchestration import NIGHTLY_DAG_ID
+from billing.platform.dates import logical_date_of
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def _yesterday() -> dt.date:
 
 def test_skipped_last_day_the_month_closes_in_the_schedulers_next_run(scheduler, clean_db):
     airflow_client = scheduler.client
-    from billing import db
+    from billing.platform import db
 
     yesterday = _yesterday()
     # Month M: the month before the one the scheduler's next run (arrival day yesterday) bills.

@@ -25,7 +25,8 @@ import pytest
 from browser_support import login
 from scheduler_support import TERMINAL, prepare_days, runs, wait_for
 
-from billing.orchestration import NIGHTLY_DAG_ID, arrival_day, logical_date_of
+from billing.orchestration import NIGHTLY_DAG_ID
+from billing.platform.dates import arrival_day, logical_date_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -86,7 +87,7 @@ def _open_trigger(page, base: str, dag_id: str):
 def test_backfill_after_run_day_and_triggers_with_form_defaults(ui, browser, tmp_path):
     from playwright.sync_api import expect
 
-    from billing import db
+    from billing.platform import db
 
     client = ui.client
     before = {dag: set(runs(client, dag)) for dag in (NIGHTLY_DAG_ID, RECONCILE, PURGE)}

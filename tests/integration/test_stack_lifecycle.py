@@ -50,7 +50,7 @@ def _pids(root):
 
 
 def _alive(pid):
-    from billing.stack.process import pid_alive
+    from billing_dev.stack.process import pid_alive
 
     return pid_alive(pid)
 
@@ -108,8 +108,8 @@ def test_up_twice_is_harmless_and_down_stops_everything(own_stack_env, stack):
 def _password_works(state: dict) -> bool:
     import psycopg
 
-    from billing import connections as conns
-    from billing.stack.manager import Stack
+    from billing.platform import connections as conns
+    from billing_dev.stack.manager import Stack
 
     c = Stack(Path("/nonexistent")).connections(state)[conns.POSTGRES]
     with psycopg.connect(conns.postgres_dsn(c), connect_timeout=10) as cx:
@@ -121,7 +121,7 @@ def test_destroy_removes_postgres_outside_the_checkout_and_a_re_up_starts_afresh
     """tmp_path is inside a 0700 folder the unprivileged postgres user cannot enter (like a
     checkout under /root), so PostgreSQL's data lives in /var/tmp/billing-<hash>: `stack
     destroy` (make clean) removes it, and so does the next `up` after a bare `rm -rf`."""
-    from billing.stack.manager import Stack
+    from billing_dev.stack.manager import Stack
 
     root = Path(own_stack_env["BILLING_LOCAL_DIR"])
     stack = Stack(root)

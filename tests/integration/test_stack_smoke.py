@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from billing import connections as conns
+from billing.platform import connections as conns
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def test_stripe_emulator_creates_a_customer(stack):
 
 
 def test_smtp_sink_receives_an_email(stack):
-    from billing import mailer, settings
+    from billing.platform import mailer, settings
 
     subject = f"smoke {uuid.uuid4().hex}"
     msg_id = mailer.send(mailer.build("someone@example.test", subject, "hello from the smoke test"))

@@ -20,7 +20,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_support import RefusingHandler, free_port, point_smtp_at
 
-from billing import db, dunning, ingest, metrics_export
+from billing import dunning, ingest
+from billing.observability import export as metrics_export
+from billing.platform import db
 
 pytestmark = pytest.mark.integration
 

@@ -74,7 +74,7 @@ def test_rule_tests_feed_series_the_exporter_produces():
     from test_grafana_dashboards import declared_labels
 
     from billing import observability as obs
-    from billing.metrics_export import _le
+    from billing.observability.export import _le
 
     declared = declared_labels()
     buckets = {f"{n}_bucket": {*map(_le, b), "+Inf"} for n, b in obs.DURABLE_BUCKETS.items()}

@@ -23,9 +23,9 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 
-from billing import db
-from billing.errors import BillingError, ServiceError
-from billing.orchestration import period_of
+from billing.platform import db
+from billing.platform.dates import period_of
+from billing.platform.errors import BillingError, ServiceError
 from billing.stripe_sync import closing, mode, outbox, parking, push
 from billing.stripe_sync.client import Gateway, Policy
 from billing.stripe_sync.engine import Engine, upsert_invoice

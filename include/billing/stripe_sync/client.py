@@ -21,9 +21,9 @@ from typing import Any
 
 import stripe
 
-from billing import connections, settings
 from billing import observability as obs
-from billing.errors import ServiceError
+from billing.platform import connections, settings
+from billing.platform.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

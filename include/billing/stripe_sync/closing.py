@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from billing.orchestration import month_end, period_of
+from billing.platform.dates import month_end, period_of
 
 
 def days_of(period: dt.date) -> list[dt.date]:

@@ -19,7 +19,7 @@ import datetime as dt
 from typing import Any
 
 # billing_nightly's sentinel task; the Billing page counts a run whose sentinel was
-# skipped as degraded (billing.billing_page.red_tiles).
+# skipped as degraded (billing.web.page.red_tiles).
 SENTINEL_TASK_ID = "stripe_all_delivered"
 # Error classes (billing.stripe_sync.client.classify) that mean "Stripe did not answer".
 UNREACHABLE = frozenset({"connection", "timeout", "server", "rate_limit"})
@@ -92,7 +92,7 @@ def status(open_: dict[str, Any], read_only: dict | None) -> dict[str, str]:
 
 def check(cx=None) -> dict[str, Any]:
     """The verdict for the outbox as it is now (the sentinel task calls this)."""
-    from billing import db
+    from billing.platform import db
     from billing.stripe_sync import mode
 
     if cx is None:

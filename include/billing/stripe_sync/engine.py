@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from billing import db
 from billing import observability as obs
+from billing.platform import db
 from billing.stripe_sync import mode, outbox, parking
 from billing.stripe_sync.client import Failure, Gateway, GiveUp, Policy
 

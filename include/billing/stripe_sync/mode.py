@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from billing import db
+from billing.platform import db
 
 TABLE = "billing.stripe_read_only"
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
-from billing import connections
-from billing.errors import ServiceError
+from billing.platform import connections
+from billing.platform.errors import ServiceError
 
 PARKED = "billing:stripe:parked"
 

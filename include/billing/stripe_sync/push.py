@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 
-from billing.orchestration import month_end, period_of
+from billing.platform.dates import month_end, period_of
 from billing.stripe_sync import snapshot
 from billing.stripe_sync.outbox import Write, key_for
 
@@ -71,7 +71,7 @@ def plan_customers(cx, org_ids: set[str], period: dt.date) -> list[Write]:
 def periods_open_for(day: dt.date, lateness_days: int | None = None) -> list[dt.date]:
     """Periods whose usage can still change on run day ``day``: its own, and earlier ones
     that ended within the lateness window (oldest first)."""
-    from billing import settings
+    from billing.platform import settings
 
     window = settings.lateness_days() if lateness_days is None else lateness_days
     oldest = period_of(day - dt.timedelta(days=window))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from billing import settings
+from billing.platform import settings
 
 
 def _rel(name: str) -> sql.Composed:

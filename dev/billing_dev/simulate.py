@@ -1,0 +1,1266 @@
+"""A month of nightly billing on the real local stack, under faults, checked to the cent.
+
+``billing simulate --days 35 --orgs N --events-per-day M --seed S [--start D] [--faults P]``
+runs the nightly cycle day by day across a month boundary: usage files (duplicates,
+malformed lines, late events) from :mod:`billing_dev.usage_gen`, then the ``billing_nightly``
+steps (ingest -> transform on both targets -> Stripe push -> month-end close -> invoice
+sync), payments for some orgs, dunning as of the next morning and a reconciliation with a
+per-day idempotency key. After the run it checks the invariants that say nothing was lost
+and nothing doubled, prints them and returns them (:func:`run`; exit 1 when one fails).
+
+The steps run as Python functions (a Cosmos ``dags test`` costs ~90 s a day); one day goes
+through the real DAG (:func:`billing_dev.runner.run_day`) and the killed task is an Airflow
+``tasks test`` process killed mid-way and re-run, as on-call would.
+
+Fault profiles (``--faults``):
+
+* ``none``   -- no faults (the real-DAG day still runs).
+* ``stripe`` -- Stripe 5xx / 429 / 409 / resets / timeouts / lost responses through
+  :class:`billing_dev.faults.FaultProxy`; an outage window (read-only on, then off + drain);
+  writes that fail every attempt for a day (parked, then ``retry_parked --all``).
+* ``all``    -- ``stripe`` plus Postgres stopped while an ingest transaction is open (then
+  started; the re-run resumes), ``stripe_push`` killed mid-way under Airflow and re-run,
+  a day re-run twice, a backfill of an earlier day with a file that landed late.
+
+Every fault is made to happen at a known point without timing: an advisory lock the step
+needs is held by the simulator, it waits until Postgres shows the step blocked on it, then
+injects the fault (stop Postgres, SIGKILL the task).
+
+Isolation: the simulation runs on its own stack (``--stack-dir``, default
+``.local/simulate``), wiped at the start, so its counts are exact.
+
+Dates: Stripe's due dates follow the real clock (``created + days_until_due``), so the
+simulated month end should not be before today. The default start puts the first month
+end at the end of the current month; ``days_until_due`` is chosen at each close so the due
+date is the simulated close day, and a compressed dunning policy (one stage every
+``--dunning-step`` days) lets a short run reach every stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psycopg import sql
+
+from billing.platform.dates import month_end, period_of
+from billing.platform.errors import BillingError
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("none", "stripe", "all")
+STAGES = ("reminder", "second_notice", "final_notice", "service_degraded", "escalation")
+DRAIN_LOCK = 7_202_612  # billing.stripe_sync.engine.DRAIN_LOCK (not imported: Airflow-free)
+
+
+class SimulationFailed(BillingError):
+    """At least one invariant does not hold after the run."""
+
+    exit_code = 1
+
+
+@dataclass
+class Config:
+    days: int = 35
+    orgs: int = 5
+    events_per_day: int = 2000
+    seed: int = 7
+    start: dt.date | None = None
+    faults: str = "all"
+    stack_dir: Path | None = None
+    keep_stack: bool = False
+    bad_ratio: float = 0.01
+    dup_ratio: float = 0.02
+    late_ratio: float = 0.03
+    late_days: int = 5
+    files_per_day: int = 2
+    dunning_step: int | None = None  # days between dunning stages; None: fit the run
+    dag_day: int | None = None  # index of the day run through the real DAG; -1: none
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.faults not in PROFILES:
+            raise BillingError(f"unknown fault profile {self.faults!r} ({', '.join(PROFILES)})")
+        if self.days < 2:
+            raise BillingError("simulate at least 2 days")
+        if self.start is None:
+            self.start = default_start(self.days)
+
+
+def default_start(days: int, today: dt.date | None = None) -> dt.date:
+    """Start so the run crosses the end of the current month with room after it."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    before = max(1, min(days // 2, 4))
+    return month_end(today) - dt.timedelta(days=before - 1)
+
+
+def _snapshot(table: str) -> sql.Identifier:
+    """A table of the published invoice snapshot."""
+    from billing.platform import settings
+
+    return sql.Identifier(settings.snapshot_schema(), table)
+
+
+def _month_end(day: dt.date) -> bool:
+    return day == month_end(day)
+
+
+# ------------------------------------------------------------------ environment
+def prepare_environment(stack_dir: Path, *, wipe: bool = True):
+    """Point this process (before Airflow is imported) at a private stack; start it."""
+    from billing_dev.stack.manager import Stack
+
+    stack_dir = stack_dir.resolve()
+    stack = Stack(stack_dir)
+    if wipe and stack_dir.exists():
+        if stack.state_file.exists():
+            os.environ["BILLING_LOCAL_DIR"] = str(stack_dir)
+            stack.destroy()  # also PostgreSQL's data outside the checkout, if any
+        shutil.rmtree(stack_dir)
+    os.environ["BILLING_LOCAL_DIR"] = str(stack_dir)
+    os.environ["BILLING_LANDING_URI"] = (stack_dir / "landing").as_uri()
+    os.environ["BILLING_MAIL_DIR"] = str(stack_dir / "mail")
+    state = stack._init_state()
+    os.environ.update(stack.env(state))
+    stack.up()
+    return stack
+
+
+# ------------------------------------------------------------------ expected counts
+@dataclass
+class Expected:
+    """What the generator wrote, classified independently of the product code."""
+
+    valid_ids: set[str] = field(default_factory=set)
+    valid_lines: int = 0
+    bad_lines: int = 0
+    lines: int = 0
+
+    def add_file(self, path: str) -> None:
+        with open(path.removeprefix("file://"), encoding="utf-8") as fh:
+            for line in fh:
+                line = line.rstrip("\n")
+                if not line:
+                    continue
+                self.lines += 1
+                try:
+                    obj = json.loads(line)
+                    event_id = obj["event_id"]
+                except (ValueError, KeyError, TypeError):
+                    self.bad_lines += 1
+                    continue
+                if str(event_id).startswith("bad-"):
+                    self.bad_lines += 1
+                else:
+                    self.valid_lines += 1
+                    self.valid_ids.add(event_id)
+
+    @property
+    def duplicates(self) -> int:
+        return self.valid_lines - len(self.valid_ids)
+
+
+# ------------------------------------------------------------------ the simulation
+@dataclass(frozen=True)
+class _Facts:
+    """What the invariant checks read from Postgres after the run."""
+
+    snapshot: dict  # (org, period) -> (total_cents, currency)
+    closes: dict  # (org, period) -> (Stripe invoice status, its id)
+    due_on: dict  # Stripe invoice id -> due date
+    late_after_close: dict  # (org, period) -> billable events that arrived after its close
+    outbox_status: dict  # status -> rows
+    sent_rows: list  # (kind, idempotency_key, stripe_object_id) of sent outbox rows
+    notices: list  # (stripe_invoice_id, org_id, stage, status, message_id)
+    audit: dict  # (org, period) -> (latest status, is_above_tolerance)
+    incidents: list  # (period, org_ids, status)
+    plans: dict  # org -> plan
+
+    @classmethod
+    def read(cls, cx) -> _Facts:
+        closes, due_on = {}, {}
+        for o, p, iid, st, due in cx.execute(
+            """SELECT org_id, period, stripe_invoice_id, status,
+                      (due_at AT TIME ZONE 'UTC')::date FROM billing.stripe_invoices"""
+        ).fetchall():
+            closes[(o, p)] = (st, iid)
+            due_on[iid] = due
+        return cls(
+            snapshot={
+                (o, p): (int(t), c.strip().lower())
+                for o, p, t, c in cx.execute(
+                    sql.SQL("SELECT org_id, period_start, total_cents, currency FROM {}").format(
+                        _snapshot("fct_invoices")
+                    )
+                ).fetchall()
+            },
+            closes=closes,
+            due_on=due_on,
+            late_after_close={
+                (o, p): n
+                for o, p, n in cx.execute(
+                    """SELECT e.org_id, date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date,
+                              count(*)
+                         FROM billing.usage_events e
+                         JOIN billing.stripe_invoices i ON i.org_id = e.org_id
+                          AND i.period = date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date
+                        WHERE e.billable
+                          AND e.arrival_day > (i.period + interval '1 month' - interval '1 day')::date
+                        GROUP BY 1, 2"""
+                ).fetchall()
+            },
+            outbox_status=dict(
+                cx.execute("SELECT status, count(*) FROM billing.stripe_outbox GROUP BY 1")
+            ),
+            sent_rows=cx.execute(
+                """SELECT kind, idempotency_key, stripe_object_id FROM billing.stripe_outbox
+                    WHERE status = 'sent'"""
+            ).fetchall(),
+            notices=cx.execute(
+                """SELECT stripe_invoice_id, org_id, stage, status, message_id
+                     FROM billing.dunning_notices"""
+            ).fetchall(),
+            audit={
+                (o, p): (s, above)
+                for o, p, s, above in cx.execute(
+                    """SELECT DISTINCT ON (org_id, period) org_id, period, status, is_above_tolerance
+                         FROM billing.billing_audit ORDER BY org_id, period, audit_id DESC"""
+                ).fetchall()
+            },
+            incidents=cx.execute(
+                "SELECT period, org_ids, status FROM billing.billing_incidents"
+            ).fetchall(),
+            plans=dict(cx.execute("SELECT org_id, plan FROM billing.organizations")),
+        )
+
+
+class Simulation:
+    def __init__(self, cfg: Config, stack):
+        from billing import pricing
+
+        self.cfg = cfg
+        self.stack = stack
+        self.state = stack.load_state()
+        self.catalog = pricing.load_catalog()
+        self.metrics = sorted(self.catalog.metrics)
+        self.days = [cfg.start + dt.timedelta(days=i) for i in range(cfg.days)]
+        self.expected = Expected()
+        self.events_log: list[dict] = []
+        self.timings: dict[str, float] = defaultdict(float)
+        self.day_seconds: list[float] = []
+        self.proxy = None
+        self.pending_close: set[dt.date] = set()
+        self.closed_at: dict[tuple[str, dt.date], int] = {}  # snapshot total when closed
+        self.reconcile_runs = 0
+        self.reconcile_failed_runs = 0
+        self.payments: dict[str, str] = {}  # invoice id -> sim day paid
+        self.rng_orgs = [o.org_id for o in self._orgs()]
+        n = len(self.days)
+        faults = cfg.faults
+        self.schedule: dict[str, int | None] = {
+            "pg_restart": 1 if faults == "all" else None,
+            "outage_on": 1 if faults != "none" and n > 3 else None,
+            "outage_off": 3 if faults != "none" and n > 3 else None,
+            "sticky": 3 if faults != "none" and n > 4 else None,
+            "retry_parked": 4 if faults != "none" and n > 4 else None,
+            "kill_push": 4 if faults == "all" and n > 4 else None,
+            "dag_day": cfg.dag_day if cfg.dag_day is not None else min(5, n - 1),
+            "rerun": 6 if faults == "all" and n > 6 else None,
+            "backfill": 7 if faults == "all" and n > 7 else None,
+        }
+        if self.schedule["dag_day"] is not None and self.schedule["dag_day"] < 0:
+            self.schedule["dag_day"] = None
+
+    # ---------------------------------------------------------------- helpers
+    def say(self, msg: str) -> None:
+        if not self.cfg.quiet:
+            print(msg, flush=True)
+
+    def note(self, day: dt.date, kind: str, **detail) -> None:
+        self.events_log.append({"day": day.isoformat(), "event": kind, **detail})
+        self.say(f"  [{kind}] " + ", ".join(f"{k}={v}" for k, v in detail.items()))
+
+    def timed(self, name: str, fn: Callable, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            self.timings[name] += time.perf_counter() - t
+
+    def _orgs(self):
+        from billing_dev import usage_gen
+
+        return usage_gen.demo_orgs(self.cfg.orgs, self.catalog)
+
+    def group(self, org_id: str) -> str:
+        """Payment behaviour: pays at once, pays after the second notice, never pays."""
+        i = int(org_id.rsplit("-", 1)[1])
+        return ("never", "prompt", "after_second")[i % 3]
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        from billing import orgs as orgs_mod
+        from billing.platform import db
+
+        with db.transaction() as cx:
+            orgs_mod.upsert(cx, self._orgs())
+        step = self.cfg.dunning_step
+        if step is None:  # fit all five stages between the first close and the run's end
+            close = next((d for d in self.days if _month_end(d)), self.days[-1])
+            after = (self.days[-1] - close).days
+            step = max(1, min(7, (after - 2) // 5))
+        self.dunning_step = step
+        path = self.stack.root / "simulate-dunning.yaml"
+        path.write_text(_policy_yaml(step))
+        os.environ["BILLING_DUNNING_POLICY"] = str(path)
+        # Retries at simulated speed: the schedule's shape is the product's, its unit is 10 ms.
+        os.environ["BILLING_STRIPE_BACKOFF_BASE_SECONDS"] = "0.01"
+        os.environ["BILLING_STRIPE_MAX_RPS"] = "0"
+        os.environ["BILLING_STRIPE_TIMEOUT_SECONDS"] = "2"
+        os.environ.setdefault("BILLING_INGEST_WORKERS", "2")
+        if self.cfg.faults != "none":
+            self._start_proxy()
+
+    def _start_proxy(self) -> None:
+        from billing.platform import connections
+        from billing_dev.faults import FaultProxy
+
+        conn = connections.get(connections.STRIPE)
+        self.emulator_url = conn.host
+        self.proxy = FaultProxy(
+            conn.host,
+            seed=self.cfg.seed,
+            rates={
+                "500": 0.03,
+                "429": 0.03,
+                "409": 0.01,
+                "reset": 0.02,
+                "timeout": 0.01,
+                "lost": 0.04,
+            },
+            forced=("500", "429", "409", "reset", "timeout", "lost"),
+            hold_seconds=2.5,
+            retry_after=0,
+        ).start()
+        moved = connections.Conn(
+            conn.conn_id, conn.conn_type, self.proxy.url, None, None, conn.password, None
+        )
+        os.environ[connections.env_var(conn.conn_id)] = moved.to_json()
+
+    def direct(self):
+        """An SDK client straight to the emulator (payments, checks): never faulted."""
+        import stripe
+
+        from billing.platform import connections
+
+        url = getattr(self, "emulator_url", None) or connections.get(connections.STRIPE).host
+        key = connections.get(connections.STRIPE).password
+        return stripe.StripeClient(key, base_addresses={"api": url}, max_network_retries=0)
+
+    # ---------------------------------------------------------------- usage
+    def write_usage(self, day: dt.date, *, seed: int | None = None, files: int | None = None):
+        from billing.platform import settings
+        from billing_dev import usage_gen
+
+        late_cap = min(self.cfg.late_days, (day - period_of(self.cfg.start)).days)
+        late_cap = min(late_cap, settings.lateness_days() - 1)
+        spec = usage_gen.UsageSpec(
+            day,
+            self.cfg.orgs,
+            self.cfg.events_per_day,
+            self.cfg.seed if seed is None else seed,
+            bad_ratio=self.cfg.bad_ratio,
+            dup_ratio=self.cfg.dup_ratio,
+            late_ratio=self.cfg.late_ratio if late_cap > 0 else 0.0,
+            late_days=max(1, late_cap),
+        )
+        paths = self.timed(
+            "generate",
+            usage_gen.write_day,
+            spec,
+            self.metrics,
+            settings.landing_uri(),
+            files=files or self.cfg.files_per_day,
+        )
+        for p in paths:
+            self.expected.add_file(p)
+        return paths
+
+    def replay_file(self, src: str, day: dt.date) -> str:
+        """The same file delivered again under another name on a later day (all duplicates)."""
+        from billing.platform import settings
+
+        root = Path(settings.landing_uri().removeprefix("file://")) / "usage" / f"dt={day}"
+        root.mkdir(parents=True, exist_ok=True)
+        dst = root / ("replayed-" + Path(src).name)
+        shutil.copyfile(src.removeprefix("file://"), dst)
+        self.expected.add_file(str(dst))
+        return str(dst)
+
+    # ---------------------------------------------------------------- nightly steps
+    @staticmethod
+    def run_end(day: dt.date) -> dt.datetime:
+        from billing.platform.dates import arrival_interval
+
+        return arrival_interval(day)[1]
+
+    def ingest(self, day: dt.date) -> dict:
+        from billing.ingest import loader as ingest
+
+        return self.timed("ingest", ingest.ingest_day, day, self.run_end(day))
+
+    def transform(self, day: dt.date) -> None:
+        from billing import transform
+
+        self.timed("transform", transform.transform_day, day)
+
+    def push(self, day: dt.date) -> dict:
+        from billing import stripe_sync
+
+        return self.timed("stripe_push", stripe_sync.push_day, day)
+
+    def close(self, day: dt.date) -> dict:
+        if not _month_end(day):
+            return {"status": "skipped"}
+        return self.close_period(period_of(day), day)
+
+    def close_period(self, period: dt.date, today: dt.date) -> dict:
+        """Close ``period`` so its invoice is due on the simulated day it is finalized."""
+        from billing import stripe_sync
+
+        real_today = dt.datetime.now(dt.UTC).date()
+        os.environ["BILLING_STRIPE_DAYS_UNTIL_DUE"] = str(max(0, (today - real_today).days))
+        res = self.timed("stripe_close", stripe_sync.close_period, period)
+        self.capture_close_snapshots()
+        # close_period's "blocked" orgs are overwritten by the drain's blocked count, so
+        # ask the outbox: orgs with the period's items but no invoice write yet.
+        blocked = self.unclosed_orgs(period)
+        if blocked:
+            self.pending_close.add(period)
+            self.note(today, "close_blocked", period=f"{period:%Y-%m}", orgs=",".join(blocked))
+        else:
+            self.pending_close.discard(period)
+        return res
+
+    def unclosed_orgs(self, period: dt.date) -> list[str]:
+        from billing.platform import db
+
+        with db.connect() as cx:
+            return [
+                o
+                for (o,) in cx.execute(
+                    """SELECT DISTINCT org_id FROM billing.stripe_outbox o
+                        WHERE period = %(p)s AND kind IN ('usage_item', 'base_fee')
+                          AND status <> 'cancelled'
+                          AND NOT EXISTS (SELECT 1 FROM billing.stripe_invoices i
+                                           WHERE i.org_id = o.org_id AND i.period = %(p)s)
+                        ORDER BY 1""",
+                    {"p": period},
+                ).fetchall()
+            ]
+
+    def capture_close_snapshots(self) -> None:
+        """The snapshot total each invoice was closed against (what Stripe must equal)."""
+        from billing.platform import db
+
+        with db.connect() as cx:
+            for o, p, total in cx.execute(
+                sql.SQL(
+                    """SELECT i.org_id, i.period, f.total_cents FROM billing.stripe_invoices i
+                         JOIN {} f ON f.org_id = i.org_id AND f.period_start = i.period"""
+                ).format(_snapshot("fct_invoices"))
+            ).fetchall():
+                self.closed_at.setdefault((o, p), int(total))
+
+    def sync(self) -> dict:
+        from billing import stripe_sync
+
+        return self.timed("stripe_sync", stripe_sync.sync_invoices)
+
+    def nightly(self, day: dt.date, *, push_fn: Callable | None = None) -> dict:
+        out = {"ingest": self.ingest(day)["total"]}
+        self.transform(day)
+        out["push"] = (push_fn or self.push)(day)
+        out["close"] = self.close(day)
+        return out
+
+    def after_night(self, day: dt.date) -> None:
+        """Payments during the day, invoice sync, dunning next morning, reconciliation."""
+        self.pay(day)
+        self.sync()
+        self.dun(day + dt.timedelta(days=1))
+        self.reconcile(day)
+
+    def pay(self, day: dt.date) -> None:
+        from billing.platform import db
+
+        with db.connect() as cx:
+            rows = cx.execute(
+                """SELECT i.org_id, i.stripe_invoice_id,
+                          EXISTS (SELECT 1 FROM billing.dunning_notices n
+                                   WHERE n.stripe_invoice_id = i.stripe_invoice_id
+                                     AND n.stage = 'second_notice' AND n.status = 'sent')
+                     FROM billing.stripe_invoices i WHERE i.status = 'open' ORDER BY 1"""
+            ).fetchall()
+        client = None
+        for org_id, inv_id, second_sent in rows:
+            g = self.group(org_id)
+            if g == "prompt" or (g == "after_second" and second_sent):
+                client = client or self.direct()
+                client.v1.invoices.pay(inv_id, params={"paid_out_of_band": True})
+                self.payments[inv_id] = day.isoformat()
+                self.note(day, "paid", org=org_id, invoice=inv_id, group=g)
+
+    def dun(self, as_of: dt.date) -> dict:
+        from billing import dunning
+
+        res = self.timed("dunning", dunning.run, as_of)
+        if res.get("sent"):
+            self.say(
+                f"  dunning {as_of}: "
+                + ", ".join(f"{n['org_id']}:{n['stage']}" for n in res["notices"])
+            )
+        return res
+
+    def reconcile(self, day: dt.date) -> None:
+        from billing import reconcile
+        from billing.platform import db
+
+        periods = {period_of(day)}
+        with db.connect() as cx:  # closed periods still inside the lateness window
+            for (p,) in cx.execute("SELECT DISTINCT period FROM billing.stripe_invoices"):
+                periods.add(p)
+        for p in sorted(periods):
+            key = f"simulate:{self.cfg.seed}:{p:%Y-%m}:{day.isoformat()}"
+            self.reconcile_runs += 1
+            try:
+                self.timed("reconcile", reconcile.reconcile, p, idempotency_key=key)
+            except reconcile.ReconcileMismatch as exc:
+                self.reconcile_failed_runs += 1
+                inc = exc.payload.get("incident") or {}
+                self.say(f"  reconcile {p:%Y-%m}: mismatch -> incident {inc.get('incident_id')}")
+
+    # ---------------------------------------------------------------- faults
+    def wait_for_lock_waiter(self, where: str, timeout: float = 60.0) -> int:
+        """Block until a backend waits on an advisory lock matching ``where``; its pid."""
+        from billing.platform import db
+
+        deadline = time.monotonic() + timeout
+        with db.connect(autocommit=True) as cx:
+            while time.monotonic() < deadline:
+                row = cx.execute(
+                    f"""SELECT l.pid FROM pg_locks l
+                         WHERE l.locktype = 'advisory' AND NOT l.granted AND {where} LIMIT 1"""
+                ).fetchone()
+                if row:
+                    return row[0]
+                # a condition wait on Postgres' own lock table, not a timed guess
+                cx.execute("SELECT pg_sleep(0.05)")
+        raise BillingError(f"no backend blocked on the advisory lock ({where}) in {timeout}s")
+
+    def ingest_with_pg_restart(self, day: dt.date) -> dict:
+        """Stop Postgres while file 2 of the day is inside its transaction; restart; resume."""
+        import threading
+
+        from billing.ingest import loader as ingest
+        from billing.platform import db
+
+        files = ingest._list_files(ingest._day_root(day, None))
+        if len(files) < 2:
+            return self.ingest(day)
+        key = ingest._lock_key(str(files[1]))
+        holder = db.connect(autocommit=True)
+        holder.execute("SELECT pg_advisory_lock(%s)", (key,))
+        outcome: dict[str, Any] = {}
+
+        def load():
+            try:
+                outcome["result"] = ingest.ingest_day(day, self.run_end(day), workers_=1)
+            except Exception as exc:
+                outcome["error"] = exc
+
+        t = threading.Thread(target=load, name="sim-ingest")
+        t.start()
+        hi, lo = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
+        self.wait_for_lock_waiter(f"l.classid = {hi}::oid AND l.objid = {lo}::oid")
+        self.stack.postgres_down(self.state)  # fast shutdown: open transactions roll back
+        t.join()
+        holder.close()
+        self.note(
+            day,
+            "postgres_stopped_mid_ingest",
+            error=type(outcome.get("error")).__name__,
+        )
+        self.stack.postgres_up(self.state)
+        # The loaded file is skipped, the rolled-back ones load: resume, not restart.
+        res = self.ingest(day)
+        statuses = Counter(f["status"] for f in res["files"])
+        self.note(day, "ingest_resumed", **statuses)
+        return res
+
+    def airflow_task(self, day: dt.date, task_id: str, *, kill_when_blocked: bool = False):
+        """``airflow tasks test billing_nightly TASK`` for arrival day ``day`` (logical date D)."""
+        from billing.platform.dates import logical_date_of
+
+        airflow = Path(sys.executable).parent / "airflow"
+        run_at = logical_date_of(day).isoformat()
+        cmd = [str(airflow), "tasks", "test", "billing_nightly", task_id, run_at]
+        logf = open(self.stack.root / f"airflow-{task_id}-{day}.log", "ab")
+        proc = subprocess.Popen(
+            cmd,
+            env=os.environ.copy(),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if not kill_when_blocked:
+            rc = proc.wait()
+            logf.close()
+            if rc != 0:
+                raise BillingError(f"airflow tasks test {task_id} {day} failed (exit {rc})")
+            return rc
+        try:
+            pid = self.wait_for_lock_waiter(f"l.classid = 0::oid AND l.objid = {DRAIN_LOCK}::oid")
+        except BillingError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        logf.close()
+        return pid
+
+    def push_killed_and_rerun(self, day: dt.date) -> dict:
+        """stripe_push under Airflow, SIGKILLed while it waits to drain; then run again."""
+        from billing.platform import db
+
+        holder = db.connect(autocommit=True)
+        holder.execute("SELECT pg_advisory_lock(%s)", (DRAIN_LOCK,))
+        t = time.perf_counter()
+        backend = self.airflow_task(day, "stripe_push", kill_when_blocked=True)
+        holder.execute("SELECT pg_terminate_backend(%s)", (backend,))  # the killed task's session
+        holder.execute("SELECT pg_advisory_unlock(%s)", (DRAIN_LOCK,))
+        with db.connect() as cx:
+            pending = cx.execute(
+                "SELECT count(*) FROM billing.stripe_outbox WHERE status = 'pending' AND day = %s",
+                (day,),
+            ).fetchone()[0]
+        holder.close()
+        self.note(day, "stripe_push_killed", pending_rows_left=pending)
+        self.airflow_task(day, "stripe_push")
+        self.timings["airflow_tasks"] += time.perf_counter() - t
+        with db.connect() as cx:
+            left = cx.execute(
+                "SELECT count(*) FROM billing.stripe_outbox WHERE status = 'pending' AND day = %s",
+                (day,),
+            ).fetchone()[0]
+        self.note(day, "stripe_push_rerun", pending_rows_left=left)
+        return {"killed_with_pending": pending, "pending_after_rerun": left}
+
+    def fingerprint(self) -> dict:
+        from billing.platform import db
+
+        with db.connect() as cx:
+            q = {
+                "usage_events": "SELECT count(*) FROM billing.usage_events",
+                "quarantine": "SELECT count(*) FROM billing.usage_quarantine",
+                "usage_files": "SELECT count(*) FROM billing.usage_files",
+                "outbox_rows": "SELECT count(*) FROM billing.stripe_outbox",
+                "outbox_cents": "SELECT coalesce(sum(amount_cents), 0) FROM billing.stripe_outbox",
+                "notices": "SELECT count(*) FROM billing.dunning_notices",
+                "reconcile_runs": "SELECT count(*) FROM billing.reconcile_runs",
+            }
+            out = {k: int(cx.execute(v).fetchone()[0]) for k, v in q.items()}
+        out["stripe_items"] = sum(len(v) for v in self.stripe_items().values())
+        out["emails"] = len(list(Path(os.environ["BILLING_MAIL_DIR"]).glob("*.eml")))
+        return out
+
+    # ---------------------------------------------------------------- the run
+    def run_days(self) -> None:
+        first_files: dict[dt.date, list[str]] = {}
+        for i, day in enumerate(self.days):
+            t0 = time.perf_counter()
+            self.say(f"day {i + 1}/{len(self.days)} {day} ({day:%a})")
+            files = self.write_usage(day)
+            first_files[day] = files
+            if i > 0 and i % 3 == 0:  # a producer re-delivers yesterday's first file
+                self.replay_file(first_files[self.days[i - 1]][0], day)
+            self._before_night(i, day)
+            for period in sorted(self.pending_close):  # on-call closes what was blocked
+                if not self.parked_count():
+                    self.close_period(period, day)
+            self._night(i, day)
+            if self.schedule["sticky"] == i:
+                self.note(day, "parked_after_push", parked=self.parked_count())
+            self.after_night(day)
+            if self.schedule["rerun"] == i:
+                self._rerun_twice(day)
+            self.day_seconds.append(time.perf_counter() - t0)
+        self._morning_after()
+
+    def _before_night(self, i: int, day: dt.date) -> None:
+        """The faults and on-call actions scheduled for day i, before its nightly run."""
+        s = self.schedule
+        if s["backfill"] == i:
+            self.backfill(i)
+        if s["outage_off"] == i:
+            from billing import stripe_sync
+
+            stripe_sync.set_read_only(False)
+            res = self.timed("stripe_drain", stripe_sync.drain)
+            self.note(day, "stripe_outage_off", drained=res.get("sent", 0))
+        if s["retry_parked"] == i:
+            self.proxy.sticky_rate = 0.0
+            self.retry_parked(day)
+        if s["sticky"] == i:
+            self.proxy.sticky_rate = 0.4
+            self.note(day, "stripe_sticky_failures_on", rate=0.4)
+        if s["outage_on"] == i:
+            from billing import stripe_sync
+
+            stripe_sync.set_read_only(True, "simulated Stripe outage")
+            self.note(day, "stripe_outage_on")
+
+    def _night(self, i: int, day: dt.date) -> None:
+        """Day i's nightly run: the real DAG on its scheduled day, else the steps in-process."""
+        s = self.schedule
+        if s["dag_day"] == i:
+            from billing_dev import runner
+
+            t = time.perf_counter()
+            self.timed("real_dag", runner.run_day, day, quiet=True)
+            self.capture_close_snapshots()
+            if _month_end(day) and self.unclosed_orgs(period_of(day)):
+                self.pending_close.add(period_of(day))
+            self.note(day, "billing_nightly_dags_test", seconds=round(time.perf_counter() - t))
+            return
+        if s["pg_restart"] == i:
+            self.ingest_with_pg_restart(day)
+        else:
+            self.ingest(day)
+        self.transform(day)
+        if s["kill_push"] == i:
+            self.push_killed_and_rerun(day)
+        else:
+            self.push(day)
+        self.close(day)
+
+    def _rerun_twice(self, day: dt.date) -> None:
+        before = self.fingerprint()
+        for _ in range(2):
+            self.nightly(day)
+            self.after_night(day)
+        after = self.fingerprint()
+        self.rerun_check = {"before": before, "after": after}
+        self.note(day, "day_rerun_twice", unchanged=before == after)
+
+    def _morning_after(self) -> None:
+        """On-call, the morning after the last day: nothing parked or queued may stay behind."""
+        from billing import stripe_sync
+
+        if self.proxy:
+            self.proxy.sticky_rate = 0.0
+        if stripe_sync.read_only():
+            stripe_sync.set_read_only(False)
+        self.retry_parked(self.days[-1])
+        for period in sorted(self.pending_close):
+            self.close_period(period, self.days[-1])
+        self.sync()
+        self.final_reconcile()
+
+    def backfill(self, i: int) -> None:
+        """A file for an earlier day landed after that day ran: on-call re-runs that day."""
+        earlier = self.days[max(0, i - 2)]
+        if period_of(earlier) != period_of(self.days[i]):
+            earlier = self.days[i - 1]
+        self.write_usage(earlier, seed=self.cfg.seed + 1000, files=1)
+        before = self.outbox_rows()
+        self.nightly(earlier)
+        self.sync()
+        self.note(
+            self.days[i],
+            "backfill",
+            backfilled_day=earlier.isoformat(),
+            new_outbox_rows=self.outbox_rows() - before,
+        )
+
+    def retry_parked(self, day: dt.date) -> None:
+        from billing import stripe_sync
+
+        n = self.parked_count()
+        res = self.timed("retry_parked", stripe_sync.retry_parked, all=True)
+        self.note(day, "retry_parked_all", parked_before=n, sent=res.get("sent", 0))
+
+    def parked_count(self) -> int:
+        from billing.stripe_sync import parking
+
+        return len(parking.parked(parking.client()))
+
+    def outbox_rows(self) -> int:
+        from billing.platform import db
+
+        with db.connect() as cx:
+            return cx.execute("SELECT count(*) FROM billing.stripe_outbox").fetchone()[0]
+
+    def final_reconcile(self) -> None:
+        from billing import reconcile
+        from billing.platform import db
+
+        with db.connect() as cx:
+            periods = [
+                p for (p,) in cx.execute("SELECT DISTINCT period FROM billing.stripe_outbox")
+            ]
+        self.final_results = {}
+        for p in sorted(periods):
+            try:
+                res = reconcile.reconcile(p, idempotency_key=f"simulate:{self.cfg.seed}:final:{p}")
+            except reconcile.ReconcileMismatch as exc:
+                res = exc.payload
+            self.final_results[f"{p:%Y-%m}"] = res
+
+    # ---------------------------------------------------------------- Stripe reads
+    def stripe_items(self) -> dict[str, list]:
+        """Every invoice item per org (from the emulator directly)."""
+        from billing.platform import db
+
+        client = self.direct()
+        with db.connect() as cx:
+            customers = dict(
+                cx.execute("SELECT org_id, stripe_customer_id FROM billing.stripe_customers")
+            )
+        out: dict[str, list] = {}
+        for org, cust in customers.items():
+            items, params = [], {"customer": cust, "limit": 100}
+            while True:
+                page = client.v1.invoice_items.list(params=params)
+                items.extend(x.to_dict() for x in page["data"])
+                if not page["has_more"]:
+                    break
+                params["starting_after"] = page["data"][-1]["id"]
+            out[org] = items
+        return out
+
+    # ---------------------------------------------------------------- invariants
+    def check(self) -> dict:
+        """Every invariant of the run: name -> {"ok": bool, the numbers behind it}."""
+        from billing.platform import db
+
+        with db.connect() as cx:
+            inv = {
+                "events_counted_once": self._check_events(cx),
+                "quarantine_has_reasons": self._check_quarantine(cx),
+            }
+            facts = _Facts.read(cx)
+        client = self.direct()
+        inv.update(self._check_stripe(facts, client))
+        inv["reconciled_or_incident"] = self._check_reconciled(facts)
+        inv["dunning_once_per_stage"] = self._check_dunning(facts)
+        parked = self.parked_count()
+        inv["parked_queue_empty"] = {
+            "ok": parked == 0 and facts.outbox_status.get("parked", 0) == 0,
+            "redis_parked": parked,
+            "outbox_parked": facts.outbox_status.get("parked", 0),
+        }
+        inv["no_orphan_outbox_rows"] = self._check_outbox(facts, client)
+        if hasattr(self, "rerun_check"):
+            rc = self.rerun_check
+            inv["rerun_changes_nothing"] = {
+                "ok": rc["before"] == rc["after"],
+                **rc,
+            }
+        return inv
+
+    def _check_events(self, cx) -> dict:
+        """Every valid line stored once: events, registry and manifest agree with the files."""
+        n_events, n_distinct = cx.execute(
+            "SELECT count(*), count(DISTINCT event_id) FROM billing.usage_events"
+        ).fetchone()
+        n_registry = cx.execute("SELECT count(*) FROM billing.usage_event_ids").fetchone()[0]
+        exp = len(self.expected.valid_ids)
+        accepted = cx.execute(
+            "SELECT coalesce(sum(accepted + non_billable), 0), coalesce(sum(duplicate), 0) "
+            "FROM billing.usage_files"
+        ).fetchone()
+        return {
+            "ok": n_events == n_distinct == n_registry == exp == accepted[0]
+            and accepted[1] == self.expected.duplicates,
+            "usage_events": n_events,
+            "distinct_event_ids": n_distinct,
+            "registry": n_registry,
+            "expected_unique_valid": exp,
+            "manifest_accepted": int(accepted[0]),
+            "duplicates": int(accepted[1]),
+            "expected_duplicates": self.expected.duplicates,
+            "lines_written": self.expected.lines,
+        }
+
+    def _check_quarantine(self, cx) -> dict:
+        """Every bad line quarantined, each with a reason and a detail."""
+        q_total, q_noreason = cx.execute(
+            """SELECT count(*), count(*) FILTER (WHERE reason IS NULL OR reason = ''
+                      OR detail IS NULL OR detail = '') FROM billing.usage_quarantine"""
+        ).fetchone()
+        reasons = dict(
+            cx.execute(
+                "SELECT reason, count(*) FROM billing.usage_quarantine GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
+        return {
+            "ok": q_noreason == 0 and q_total == self.expected.bad_lines,
+            "quarantined": q_total,
+            "expected_bad_lines": self.expected.bad_lines,
+            "without_reason": q_noreason,
+            "by_reason": reasons,
+        }
+
+    def _check_stripe(self, facts: _Facts, client) -> dict:
+        """Stripe per org/period vs snapshot, to the cent; no idempotency key twice."""
+        items = self.stripe_items()
+        stripe_side: dict[tuple[str, dt.date], int] = defaultdict(int)
+        # Items of period P that P's own invoice collected (late ones land on a later invoice).
+        on_own_invoice: dict[tuple[str, dt.date], int] = defaultdict(int)
+        invoice_of = {iid: k for k, (_, iid) in facts.closes.items()}
+        keys: Counter = Counter()
+        for org, its in items.items():
+            for ii in its:
+                meta = dict(ii.get("metadata") or {})
+                keys[meta.get("idempotency_key")] += 1
+                p = dt.date.fromisoformat(meta["period"] + "-01")
+                stripe_side[(org, p)] += int(ii["amount"])
+                if invoice_of.get(ii.get("invoice")) == (org, p):
+                    on_own_invoice[(org, p)] += int(ii["amount"])
+        invoices_total = {
+            k: int(client.v1.invoices.retrieve(iid)["total"])
+            for k, (_, iid) in facts.closes.items()
+        }
+        diffs, unbilled = [], {}
+        for k in sorted(set(facts.snapshot) | set(stripe_side)):
+            now = facts.snapshot.get(k, (0, None))[0]
+            closed = self.closed_at.get(k)
+            got = stripe_side.get(k, 0)
+            # Every period's items add up to the snapshot now, late events included; a
+            # closed invoice carries exactly the snapshot it was closed from.
+            if now != got or (closed is not None and on_own_invoice.get(k, 0) != closed):
+                diffs.append(
+                    {
+                        "org_id": k[0],
+                        "period": f"{k[1]:%Y-%m}",
+                        "snapshot_cents": now,
+                        "snapshot_at_close": closed,
+                        "stripe_items_cents": got,
+                        "stripe_items_on_own_invoice": on_own_invoice.get(k, 0),
+                        "stripe_invoice_total": invoices_total.get(k),
+                    }
+                )
+            if closed is not None and now != got:
+                unbilled[f"{k[0]}:{k[1]:%Y-%m}"] = {
+                    "snapshot_at_close": closed,
+                    "snapshot_now": now,
+                    "stripe_items_cents": got,
+                    "unbilled_cents": now - got,
+                    "billable_events_after_close": facts.late_after_close.get(k, 0),
+                }
+        doubled = {k: n for k, n in keys.items() if n > 1}
+        return {
+            "stripe_equals_snapshot": {
+                "ok": not diffs and not doubled and len(invoices_total) == len(self.closed_at),
+                "rule": "every period: Stripe items = snapshot now; closed: the items its own "
+                "invoice collected = snapshot the close was made from",
+                "org_periods": len(set(facts.snapshot) | set(stripe_side)),
+                "closed_invoices": len(invoices_total),
+                "stripe_items": sum(len(v) for v in items.values()),
+                "total_cents": sum(stripe_side.values()),
+                "differences": diffs,
+                "idempotency_keys_doubled": doubled,
+            },
+            "no_usage_after_close": {
+                "ok": not unbilled,
+                "note": "late events that arrive after their period's Stripe invoice was "
+                "finalized are pushed as items of that period, collected by the next invoice",
+                "late_cents_pushed_after_close": sum(
+                    stripe_side.get(k, 0) - on_own_invoice.get(k, 0) for k in self.closed_at
+                ),
+                "unbilled_cents_total": sum(v["unbilled_cents"] for v in unbilled.values()),
+                "billable_events_after_close": sum(facts.late_after_close.values()),
+                "org_periods": unbilled,
+            },
+        }
+
+    def _check_reconciled(self, facts: _Facts) -> dict:
+        """Reconciled within tolerance, or an incident names the org/period."""
+        open_inc = defaultdict(set)
+        for p, org_ids, _status in facts.incidents:
+            for o in org_ids:
+                open_inc[p].add(o)
+        bad = [
+            {"org_id": o, "period": f"{p:%Y-%m}", "status": status}
+            for (o, p), (status, above) in sorted(facts.audit.items())
+            if above and o not in open_inc[p]
+        ]
+        unreconciled = [
+            f"{o}:{p:%Y-%m}"
+            for (o, p) in sorted(set(facts.snapshot) | set(facts.closes))
+            if (o, p) not in facts.audit
+        ]
+        return {
+            "ok": not bad and not unreconciled,
+            "org_periods": len(facts.audit),
+            "latest": dict(Counter(s for s, _ in facts.audit.values())),
+            "above_tolerance_without_incident": bad,
+            "never_reconciled": unreconciled,
+            "incidents": len(facts.incidents),
+            "runs": self.reconcile_runs,
+            "runs_failed": self.reconcile_failed_runs,
+        }
+
+    def _check_dunning(self, facts: _Facts) -> dict:
+        """Each stage at most once per invoice (rows and e-mails); unpaid got all."""
+        notices = facts.notices
+        sent = Counter((i, s) for i, _, s, st, _ in notices if st == "sent")
+        mails = self.mail_message_ids()
+        dunning_mails = {m: n for m, n in mails.items() if m.startswith("<dunning.")}
+        twice = [f"{i}:{s}" for (i, s), n in sent.items() if n > 1]
+        twice += [m for m, n in dunning_mails.items() if n > 1]
+        stages_by_invoice = defaultdict(list)
+        skipped_by_invoice = defaultdict(list)
+        for i, o, s, st, _ in notices:
+            if st == "sent":
+                stages_by_invoice[(i, o)].append(s)
+            elif st == "skipped":
+                skipped_by_invoice[(i, o)].append(s)
+        missing_stages = self._missing_stages(facts, stages_by_invoice, skipped_by_invoice)
+        paid_dunned = [
+            f"{i}:{s}"
+            for i, o, s, st, _ in notices
+            if st == "sent" and self.group(o) == "prompt" and i in self.payments
+        ]
+        return {
+            "ok": not twice and not missing_stages and not paid_dunned,
+            "notices_sent": sum(sent.values()),
+            "emails": sum(dunning_mails.values()),
+            "by_stage": dict(Counter(s for (_, s) in sent)),
+            "sent_twice": twice,
+            "unpaid_missing_stages": missing_stages,
+            "paid_at_once_but_dunned": paid_dunned,
+            "invoices": {
+                iid: {"org": o, "status": st, "stages": stages_by_invoice.get((iid, o), [])}
+                for (o, _), (st, iid) in sorted(facts.closes.items())
+            },
+        }
+
+    def _missing_stages(self, facts: _Facts, sent_by_invoice, skipped_by_invoice) -> dict:
+        """Open invoices of never-paying orgs whose due stages were not all sent."""
+        from billing import dunning
+
+        policy = dunning.load_policy()
+        missing = {}
+        for (o, _p), (status, iid) in facts.closes.items():
+            if status != "open" or self.group(o) != "never":
+                continue
+            # Every stage due by the last dunning run (as of the morning after the run) is
+            # sent, except a leading run of stages recorded 'skipped': the invoice was
+            # first seen open when they were already past (e.g. its finalisation was
+            # parked by a Stripe failure and retried a day later). Never a gap after.
+            overdue = (self.days[-1] + dt.timedelta(days=1) - facts.due_on[iid]).days
+            want = [s.name for s in policy.for_plan(facts.plans[o]) if s.days_past_due <= overdue]
+            got = sent_by_invoice.get((iid, o), [])
+            skipped = skipped_by_invoice.get((iid, o), [])
+            k = len(skipped)
+            if not got or sorted(skipped) != sorted(want[:k]) or sorted(got) != sorted(want[k:]):
+                missing[iid] = {"want": want, "sent": got, "skipped": skipped}
+        return missing
+
+    def _check_outbox(self, facts: _Facts, client) -> dict:
+        """Every outbox row sent (its Stripe object exists) or cancelled."""
+        import stripe
+
+        fetch = {
+            "customer": client.v1.customers.retrieve,
+            "usage_item": client.v1.invoice_items.retrieve,
+            "base_fee": client.v1.invoice_items.retrieve,
+            "invoice": client.v1.invoices.retrieve,
+            "finalize": client.v1.invoices.retrieve,
+        }
+        missing_objects = []
+        for kind, key, obj_id in facts.sent_rows:
+            try:
+                if not obj_id:
+                    raise LookupError
+                fetch[kind](obj_id)
+            except (stripe.InvalidRequestError, LookupError):
+                missing_objects.append(key)
+        outbox_status = facts.outbox_status
+        open_rows = {s: n for s, n in outbox_status.items() if s not in ("sent", "cancelled")}
+        return {
+            "ok": not open_rows and not missing_objects,
+            "by_status": outbox_status,
+            "not_sent_or_cancelled": open_rows,
+            "sent_without_stripe_object": missing_objects,
+        }
+
+    def mail_message_ids(self) -> Counter:
+        out: Counter = Counter()
+        for p in Path(os.environ["BILLING_MAIL_DIR"]).glob("*.eml"):
+            with open(p, "rb") as fh:
+                msg = email.message_from_binary_file(fh)
+            mid = (msg.get("Message-ID") or "").strip()
+            if mid:
+                out[mid] += 1
+        return out
+
+
+def _policy_yaml(step: int) -> str:
+    days = {s: 1 + step * i for i, s in enumerate(STAGES)}
+    lines = [
+        f"# Compressed dunning policy written by billing simulate (one stage every {step} day(s)).",
+        "version: 1",
+        "stages:",
+        f"  - {{name: reminder, days_past_due: {days['reminder']}, action: notice}}",
+        f"  - {{name: second_notice, days_past_due: {days['second_notice']}, action: notice}}",
+        f"  - {{name: final_notice, days_past_due: {days['final_notice']}, action: notice}}",
+        f"  - {{name: service_degraded, days_past_due: {days['service_degraded']}, action: degrade}}",
+        f"  - {{name: escalation, days_past_due: {days['escalation']}, action: escalate}}",
+        "minimum_amount_due: {usd: 500, eur: 500, gbp: 500, jpy: 500}",
+        "degradation: {enabled: true}",
+        'pay_link: "https://billing.example.test/pay/{stripe_invoice_id}"',
+        'support_contact: "billing-support@example.test"',
+        "plan_overrides:",
+        "  enterprise:",
+        "    degradation: {enabled: false}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ entry points
+def run(cfg: Config) -> dict:
+    """Run the simulation on a fresh private stack; return the report (never raises for a
+    failed invariant: ``report["ok"]`` says)."""
+    from billing.platform import settings
+
+    stack_dir = cfg.stack_dir or settings.PROJECT_DIR / ".local" / "simulate"
+    started = time.perf_counter()
+    stack = prepare_environment(Path(stack_dir))
+    sim = Simulation(cfg, stack)
+    try:
+        sim.setup()
+        t = time.perf_counter()
+        sim.run_days()
+        run_seconds = time.perf_counter() - t
+        try:
+            invariants = sim.check()
+        except Exception as exc:  # a broken check must not throw the run's evidence away
+            log.exception("invariant checks crashed")
+            invariants = {"checks_ran": {"ok": False, "error": f"{type(exc).__name__}: {exc}"}}
+    finally:
+        if sim.proxy:
+            sim.proxy.stop()
+        if not cfg.keep_stack:
+            stack.down()
+    events = cfg.days * cfg.events_per_day
+    report = {
+        "ok": all(v["ok"] for v in invariants.values()),
+        "config": {
+            k: str(v) if isinstance(v, Path | dt.date) else v for k, v in asdict(cfg).items()
+        },
+        "days": [d.isoformat() for d in sim.days],
+        "dunning_step_days": sim.dunning_step,
+        "schedule": {k: sim.days[v].isoformat() for k, v in sim.schedule.items() if v is not None},
+        "invariants": invariants,
+        "faults": {
+            "events": sim.events_log,
+            "stripe_injected": dict(sim.proxy.injected) if sim.proxy else {},
+            "stripe_forwarded": sim.proxy.forwarded if sim.proxy else 0,
+        },
+        "timing": {
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "days_seconds": round(run_seconds, 1),
+            "per_day_seconds": [round(x, 2) for x in sim.day_seconds],
+            "per_event_ms": round(1000 * run_seconds / max(1, events), 4),
+            "steps_seconds": {k: round(v, 2) for k, v in sorted(sim.timings.items())},
+        },
+    }
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"billing simulate: {len(report['days'])} days {report['days'][0]} .. {report['days'][-1]}, "
+        f"faults={report['config']['faults']}, seed={report['config']['seed']}",
+        "",
+        "invariants:",
+    ]
+    for name, v in report["invariants"].items():
+        detail = {
+            k: x
+            for k, x in v.items()
+            if k != "ok" and k not in ("invoices", "note", "before", "after") and x not in ({}, [])
+        }
+        lines.append(
+            f"  {'PASS' if v['ok'] else 'FAIL'}  {name}: {json.dumps(detail, default=str)}"
+        )
+    f = report["faults"]
+    lines += [
+        "",
+        f"Stripe faults injected: {json.dumps(f['stripe_injected'])} "
+        f"(requests forwarded: {f['stripe_forwarded']})",
+        "fault timeline:",
+        *(
+            f"  {e['day']} {e['event']} "
+            + " ".join(f"{k}={v}" for k, v in e.items() if k not in ("day", "event"))
+            for e in f["events"]
+            if e["event"] != "paid"
+        ),
+        "",
+        f"time: {report['timing']['days_seconds']} s for {len(report['days'])} days "
+        f"({report['timing']['days_seconds'] / len(report['days']):.1f} s/day, "
+        f"{report['timing']['per_event_ms']} ms/event); steps: "
+        + json.dumps(report["timing"]["steps_seconds"]),
+        f"result: {'all invariants hold' if report['ok'] else 'INVARIANTS FAILED'}",
+    ]
+    return "\n".join(lines)
+
+
+def _quiet_logs() -> None:
+    """The steps log per request at INFO; the simulation prints its own timeline."""
+    for name in ("billing", "stripe", "great_expectations", "airflow", "cosmos", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def main(args) -> int:
+    if not args.verbose:
+        _quiet_logs()
+    cfg = Config(
+        days=args.days,
+        orgs=args.orgs,
+        events_per_day=args.events_per_day,
+        seed=args.seed,
+        start=args.start,
+        faults=args.faults,
+        stack_dir=Path(args.stack_dir) if args.stack_dir else None,
+        keep_stack=args.keep_stack,
+        dunning_step=args.dunning_step,
+        dag_day=-1 if args.no_dag else None,
+        quiet=args.json,
+    )
+    report = run(cfg)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1, default=str))
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        print()
+        print(format_report(report))
+    return 0 if report["ok"] else 1
