@@ -52,7 +52,7 @@ with DAG(
     @task
     def send_notices(data_interval_end=None, run_id=None) -> dict:
         """Claim, send and record today's notices; degrade/restore service levels."""
-        from billing.dunning.notices import run_task
+        from billing.dunning import run_task
 
         return run_task(data_interval_end, run_id)
 

@@ -57,10 +57,10 @@ from __future__ import annotations
 
 from airflow.sdk import DAG, task
 
-from billing.orchestration import DEFAULT_ARGS, START_DATE, STRIPE_POOL, STRIPE_PUSHED
+from billing.orchestration import DEFAULT_ARGS, START_DATE, STRIPE_POOL, STRIPE_PUSHED, nightly
 from billing.orchestration.timetables import ArrivalDayTimetable
 from billing.platform.dates import arrival_day, arrival_interval
-from billing.transform.project import dbt_task_group
+from billing.transform import dbt_task_group
 
 with DAG(
     dag_id="billing_nightly",
@@ -77,7 +77,7 @@ with DAG(
     @task
     def ingest(logical_date=None) -> dict:
         """Load the arrival day's usage files; returns the per-file summary."""
-        from billing.ingest.loader import ingest_day
+        from billing.ingest import ingest_day
 
         day = arrival_day(logical_date)
         return ingest_day(day, arrival_interval(day)[1])
@@ -135,11 +135,11 @@ with DAG(
 
         return sentinel()
 
-    snapshot, rollups = dbt_task_group("postgres"), dbt_task_group("clickhouse")
-    push, synced, render = stripe_push(), stripe_sync_invoices(), render_invoice_pdfs()
-    ingest() >> prepare_pricing() >> snapshot >> publish_snapshot() >> [rollups, push, render]
-    push >> stripe_close_period() >> synced >> [stripe_all_delivered(), render]
-
+    nightly.wire(  # the order: billing.orchestration.nightly.STEPS
+        [ingest(), prepare_pricing(), dbt_task_group("postgres"), publish_snapshot()]
+        + [dbt_task_group("clickhouse"), stripe_push(), stripe_close_period()]
+        + [stripe_sync_invoices(), render_invoice_pdfs(), stripe_all_delivered()]
+    )
 
 if __name__ == "__main__":
     dag.test()

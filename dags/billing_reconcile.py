@@ -62,7 +62,7 @@ with DAG(
         """Reconcile the period; fails without retries when Stripe and the snapshot disagree."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from billing.reconcile.compare import ReconcileMismatch, run_task
+        from billing.reconcile import ReconcileMismatch, run_task
 
         days = [
             e.extra.get("day") or getattr(e.source_dag_run, "data_interval_start", None)

@@ -56,7 +56,7 @@ from typing import Any
 
 from psycopg import sql
 
-from billing.platform.dates import month_end, period_of
+from billing.platform.dates import month_end, parse_period, period_of
 from billing.platform.errors import BillingError
 
 log = logging.getLogger(__name__)
@@ -491,11 +491,32 @@ class Simulation:
         return self.timed("stripe_sync", stripe_sync.sync_invoices)
 
     def nightly(self, day: dt.date, *, push_fn: Callable | None = None) -> dict:
-        out = {"ingest": self.ingest(day)["total"]}
-        self.transform(day)
-        out["push"] = (push_fn or self.push)(day)
-        out["close"] = self.close(day)
-        return out
+        """billing_nightly's steps for ``day`` in its order (billing.orchestration.nightly),
+        each through the simulation's stand-in."""
+        from billing.orchestration import nightly
+
+        done = nightly.run(
+            day,
+            {
+                "ingest": self.ingest,
+                "prepare_pricing": self.transform,  # transform_day: its transform steps
+                "stripe_push": push_fn or self.push,
+                "stripe_close_period": self.close,
+            },
+            skip={
+                "dbt_snapshot": "run by transform_day (prepare_pricing)",
+                "publish_snapshot": "run by transform_day (prepare_pricing)",
+                "dbt_rollups": "run by transform_day (prepare_pricing)",
+                "stripe_sync_invoices": "after the day's payments (after_night)",
+                "render_invoice_pdfs": "PDFs are not part of the invariants",
+                "stripe_all_delivered": "the invariants check delivery at the end",
+            },
+        )
+        return {
+            "ingest": done["ingest"]["total"],
+            "push": done["stripe_push"],
+            "close": done["stripe_close_period"],
+        }
 
     def after_night(self, day: dt.date) -> None:
         """Payments during the day, invoice sync, dunning next morning, reconciliation."""
@@ -937,7 +958,7 @@ class Simulation:
             for ii in its:
                 meta = dict(ii.get("metadata") or {})
                 keys[meta.get("idempotency_key")] += 1
-                p = dt.date.fromisoformat(meta["period"] + "-01")
+                p = parse_period(meta["period"])
                 stripe_side[(org, p)] += int(ii["amount"])
                 if invoice_of.get(ii.get("invoice")) == (org, p):
                     on_own_invoice[(org, p)] += int(ii["amount"])

@@ -254,10 +254,14 @@ def cmd_sql(args) -> int:
 
 # ---------------------------------------------------------------- stripe sync
 def _month(value: str) -> dt.date:
+    from billing.platform.dates import period_from
+
+    if len(value) not in (7, 10):
+        raise argparse.ArgumentTypeError(f"invalid period {value!r}: expected YYYY-MM")
     try:
-        return dt.date.fromisoformat(value + "-01") if len(value) == 7 else _day(value)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"invalid period {value!r}: expected YYYY-MM") from None
+        return period_from(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_json(obj) -> None:

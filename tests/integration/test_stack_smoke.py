@@ -27,7 +27,7 @@ def test_clickhouse_answers_sql(stack):
     import sys
 
     code = (
-        "from billing import analytics\n"
+        "from billing.platform import analytics\n"
         "c = analytics.client()\n"
         "print(c.query('SELECT sum(number) FROM numbers(10)').result_rows[0][0])\n"
     )

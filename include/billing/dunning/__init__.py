@@ -14,6 +14,7 @@ from billing.dunning.notices import (
     format_status,
     load_policy,
     run,
+    run_task,
     status,
 )
 
@@ -23,4 +24,5 @@ __all__ = [
     "load_policy",
     "run",
     "status",
+    "run_task",
 ]

@@ -18,7 +18,7 @@ safe statement, exception-catching casts, runs instead). The registry insert (ke
 the events are inserted from the staging table with no join. Only files with bad lines classify
 those lines again with details, and only files with duplicates look their lines up in the
 registry. Correctness never depends on the fast paths: each keeps exactly the lines the safe
-SQL path keeps (``tests/billing/test_ingest_paths.py``).
+SQL path keeps (``tests/billing/ingest/test_ingest_paths.py``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ typed staging row (``pre = 'valid'``) with its registry key computed here, so Po
 stores it (and hashes its payload with ``billing.usage_payload_hash`` when registering it).
 Every other line (anything unusual, not only bad lines) is left for SQL, which judges it and
 names the reason of a bad one. The rule is one-sided: a line is typed here only when SQL would
-accept it with exactly the same values, which ``tests/billing/test_ingest_paths.py`` checks
+accept it with exactly the same values, which ``tests/billing/ingest/test_ingest_paths.py`` checks
 line by line against the SQL paths.
 
 Lines left for SQL, by design: ``properties`` PostgreSQL might not parse (see

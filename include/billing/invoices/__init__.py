@@ -11,6 +11,7 @@ Stripe sync read invoices through :func:`get_invoice` / :func:`list_invoices` on
 from __future__ import annotations
 
 from billing.invoices.snapshot import (
+    INVOICE_ID_PATTERN,
     Invoice,
     get_invoice,
     list_invoices,
@@ -19,6 +20,7 @@ from billing.invoices.snapshot import (
 )
 
 __all__ = [
+    "INVOICE_ID_PATTERN",
     "Invoice",
     "get_invoice",
     "list_invoices",

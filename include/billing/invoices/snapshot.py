@@ -18,7 +18,9 @@ from psycopg import sql
 from billing.platform.dates import parse_period, period_of
 from billing.platform.errors import ConfigError
 
-INVOICE_ID = re.compile(r"^inv_[A-Za-z0-9_.-]{1,64}_[0-9]{6}$")
+# inv_<org_id>_<YYYYMM>; org_id as constrained in billing.organizations.
+INVOICE_ID_PATTERN = r"^inv_[A-Za-z0-9_.-]{1,64}_[0-9]{6}$"
+INVOICE_ID = re.compile(INVOICE_ID_PATTERN)
 
 _INVOICE_COLUMNS = (
     "invoice_id, org_id, period, period_start, period_end, plan, currency, base_fee_cents, "

@@ -92,3 +92,18 @@ def period_close(period: dt.date) -> dt.datetime:
     """The first instant after ``period`` (any day of it): the run end of its last day,
     00:00 UTC on the first of the next month."""
     return run_end(month_end(period))
+
+
+def period_from(value: str | dt.date | dt.datetime) -> dt.date:
+    """The period of ``value``: ``YYYY-MM`` (:func:`parse_period`), a day ``YYYY-MM-DD``, a
+    date, or an aware datetime (its UTC day; a naive one is taken as UTC)."""
+    if isinstance(value, dt.datetime):
+        return period_of(day_of(value) if value.tzinfo else value.date())
+    if isinstance(value, dt.date):
+        return period_of(value)
+    if isinstance(value, str) and len(value) == 7:
+        return parse_period(value)
+    try:
+        return period_of(dt.date.fromisoformat(value[:10]))
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid period {value!r}: expected YYYY-MM") from None

@@ -15,6 +15,7 @@ from billing.reconcile.compare import (
     open_incidents,
     reconcile,
     resolve_incident,
+    run_task,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "open_incidents",
     "reconcile",
     "resolve_incident",
+    "run_task",
 ]

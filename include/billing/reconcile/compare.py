@@ -29,6 +29,7 @@ from decimal import Decimal
 from typing import Any
 
 from billing.platform import db, settings
+from billing.platform.dates import period_from
 from billing.platform.errors import BillingError, ConfigError
 from billing.stripe_sync.engine import field as _field
 
@@ -58,16 +59,12 @@ class ReconcileKeyConflict(ConfigError):
     """An idempotency key reused with other parameters (period or orgs)."""
 
 
-def period_of(value: str | dt.date | dt.datetime) -> dt.date:
-    """First day of the month of ``value`` (``YYYY-MM``, ``YYYY-MM-DD``, a date or datetime)."""
-    if isinstance(value, dt.datetime):
-        value = value.astimezone(dt.UTC).date() if value.tzinfo else value.date()
-    if isinstance(value, str):
-        try:
-            value = dt.date.fromisoformat(value + "-01" if len(value) == 7 else value[:10])
-        except ValueError:
-            raise ConfigError(f"invalid period {value!r}: expected YYYY-MM") from None
-    return value.replace(day=1)
+def _period(value: str | dt.date | dt.datetime) -> dt.date:
+    """The period of ``value`` (``YYYY-MM``, ``YYYY-MM-DD``, a date or datetime)."""
+    try:
+        return period_from(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- the two sides
@@ -365,7 +362,7 @@ def reconcile(
     any org is above the tolerance, after the incident row is written and its alert sent.
     The same ``idempotency_key`` returns the stored payload (and finishes a pending alert).
     """
-    period = period_of(period)
+    period = _period(period)
     orgs = sorted(set(org_ids)) if org_ids else None
     key = idempotency_key or f"reconcile:{period:%Y-%m}:{uuid.uuid4().hex}"
     run_id = run_id or f"adhoc__{uuid.uuid4().hex[:12]}"
@@ -661,9 +658,9 @@ def run_task(params: dict, run_id: str, days: Iterable[Any]) -> dict:
     data interval). The key defaults to one derived from the run id, so retries replay it."""
     period_param = (params or {}).get("period") or ""
     if period_param:
-        periods = [period_of(period_param)]
+        periods = [_period(period_param)]
     else:
-        periods = sorted({period_of(d) for d in days if d})
+        periods = sorted({_period(d) for d in days if d})
     if not periods:
         raise ConfigError("no period: set the 'period' param (YYYY-MM)")
     org_ids = (params or {}).get("org_ids") or None

@@ -18,7 +18,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,22 +330,49 @@ def transform_day(
     full_refresh: bool = False,
     catalog=None,
 ) -> dict[str, DbtResult]:
-    """The nightly transform for ``day``: catalog sync + checks, then dbt per target."""
+    """The nightly transform for ``day``: billing_nightly's transform steps, in its order
+    (:data:`billing.orchestration.nightly.TRANSFORM_STEPS`), the dbt builds per target."""
+    from billing.orchestration import nightly
     from billing.platform import db
 
-    with db.connect() as cx:
-        version = prepare(cx, catalog)
-    out = {}
-    for target in targets:
-        out[target] = run_dbt(
-            target,
-            "build",
-            vars=run_vars(day, since, version if target == "postgres" else None),
-            full_refresh=full_refresh,
-        )
-        if target == "postgres":
-            publish_snapshot()
-    return out
+    version: list[str] = []
+
+    def prepare_pricing(_day: dt.date) -> str:
+        with db.connect() as cx:
+            version.append(prepare(cx, catalog))
+        return version[0]
+
+    def build(target: str) -> Callable[[dt.date], DbtResult]:
+        def step(day: dt.date) -> DbtResult:
+            return run_dbt(
+                target,
+                "build",
+                vars=run_vars(day, since, version[0] if target == "postgres" else None),
+                full_refresh=full_refresh,
+            )
+
+        return step
+
+    handlers: dict[str, Callable[[dt.date], Any]] = {"prepare_pricing": prepare_pricing}
+    skip = {}
+    for target, step, after in (
+        ("postgres", "dbt_snapshot", "publish_snapshot"),
+        ("clickhouse", "dbt_rollups", None),
+    ):
+        if target in targets:
+            handlers[step] = build(target)
+            if after:
+                handlers[after] = lambda _day: publish_snapshot()
+        else:
+            skip[step] = f"target {target} not asked for"
+            if after:
+                skip[after] = f"target {target} not asked for"
+    done = nightly.run(day, handlers, only=nightly.TRANSFORM_STEPS, skip=skip)
+    return {
+        target: done[step]
+        for target, step in (("postgres", "dbt_snapshot"), ("clickhouse", "dbt_rollups"))
+        if step in done
+    }
 
 
 def _columns(cx, schema: str, table: str) -> list[str]:

@@ -28,14 +28,13 @@ from psycopg import IsolationLevel, OperationalError, errors, sql
 from psycopg.rows import dict_row
 
 from billing import invoices
+from billing.invoices import INVOICE_ID_PATTERN
 from billing.invoices import store as invoice_store
 from billing.platform import db, settings
 from billing.platform.dates import PERIOD_PATTERN
 from billing.platform.errors import ConfigError, ServiceError
 from billing.web.common import requires_billing_access, stripe_status
 
-# inv_<org_id>_<YYYYMM>; org_id as constrained in billing.organizations.
-INVOICE_ID_PATTERN = r"^inv_[A-Za-z0-9_.-]{1,64}_[0-9]{6}$"
 ORG_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 CACHE_CONTROL = "private, must-revalidate"
 RETRY_AFTER_S = "1"  # a pool wait is short: the next try usually gets a connection

@@ -32,7 +32,7 @@ from billing.pricing.catalog import (
     to_minor,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SHIPPED = REPO / "include" / "config" / "catalog.yaml"
 
 GRAD = MetricPrice(

@@ -18,6 +18,7 @@ from billing.platform.dates import (
     month_end,
     parse_period,
     period_close,
+    period_from,
     period_of,
     run_end,
 )
@@ -135,3 +136,27 @@ def test_a_period_by_name_and_its_close(text, first, close):
 def test_a_period_name_is_yyyy_mm(text):
     with pytest.raises(ValueError, match="expected YYYY-MM"):
         parse_period(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "period"),
+    [
+        ("2026-11", dt.date(2026, 11, 1)),
+        ("2026-11-30", dt.date(2026, 11, 1)),
+        (dt.date(2026, 12, 31), dt.date(2026, 12, 1)),
+        # 23:30 on 30 Nov in New York is 1 Dec in UTC: the UTC day decides.
+        (
+            dt.datetime(2026, 11, 30, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+            dt.date(2026, 12, 1),
+        ),
+        (dt.datetime(2026, 11, 30, 23, 30), dt.date(2026, 11, 1)),  # naive: taken as UTC
+    ],
+)
+def test_period_from_a_name_a_day_or_a_moment(value, period):
+    assert period_from(value) == period
+
+
+@pytest.mark.parametrize("text", ["2026-13", "2026-11-31", "11/2026", "", "2026"])
+def test_period_from_refuses_what_is_no_period(text):
+    with pytest.raises(ValueError, match="invalid period|expected YYYY-MM"):
+        period_from(text)

@@ -1,5 +1,5 @@
 """Hostile input to usage ingest, on the real stack: out-of-range quantities, corrupt files,
-entries that are not read, symlinks; and the whole corpus (tests/billing/hostile.py) through a
+entries that are not read, symlinks; and the whole corpus (tests/billing/ingest/hostile.py) through a
 real ``billing_nightly`` run, invoiced to the cent."""
 
 from __future__ import annotations
