@@ -36,6 +36,14 @@ def register(sub) -> None:
     s.add_argument(
         "--show-secrets", action="store_true", help="status: print passwords in URIs unmasked"
     )
+    s.add_argument(
+        "--executor",
+        choices=["local", "celery"],
+        default="local",
+        help="up: celery adds the distributed mode (scheduler, api-server, dag-processor, "
+        "Celery workers, metadata DB on PostgreSQL)",
+    )
+    s.add_argument("--workers", type=_positive, default=2, help="up --executor celery: workers")
     s.set_defaults(func=cmd_stack)
 
     g = sub.add_parser("generate-usage", help="write synthetic usage files into the landing zone")
@@ -105,6 +113,15 @@ def cmd_stack(args) -> int:
     if args.action == "up":
         result = stack.up()
         _print_status(stack.status(), result)
+        if args.executor == "celery":
+            from billing_dev.stack.celery import CeleryCluster
+
+            cluster = CeleryCluster(stack, workers=args.workers)
+            started = cluster.up()
+            for name, info in cluster.status().items():
+                print(f"{name:<14} {info['state']:<8} {started.get(name, '')}")
+            print(f"\nAirflow (CeleryExecutor): {cluster.base_url}  login: admin / password in "
+                  f"{cluster.home / 'passwords.json'}")  # fmt: skip
         print(f"\nshell env: source {stack.root / 'stack.env'}")
     elif args.action in ("down", "destroy"):
         for name, state in (stack.down() if args.action == "down" else stack.destroy()).items():

@@ -57,6 +57,7 @@ OWNED = (
     "postgres",
     "mail",
     "landing",
+    "celery",
 )
 EXTERNAL_ROOT = Path("/var/tmp")
 
@@ -548,6 +549,10 @@ class Stack:
         result = {}
         if not state:
             return {name: "not running" for name in DAEMONS}
+        # The distributed mode's Airflow (billing_dev.stack.celery): workers first.
+        for pidfile in sorted((self.root / "celery" / "run").glob("*.pid"), reverse=True):
+            if process.terminate(pidfile, timeout=30):
+                result[f"celery {pidfile.stem}"] = "stopped"
         result["airflow"] = (
             "stopped" if process.terminate(self.run_dir / "airflow.pid") else "not running"
         )
