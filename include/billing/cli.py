@@ -63,6 +63,14 @@ def _existing_file(value: str) -> Path:
 
 
 # ---------------------------------------------------------------- commands
+def cmd_db_migrate(args) -> int:
+    from billing.platform import db
+
+    applied = db.migrate()
+    print(f"{applied} migration(s) applied" if applied else "schema up to date")
+    return 0
+
+
 def cmd_orgs_import(args) -> int:
     from billing import orgs, pricing
     from billing.platform import db
@@ -411,6 +419,12 @@ def build_parser(found: list | None = None) -> argparse.ArgumentParser:
         description="Billing data platform: local stack, ingest, pricing, Stripe, dunning.",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    dbp = sub.add_parser("db", help="the billing database (PostgreSQL)")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    dbsub.add_parser(
+        "migrate", help="apply the billing schema migrations not applied yet (idempotent)"
+    ).set_defaults(func=cmd_db_migrate)
 
     o = sub.add_parser("orgs", help="organisations")
     osub = o.add_subparsers(dest="orgs_command", required=True, parser_class=_Parser)

@@ -16,7 +16,8 @@ from billing.platform.errors import ServiceError
 from billing_dev.stack import process
 
 
-def _answers(base: str) -> bool:
+def answers(base: str) -> bool:
+    """The api-server at ``base`` answers (its REST API, with or without a token)."""
     import httpx
 
     try:
@@ -59,7 +60,7 @@ def run_api_server(
         def ready() -> bool:
             if proc.poll() is not None:
                 raise ServiceError(f"api-server exited: {process.tail(log_path, 20)}")
-            return _answers(base)
+            return answers(base)
 
         try:
             process.wait_until(ready, "airflow api-server", timeout)

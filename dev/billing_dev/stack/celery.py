@@ -34,6 +34,7 @@ from urllib.parse import quote
 from billing.platform import connections as conns
 from billing.platform.errors import ServiceError
 from billing_dev.stack import process
+from billing_dev.stack.api_server import answers
 from billing_dev.stack.manager import PG_USER, POOLS, Stack, private_dir, write_private
 
 METADATA_DB = "airflow_celery"
@@ -213,14 +214,6 @@ class CeleryCluster:
         pidfile.write_text(f"{proc.pid}\n")
         return "started"
 
-    def _api_answers(self) -> bool:
-        import httpx
-
-        try:
-            return httpx.get(f"{self.base_url}/api/v2/version", timeout=2).status_code in (200, 401)
-        except httpx.TransportError:
-            return False
-
     def _workers_registered(self) -> bool:
         """Every worker answers a Celery ping through the broker."""
         from celery import Celery
@@ -245,7 +238,7 @@ class CeleryCluster:
                 if process.read_pid(self.pidfile(name)) is None:
                     log = self.log_dir / f"{name}.log"
                     raise ServiceError(f"{name} exited during start: {process.tail(log, 10)}")
-            return self._api_answers()
+            return answers(self.base_url)
 
         process.wait_until(ready, "the celery cluster's api-server", timeout=120)
         process.wait_until(self._workers_registered, "the celery workers", timeout=120)

@@ -170,3 +170,19 @@ def test_durable_counter_fields_are_known_metrics():
     with pytest.raises(KeyError):
         obs.record("billing_not_a_metric_total", "x")
     assert json.dumps(obs.DURABLE_METRICS)  # plain data, exportable
+
+
+def test_billing_db_migrate_applies_nothing_twice(stack, capsys):
+    """`billing db migrate` (the Helm migrate job's step): every migration file is recorded
+    once, and a run on an up-to-date schema changes nothing and says so."""
+    from billing import cli
+    from billing.platform import db, settings
+
+    files = sorted(p.name for p in (settings.PACKAGE_DIR / "migrations").glob("*.sql"))
+    assert cli.main(["db", "migrate"]) == 0
+    assert capsys.readouterr().out == "schema up to date\n"
+    with db.connect() as cx:
+        recorded = [
+            v for (v,) in cx.execute("SELECT version FROM billing.schema_migrations ORDER BY 1")
+        ]
+    assert recorded == files
