@@ -48,10 +48,10 @@ def client(conn: conns.Conn | None = None, **settings):
         if not path:
             raise ConfigError("connection billing_clickhouse: interface chdb needs extra.path")
         return clickhouse_connect.get_client(interface="chdb", path=path, settings=settings or None)
-    secure = str(c.extra.get("secure", "false")).lower() in ("1", "true", "yes")
+    secure, port = conns.clickhouse_http(c)
     return clickhouse_connect.get_client(
         host=c.host or "localhost",
-        port=c.port or (8443 if secure else 8123),
+        port=port,
         username=c.login or "default",
         password=c.password or "",
         database=c.schema or "default",

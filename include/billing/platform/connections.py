@@ -127,11 +127,27 @@ def _libpq_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _flag(value) -> bool:
+    """A yes/no connection extra, as JSON (true) or as text ("true", "1", "yes")."""
+    return str(value).lower() in ("1", "true", "yes")
+
+
 def redis_url(conn: Conn | None = None) -> str:
+    """``redis://`` or, with ``extra.ssl`` (as Airflow's Redis connection has it), ``rediss://``
+    (TLS, the server certificate verified)."""
     c = conn or get(REDIS)
     auth = f":{quote(c.password, safe='')}@" if c.password else ""
     db = c.extra.get("db", 0)
-    return f"redis://{auth}{c.host or '127.0.0.1'}:{c.port or 6379}/{db}"
+    scheme = "rediss" if _flag(c.extra.get("ssl", False)) else "redis"
+    return f"{scheme}://{auth}{c.host or '127.0.0.1'}:{c.port or 6379}/{db}"
+
+
+def clickhouse_http(conn: Conn) -> tuple[bool, int]:
+    """A ClickHouse server connection's (TLS on, port): ``extra.secure`` turns TLS on, and
+    the port defaults to ClickHouse's HTTP(S) port for it (8443 with TLS, else 8123).
+    ``billing sql``, the dbt runs and the nightly rollups all connect this way."""
+    secure = _flag(conn.extra.get("secure", False))
+    return secure, conn.port or (8443 if secure else 8123)
 
 
 def redact(uri: str) -> str:

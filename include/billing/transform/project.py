@@ -80,15 +80,14 @@ def dbt_env(target: str) -> dict[str, str]:
     }
     if target == "clickhouse":
         ch = conns.get(conns.CLICKHOUSE)
+        secure, port = conns.clickhouse_http(ch)
         env.update(
             {
                 "BILLING_DBT_CH_HOST": ch.host or "localhost",
-                "BILLING_DBT_CH_PORT": str(ch.port or 8123),
+                "BILLING_DBT_CH_PORT": str(port),
                 "BILLING_DBT_CH_USER": ch.login or "default",
                 "DBT_ENV_SECRET_CH_PASSWORD": ch.password or "",
-                "BILLING_DBT_CH_SECURE": str(
-                    str(ch.extra.get("secure", "")).lower() in ("1", "true", "yes")
-                ),
+                "BILLING_DBT_CH_SECURE": str(secure),
                 "BILLING_DBT_CH_SCHEMA": ch.schema or "analytics",
                 # ClickHouse reads Postgres itself, through a named collection: the SQL dbt
                 # compiles names it and holds no credentials (macros/postgres_from_clickhouse).
@@ -549,8 +548,17 @@ def _profile_mapping(target: str):
         }
 
         def _set_default_param(self, profile_dict):
+            # TLS and the port as every other ClickHouse client here (connections.clickhouse_http);
+            # Cosmos would otherwise always write secure: False.
+            c = self.conn
+            secure, port = conns.clickhouse_http(
+                conns.Conn(c.conn_id, c.conn_type, c.host, c.port, c.login, None, c.schema,
+                           c.extra_dejson)
+            )  # fmt: skip
             profile_dict["driver"] = profile_dict.get("driver") or "http"
             profile_dict["user"] = profile_dict.get("user") or "default"
+            profile_dict["secure"] = secure
+            profile_dict["port"] = port
             return super()._set_default_param(profile_dict)
 
         @property
