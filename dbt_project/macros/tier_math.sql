@@ -21,9 +21,12 @@
 {%- endmacro %}
 
 {#- Exact amount contributed by one tier: graduated prices each unit in its own tier;
-    volume prices all units at the tier the total falls in (q = 0 costs 0 in any tier). -#}
-{% macro tier_amount(mode, quantity, lower_bound, up_to, unit_price) -%}
+    volume prices all units at the tier the total falls in (q = 0 costs 0 in any tier).
+    A tier the quantity reaches into (it prices some of it) adds its flat amount once. -#}
+{% macro tier_amount(mode, quantity, lower_bound, up_to, unit_price, flat_amount='0') -%}
     ({{ tier_quantity(mode, quantity, lower_bound, up_to) }}) * {{ unit_price }}
+    + case when ({{ tier_quantity(mode, quantity, lower_bound, up_to) }}) > 0
+           then coalesce({{ flat_amount }}, 0) else 0 end
 {%- endmacro %}
 
 {#- ceil(q / size) * price, exactly: div/mod on numeric never round. -#}

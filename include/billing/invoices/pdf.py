@@ -44,6 +44,7 @@ class PdfTier:
     quantity: Decimal
     unit_price: Decimal  # major units, as in the catalog
     amount: Decimal  # exact major units; only the line total is rounded to cents
+    flat_amount: Decimal = Decimal(0)  # the tier's flat fee, part of amount
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,9 @@ def render(invoice: PdfInvoice) -> bytes:
             row.cell(v)
         for line in invoice.lines:
             tiers = "\n".join(
-                f"{tier.label}: {_qty(tier.quantity)} × {_num(tier.unit_price)} = "
-                f"{_num(tier.amount)}"
+                f"{tier.label}: {_qty(tier.quantity)} × {_num(tier.unit_price)}"
+                + (f" + flat {_num(tier.flat_amount)}" if tier.flat_amount else "")
+                + f" = {_num(tier.amount)}"
                 for tier in line.tiers
             )
             row = table.row()

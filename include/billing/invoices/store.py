@@ -130,6 +130,7 @@ def _tiers(raw) -> tuple:
                 Decimal(str(t["quantity"])),
                 Decimal(str(t["unit_price"])),
                 Decimal(str(t["amount"])),
+                Decimal(str(t.get("flat_amount") or 0)),
             )
         )
     return tuple(out)

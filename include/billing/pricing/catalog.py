@@ -129,10 +129,15 @@ _PLAIN_DECIMAL_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
 @dataclass(frozen=True)
 class Tier:
-    """One price tier. ``up_to`` is inclusive; ``None`` means no upper limit."""
+    """One price tier. ``up_to`` is inclusive; ``None`` means no upper limit.
+
+    ``flat_amount`` (Stripe's ``flat_amount``, Lago's and OpenMeter's flat fee) is charged
+    once when the month's quantity reaches into the tier: graduated, every tier reached;
+    volume, the one tier the quantity falls in. A quantity of 0 reaches no tier."""
 
     up_to: Decimal | None
     unit_price: Decimal
+    flat_amount: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,7 @@ def price(mp: MetricPrice | None, quantity: Decimal) -> Decimal:
             for tier in mp.tiers:
                 upper = q if tier.up_to is None else min(q, tier.up_to)
                 if upper > lower:
-                    total += (upper - lower) * tier.unit_price
+                    total += (upper - lower) * tier.unit_price + tier.flat_amount
                 if tier.up_to is None or q <= tier.up_to:
                     break
                 lower = tier.up_to
@@ -261,7 +266,7 @@ def price(mp: MetricPrice | None, quantity: Decimal) -> Decimal:
         if mp.mode == VOLUME:
             for tier in mp.tiers:
                 if tier.up_to is None or q <= tier.up_to:
-                    return q * tier.unit_price
+                    return q * tier.unit_price + (tier.flat_amount if q > 0 else _ZERO)
             raise ValueError(f"metric {mp.metric!r}: volume tiers have no open last tier")
         if mp.mode == PACKAGE:
             if mp.package_size is None or mp.package_price is None or mp.package_size <= 0:
@@ -418,13 +423,14 @@ def _parse_tiers(value: Any, where: str) -> tuple[Tier, ...]:
     previous: Decimal = _ZERO
     for i, raw in enumerate(value):
         tw = f"{where} tiers[{i}]"
-        raw = _check_keys(raw, tw, {"up_to", "unit_price"}, set())
+        raw = _check_keys(raw, tw, {"up_to", "unit_price"}, {"flat_amount"})
         up_to_raw = raw["up_to"]
         unit_price = _money(raw["unit_price"], f"{tw}.unit_price")
+        flat = _money(raw.get("flat_amount", "0"), f"{tw}.flat_amount")
         if up_to_raw is None:
             if i != last:
                 raise _Invalid(f"{tw}.up_to", "only the last tier may be open (up_to: null)")
-            tiers.append(Tier(up_to=None, unit_price=unit_price))
+            tiers.append(Tier(up_to=None, unit_price=unit_price, flat_amount=flat))
             continue
         up_to = _amount(up_to_raw, f"{tw}.up_to")
         if up_to <= previous:
@@ -439,7 +445,7 @@ def _parse_tiers(value: Any, where: str) -> tuple[Tier, ...]:
                 f"{tw}.up_to",
                 "the last tier must be open (up_to: null) so every quantity is priced",
             )
-        tiers.append(Tier(up_to=up_to, unit_price=unit_price))
+        tiers.append(Tier(up_to=up_to, unit_price=unit_price, flat_amount=flat))
         previous = up_to
     return tuple(tiers)
 
@@ -471,6 +477,12 @@ def _check_range(where: str, mp: MetricPrice, currency: str) -> None:
     Graduated and package prices grow with the quantity; a volume price peaks at the top of
     some tier, so each tier's top (capped at the range) is priced."""
     top = MONTHLY_QUANTITY_MAX
+    for i, t in enumerate(mp.tiers):
+        if to_minor(t.flat_amount, currency) > AMOUNT_MAX_MINOR:
+            raise _Invalid(
+                f"{where} tiers[{i}].flat_amount",
+                f"{t.flat_amount} is above the limit of {AMOUNT_MAX_MINOR} minor units",
+            )
     if mp.mode == PACKAGE:
         candidates = [("package_price", top)]
     elif mp.mode == VOLUME:
@@ -625,7 +637,9 @@ def catalog_tables(catalog: Catalog) -> dict[str, list[tuple]]:
             plan_metrics.append((plan.name, metric, mp.mode, mp.package_size, mp.package_price))
             lower = _ZERO
             for index, tier in enumerate(mp.tiers):
-                plan_tiers.append((plan.name, metric, index, lower, tier.up_to, tier.unit_price))
+                plan_tiers.append(
+                    (plan.name, metric, index, lower, tier.up_to, tier.unit_price, tier.flat_amount)
+                )
                 if tier.up_to is not None:
                     lower = tier.up_to
     metrics = [
@@ -660,7 +674,10 @@ def _canonical(catalog: Catalog) -> dict[str, Any]:
                     mp.metric: {
                         "mode": mp.mode,
                         "tiers": [
+                            # a flat amount only when there is one: catalogs without keep
+                            # the version they had before tiers could carry one
                             [_canonical_decimal(t.up_to), _canonical_decimal(t.unit_price)]
+                            + ([_canonical_decimal(t.flat_amount)] if t.flat_amount else [])
                             for t in mp.tiers
                         ],
                         "package_size": _canonical_decimal(mp.package_size),

@@ -40,7 +40,9 @@ def sync(cx, catalog: pricing.Catalog) -> str:
                 [(version, *row) for row in tables["plan_metrics"]],
             )
             cur.executemany(
-                "INSERT INTO billing.catalog_plan_tiers VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "INSERT INTO billing.catalog_plan_tiers (catalog_version, plan, metric,"
+                " tier_index, lower_bound, up_to, unit_price, flat_amount)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["plan_tiers"]],
             )
         cur.execute(

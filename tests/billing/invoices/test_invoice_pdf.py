@@ -141,3 +141,14 @@ def test_finalized_invoice_shows_stripes_dates(tmp_path):
         r"Due date +2026-03-04\n", text
     )
     assert "estimated" not in text
+
+
+def test_a_tiers_flat_fee_shows_in_its_row(tmp_path):
+    """A tier with a flat amount (docs/PRICING.md) reads "quantity × unit price + flat F =
+    amount"; a tier without one keeps the short form."""
+    inv = make_invoice(n_lines=1)
+    flat = PdfTier("1 – 5", Decimal(3), Decimal("0"), Decimal("10"), Decimal("10"))
+    line = replace(inv.lines[0], tiers=(flat, inv.lines[0].tiers[1]))
+    text = pdf_text(invoice_pdf.render(replace(inv, lines=(line,))), tmp_path)
+    assert "1 – 5: 3 × 0 + flat 10 = 10" in text
+    assert "1,001 – ∞: 11,000 × 0.0011 = 12.10" in text

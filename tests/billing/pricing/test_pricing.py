@@ -312,7 +312,9 @@ def metric_prices(draw) -> MetricPrice:
         )
     )
     prices = st.decimals(min_value=0, max_value="0.5", places=6)
-    tiers = [Tier(b, draw(prices)) for b in bounds] + [Tier(None, draw(prices))]
+    flats = st.sampled_from([D(0), D(0), D("0.005"), D("2.50"), D(40)])
+    tiers = [Tier(b, draw(prices), draw(flats)) for b in bounds]
+    tiers.append(Tier(None, draw(prices), draw(flats)))
     return MetricPrice(metric="m", mode=mode, tiers=tuple(tiers))
 
 
@@ -491,6 +493,24 @@ INVALID = [
         (*TIERS, 1, "unit_price"),
         "two cents",
         ["plan 'starter' metric 'api_calls' tiers[1].unit_price", "not a decimal number"],
+    ),
+    (
+        "unquoted-flat-amount",
+        (*TIERS, 1, "flat_amount"),
+        10,
+        ["plan 'starter' metric 'api_calls' tiers[1].flat_amount", 'quoted: "10"'],
+    ),
+    (
+        "negative-flat-amount",
+        (*TIERS, 0, "flat_amount"),
+        "-5",
+        ["plan 'starter' metric 'api_calls' tiers[0].flat_amount", "negative"],
+    ),
+    (
+        "flat-amount-above-the-limit",
+        (*TIERS, 2, "flat_amount"),
+        "2000000000000000",
+        ["plan 'starter' metric 'api_calls' tiers[2].flat_amount", "above the limit"],
     ),
     (
         "nan-price",
@@ -711,9 +731,9 @@ def test_catalog_tables():
         ("starter", "storage_gb", "package", D(100), D("1.50")),
     ]
     assert tables["plan_tiers"] == [
-        ("starter", "api_calls", 0, D(0), D(100000), D("0")),
-        ("starter", "api_calls", 1, D(100000), D(1000000), D("0.0002")),
-        ("starter", "api_calls", 2, D(1000000), None, D("0.0001")),
+        ("starter", "api_calls", 0, D(0), D(100000), D("0"), D(0)),
+        ("starter", "api_calls", 1, D(100000), D(1000000), D("0.0002"), D(0)),
+        ("starter", "api_calls", 2, D(1000000), None, D("0.0001"), D(0)),
     ]
     assert tables["metrics"] == [
         ("api_calls", "call", "API requests"),
@@ -807,3 +827,58 @@ def test_the_shipped_catalog_prices_the_whole_range():
     doc = _shipped()
     doc["plans"]["growth"]["metrics"]["api_calls"]["tiers"][1]["unit_price"] = "100000000"
     parse_catalog(doc)
+
+
+# ---------------------------------------------------------------- flat amount per tier
+def test_volume_with_a_flat_fee_lagos_worked_example():
+    # Lago, "Volume" charge model (getlago.com/docs/guide/plans/charges/charge-models/volume):
+    # 0-10,000 at $0.0010, 10,001-50,000 at $0.0008, 50,001-100,000 at $0.0006, then
+    # $0.0004, each tier with a $10 fee: "65,000 API calls would cost 65,000 x $0.0006 +
+    # $10 = $49."
+    tiers = [("10000", "0.0010"), ("50000", "0.0008"), ("100000", "0.0006"), (None, "0.0004")]
+    mp = MetricPrice(
+        metric="api_calls",
+        mode="volume",
+        tiers=tuple(Tier(None if u is None else D(u), D(p), D(10)) for u, p in tiers),
+    )
+    assert price(mp, D(65000)) == D("49.0000")
+    assert to_minor(price(mp, D(65000)), "usd") == 4900
+    assert price(mp, D(10000)) == D("20.0000")  # the top of the first tier: 10 + 10
+    assert price(mp, D(0)) == 0  # no usage reaches no tier: C(0) = 0
+
+
+def test_graduated_with_flat_fees_charges_each_tier_reached_once():
+    # Stripe's tiers[].flat_amount: "the flat billing amount for an entire tier, regardless
+    # of the number of units in the tier"; graduated pricing bills every tier the usage
+    # reaches (docs.stripe.com/products-prices/pricing-models, "Graduated"). Lago and
+    # OpenMeter's graduated flat fee per tier is the same rule.
+    mp = MetricPrice(
+        metric="m",
+        mode="graduated",
+        tiers=(
+            Tier(D(5), D(0), D("10.00")),
+            Tier(D(10), D("5.00"), D("2.00")),
+            Tier(None, D("1.00"), D(0)),
+        ),
+    )
+    assert [price(mp, D(q)) for q in (0, 3, 5, 6, 7, 10, 12)] == [
+        D(0), D(10), D(10), D(17), D(22), D(37), D(39),
+    ]  # fmt: skip
+    # Daily pushes telescope: the tier's fee lands on the day the usage reaches it.
+    assert cumulative_charges(mp, "usd", [D(3), D(4), D(5)]) == [1000, 2200, 3900]
+    assert daily_charges(mp, "usd", [D(3), D(4), D(5)]) == [1000, 1200, 1700]
+
+
+def test_flat_amount_in_the_catalog_and_its_version():
+    doc = base_catalog()
+    tiers = doc["plans"]["starter"]["metrics"]["api_calls"]["tiers"]
+    before = catalog_version(parse_catalog(doc))
+    tiers[0]["flat_amount"] = "0"
+    assert catalog_version(parse_catalog(doc)) == before  # an explicit 0 means none
+    tiers[1]["flat_amount"] = "5.00"
+    catalog = parse_catalog(doc)
+    assert catalog_version(catalog) != before
+    assert catalog.plan("starter").metrics["api_calls"].tiers[1].flat_amount == D(5)
+    assert catalog_tables(catalog)["plan_tiers"][1][-1] == D("5.00")
+    # 100,001 calls: 1 call into tier 2 at $0.0002 plus its $5 fee, + the $29 base fee.
+    assert invoice_total(catalog.plan("starter"), {"api_calls": D(100001)}) == 2900 + 500

@@ -121,6 +121,7 @@ def _actual(cx):
 
 # ---------------------------------------------------------------- strategies
 _PRICE = st.decimals(min_value=0, max_value=3, places=5).map(str)
+_FLAT = st.sampled_from([None, None, "0", "0.005", "7.50", "40"])
 _CURRENCIES = st.sampled_from(["usd", "eur", "jpy"])
 METRICS = ("m_calls", "m_bytes", "m_mins")
 
@@ -134,6 +135,9 @@ def _metric_price(draw):
     bounds = sorted(draw(st.sets(st.integers(1, 3000), min_size=0, max_size=3)))
     tiers = [{"up_to": b, "unit_price": draw(_PRICE)} for b in bounds]
     tiers.append({"up_to": None, "unit_price": draw(_PRICE)})
+    for tier in tiers:  # a flat amount per tier on some (Stripe's tiers[].flat_amount)
+        if flat := draw(_FLAT):
+            tier["flat_amount"] = flat
     return {"mode": mode, "tiers": tiers}
 
 

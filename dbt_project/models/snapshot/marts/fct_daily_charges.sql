@@ -37,7 +37,7 @@ priced_tiers as (
         d.org_id,
         d.metric,
         d.usage_date,
-        sum({{ tier_amount('pm.pricing_mode', 'd.cumulative_quantity', 't.lower_bound', 't.up_to', 't.unit_price') }}) as tiered_amount
+        sum({{ tier_amount('pm.pricing_mode', 'd.cumulative_quantity', 't.lower_bound', 't.up_to', 't.unit_price', 't.flat_amount') }}) as tiered_amount
     from usage_days as d
     inner join {{ ref('int_orgs_priced') }} as o on o.org_id = d.org_id
     inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm

@@ -93,8 +93,9 @@ tier_breakdown as (
                 'from', t.lower_bound,
                 'up_to', t.up_to,
                 'unit_price', t.unit_price,
+                'flat_amount', t.flat_amount,
                 'quantity', {{ tier_quantity('l.pricing_mode', 'l.quantity', 't.lower_bound', 't.up_to') }},
-                'amount', {{ tier_amount('l.pricing_mode', 'l.quantity', 't.lower_bound', 't.up_to', 't.unit_price') }}
+                'amount', {{ tier_amount('l.pricing_mode', 'l.quantity', 't.lower_bound', 't.up_to', 't.unit_price', 't.flat_amount') }}
             )
             order by t.tier_index
         ) filter (
