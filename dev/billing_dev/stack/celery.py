@@ -27,7 +27,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -35,7 +35,7 @@ from billing.platform import connections as conns
 from billing.platform.errors import ServiceError
 from billing_dev.stack import process
 from billing_dev.stack.api_server import answers
-from billing_dev.stack.manager import PG_USER, POOLS, Stack, private_dir, write_private
+from billing_dev.stack.manager import POOLS, Stack, private_dir, write_private
 
 METADATA_DB = "airflow_celery"
 BROKER_DB = 1
@@ -107,18 +107,18 @@ class CeleryCluster:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._state()['ports']['airflow_celery']}"
+        return _base_url(self._state())
 
     def env(self) -> dict[str, str]:
-        """The stack's environment with Airflow switched to the distributed setup."""
+        """The stack's environment with Airflow switched to the distributed setup: the
+        metadata DB and the broker are the stack's own PostgreSQL and Redis."""
         state = self._state()
         p, s = state["ports"], state["secrets"]
-        pg = f"{PG_USER}:{quote(s['postgres_password'], safe='')}@127.0.0.1:{p['postgres']}"
-        redis = conns.redis_url(
-            conns.Conn(conns.REDIS, "redis", "127.0.0.1", p["redis"], None, s["redis_password"],
-                       None, {"db": BROKER_DB})
-        )  # fmt: skip
-        base = self.base_url
+        stack_conns = self.stack.connections(state)
+        pg_conn = stack_conns[conns.POSTGRES]
+        pg = f"{pg_conn.login}:{quote(pg_conn.password, safe='')}@{pg_conn.host}:{pg_conn.port}"
+        redis = conns.redis_url(replace(stack_conns[conns.REDIS], extra={"db": BROKER_DB}))
+        base = _base_url(state)
         return {
             **self.stack.env(state),
             "AIRFLOW_HOME": str(self.home),
@@ -317,3 +317,7 @@ def _descendants(root: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def _base_url(state: dict) -> str:
+    return f"http://127.0.0.1:{state['ports']['airflow_celery']}"

@@ -103,7 +103,13 @@ def get(conn_id: str) -> Conn:
         raise ConfigError(
             f"connection {conn_id} is not configured (set {env_var(conn_id)} or run 'billing stack up')"
         ) from exc
-    return Conn(conn_id, c.conn_type, c.host, c.port, c.login, c.password, c.schema, c.extra_dejson)
+    return from_airflow(c)
+
+
+def from_airflow(c) -> Conn:
+    """An Airflow ``Connection`` (a secrets backend's, a hook's) as a :class:`Conn`."""
+    return Conn(c.conn_id, c.conn_type, c.host, c.port, c.login, c.password, c.schema,
+                c.extra_dejson)  # fmt: skip
 
 
 def postgres_dsn(conn: Conn | None = None) -> str:

@@ -321,6 +321,10 @@ def sync_catalog() -> str:
         return prepare(cx)
 
 
+# Each dbt target's nightly steps (billing.orchestration.nightly): its build, then what needs it.
+TARGET_STEPS = {"postgres": ("dbt_snapshot", "publish_snapshot"), "clickhouse": ("dbt_rollups",)}
+
+
 def transform_day(
     day: dt.date,
     since: dt.date | None = None,
@@ -343,35 +347,28 @@ def transform_day(
 
     def build(target: str) -> Callable[[dt.date], DbtResult]:
         def step(day: dt.date) -> DbtResult:
+            pinned = version[0] if target == "postgres" else None
             return run_dbt(
-                target,
-                "build",
-                vars=run_vars(day, since, version[0] if target == "postgres" else None),
-                full_refresh=full_refresh,
+                target, "build", vars=run_vars(day, since, pinned), full_refresh=full_refresh
             )
 
         return step
 
-    handlers: dict[str, Callable[[dt.date], Any]] = {"prepare_pricing": prepare_pricing}
-    skip = {}
-    for target, step, after in (
-        ("postgres", "dbt_snapshot", "publish_snapshot"),
-        ("clickhouse", "dbt_rollups", None),
-    ):
-        if target in targets:
-            handlers[step] = build(target)
-            if after:
-                handlers[after] = lambda _day: publish_snapshot()
-        else:
-            skip[step] = f"target {target} not asked for"
-            if after:
-                skip[after] = f"target {target} not asked for"
-    done = nightly.run(day, handlers, only=nightly.TRANSFORM_STEPS, skip=skip)
-    return {
-        target: done[step]
-        for target, step in (("postgres", "dbt_snapshot"), ("clickhouse", "dbt_rollups"))
-        if step in done
+    handlers = {
+        "prepare_pricing": prepare_pricing,
+        "dbt_snapshot": build("postgres"),
+        "publish_snapshot": lambda _day: publish_snapshot(),
+        "dbt_rollups": build("clickhouse"),
     }
+    skip = {
+        step: f"target {target} not asked for"
+        for target, steps in TARGET_STEPS.items()
+        if target not in targets
+        for step in steps
+    }
+    handlers = {name: run for name, run in handlers.items() if name not in skip}
+    done = nightly.run(day, handlers, only=nightly.TRANSFORM_STEPS, skip=skip)
+    return {target: done[steps[0]] for target, steps in TARGET_STEPS.items() if steps[0] in done}
 
 
 def _columns(cx, schema: str, table: str) -> list[str]:
@@ -550,11 +547,7 @@ def _profile_mapping(target: str):
         def _set_default_param(self, profile_dict):
             # TLS and the port as every other ClickHouse client here (connections.clickhouse_http);
             # Cosmos would otherwise always write secure: False.
-            c = self.conn
-            secure, port = conns.clickhouse_http(
-                conns.Conn(c.conn_id, c.conn_type, c.host, c.port, c.login, None, c.schema,
-                           c.extra_dejson)
-            )  # fmt: skip
+            secure, port = conns.clickhouse_http(conns.from_airflow(self.conn))
             profile_dict["driver"] = profile_dict.get("driver") or "http"
             profile_dict["user"] = profile_dict.get("user") or "default"
             profile_dict["secure"] = secure
