@@ -81,3 +81,8 @@
 {% macro invoice_id(org_id, period_start) -%}
     'inv_' || {{ org_id }} || '_' || to_char({{ period_start }}, 'YYYYMM')
 {%- endmacro %}
+
+{#- The end of UTC day `day_expr` (a date): the next day's midnight as a timestamptz. -#}
+{% macro day_end(day_expr) -%}
+    (({{ day_expr }}) + 1)::timestamp at time zone 'UTC'
+{%- endmacro %}

@@ -129,6 +129,7 @@ DBT_SNAPSHOT = {
     "int_orgs_priced_model_build",
     "int_periods_affected_model_build",
     "int_usage_days_aggregated_model_build",
+    "int_usage_period_to_date_model_build",
     "relationships_fct_invoice_lines_invoice_id__invoice_id__ref_fct_invoices__test",
     "relationships_fct_invoices_org_id__org_id__ref_stg_billing__organizations__test",
     "relationships_stg_billing__catalog_plan_metrics_plan__plan__ref_stg_billing__catalog_plans__test",

@@ -43,6 +43,7 @@ import yaml
 
 from billing.platform import settings
 from billing.platform.errors import ConfigError
+from billing.pricing.aggregation import AGGREGATIONS, SUM, UNIQUE_COUNT
 
 __all__ = [
     "AMOUNT_MAX_MINOR",
@@ -58,6 +59,7 @@ __all__ = [
     "Tier",
     "catalog_tables",
     "catalog_version",
+    "charges",
     "cumulative_charges",
     "daily_charges",
     "format_money",
@@ -121,6 +123,8 @@ MONTHLY_QUANTITY_MAX = Decimal(10**12)
 AMOUNT_MAX_MINOR = 10**17
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# An event property a metric reads (``properties ->> name``): a JSON key without surprises.
+_PROPERTY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
 _PLAIN_DECIMAL_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
 
@@ -171,9 +175,15 @@ class Plan:
 
 @dataclass(frozen=True)
 class Metric:
+    """A metered metric. ``aggregation`` turns its events into the priced quantity
+    (:mod:`billing.pricing.aggregation`); ``property`` names the event property that
+    ``unique_count`` counts distinct values of."""
+
     name: str
     unit: str
     description: str
+    aggregation: str = SUM
+    property: str | None = None
 
 
 @dataclass(frozen=True)
@@ -278,21 +288,29 @@ def price(mp: MetricPrice | None, quantity: Decimal) -> Decimal:
     raise ValueError(f"metric {mp.metric!r}: unknown pricing mode {mp.mode!r}")
 
 
+def charges(
+    mp: MetricPrice | None, currency: str, period_to_date: Sequence[Decimal]
+) -> list[int]:
+    """``[C(d) for each Q(d)]``: the rounded charge of each period-to-date quantity, minor
+    units. ``Q`` comes from the metric's aggregation (:mod:`billing.pricing.aggregation`)."""
+    minor_exponent(currency)  # fail early on an unsupported currency
+    return [to_minor(price(mp, q), currency) for q in period_to_date]
+
+
 def cumulative_charges(
     mp: MetricPrice | None, currency: str, daily_quantities: Sequence[Decimal]
 ) -> list[int]:
-    """``[C(1), ..., C(n)]``: the rounded cumulative charge after each day, minor units."""
-    minor_exponent(currency)  # fail early on an unsupported currency
-    result: list[int] = []
+    """``[C(1), ..., C(n)]`` of a ``sum`` metric from each day's own quantity, minor units."""
     cumulative = _ZERO
+    running: list[Decimal] = []
     for i, daily in enumerate(daily_quantities):
         d = _as_decimal(daily, f"daily quantity [{i}]")
         if d < 0:
             raise ValueError(f"daily quantity [{i}] must not be negative, got {d}")
         with localcontext(_EXACT):
             cumulative += d
-        result.append(to_minor(price(mp, cumulative), currency))
-    return result
+        running.append(cumulative)
+    return charges(mp, currency, running)
 
 
 def daily_charges(
@@ -409,10 +427,34 @@ def _text(value: Any, where: str, *, required: bool) -> str:
 
 def _parse_metric(name: str, spec: Any) -> Metric:
     where = f"metric {name!r}"
-    spec = _check_keys(spec, where, {"unit"}, {"description"})
+    spec = _check_keys(spec, where, {"unit"}, {"description", "aggregation", "property"})
     unit = _text(spec["unit"], f"{where} unit", required=True)
     description = _text(spec.get("description", ""), f"{where} description", required=False)
-    return Metric(name=name, unit=unit, description=description)
+    aggregation = spec.get("aggregation", SUM)
+    if aggregation not in AGGREGATIONS:
+        raise _Invalid(
+            f"{where} aggregation",
+            f"unknown aggregation {aggregation!r} (expected one of: {', '.join(AGGREGATIONS)})",
+        )
+    prop = spec.get("property")
+    if aggregation == UNIQUE_COUNT:
+        if prop is None:
+            raise _Invalid(
+                f"{where} property",
+                "missing (unique_count counts distinct values of an event property)",
+            )
+        if not isinstance(prop, str) or not _PROPERTY_RE.match(prop):
+            raise _Invalid(
+                f"{where} property", f"must match {_PROPERTY_RE.pattern}, got {prop!r}"
+            )
+    elif prop is not None:
+        raise _Invalid(
+            f"{where} property",
+            f"only a unique_count metric reads a property (this one aggregates {aggregation})",
+        )
+    return Metric(
+        name=name, unit=unit, description=description, aggregation=aggregation, property=prop
+    )
 
 
 def _parse_tiers(value: Any, where: str) -> tuple[Tier, ...]:
@@ -643,7 +685,7 @@ def catalog_tables(catalog: Catalog) -> dict[str, list[tuple]]:
                 if tier.up_to is not None:
                     lower = tier.up_to
     metrics = [
-        (m.name, m.unit, m.description)
+        (m.name, m.unit, m.description, m.aggregation, m.property)
         for m in (catalog.metrics[k] for k in sorted(catalog.metrics))
     ]
     return {
@@ -664,7 +706,11 @@ def _canonical_decimal(value: Decimal | None) -> str | None:
 def _canonical(catalog: Catalog) -> dict[str, Any]:
     return {
         "metrics": {
-            m.name: {"unit": m.unit, "description": m.description} for m in catalog.metrics.values()
+            # the aggregation only when it is not the default: catalogs of sum metrics keep
+            # the version they had before metrics could aggregate otherwise
+            m.name: {"unit": m.unit, "description": m.description}
+            | ({"aggregation": m.aggregation, "property": m.property} if m.aggregation != SUM else {})
+            for m in catalog.metrics.values()
         },
         "plans": {
             p.name: {

@@ -28,7 +28,8 @@ def sync(cx, catalog: pricing.Catalog) -> str:
         )
         if cur.fetchone() is not None:
             cur.executemany(
-                "INSERT INTO billing.catalog_metrics VALUES (%s, %s, %s, %s)",
+                "INSERT INTO billing.catalog_metrics (catalog_version, metric, unit, description,"
+                " aggregation, property) VALUES (%s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["metrics"]],
             )
             cur.executemany(

@@ -736,8 +736,8 @@ def test_catalog_tables():
         ("starter", "api_calls", 2, D(1000000), None, D("0.0001"), D(0)),
     ]
     assert tables["metrics"] == [
-        ("api_calls", "call", "API requests"),
-        ("storage_gb", "GB", ""),
+        ("api_calls", "call", "API requests", "sum", None),
+        ("storage_gb", "GB", "", "sum", None),
     ]
 
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from billing.pricing import aggregation as agg
 from billing.pricing import catalog as pricing
 
 pytestmark = pytest.mark.integration
@@ -50,11 +51,17 @@ def _insert_orgs(cx, orgs):
 
 
 def _insert_events(cx, events, prefix):
-    """events: (org, metric, quantity, occurred_at, billable, source, arrival_day)."""
+    """events: (org, metric, quantity, occurred_at, billable, source, arrival_day[, properties])."""
+    from psycopg.types.json import Jsonb
+
     cx.cursor().executemany(
         "INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at,"
-        " billable, source, arrival_day, file_id, line_no) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,0,%s)",
-        [(f"{prefix}-{i}", *e, i) for i, e in enumerate(events)],
+        " billable, source, arrival_day, properties, file_id, line_no)"
+        " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,0,%s)",
+        [
+            (f"{prefix}-{i}", *e[:7], Jsonb(e[7]) if len(e) > 7 else None, i)
+            for i, e in enumerate(events)
+        ],
     )
 
 
@@ -77,26 +84,28 @@ def _snapshot(cx) -> list[tuple]:
     ).fetchall()
 
 
-def _expected(catalog, orgs, events, run_periods):
-    """billing.pricing's answer: C(d) per org/metric/day and each invoice's total."""
+def _expected(catalog, orgs, batches, run_day, run_periods):
+    """billing.pricing's answer: C(d) per org/metric/day and each invoice's total.
+
+    batches: (prefix, events) as inserted, so each event has the id the database has."""
     plan_of = {o: catalog.plan(p) for o, p, _ in orgs}
-    daily = defaultdict(Decimal)
-    for org, metric, qty, occurred, billable, _src, _arr in events:
-        if billable:
-            daily[(org, metric, occurred.date())] += qty
     series = defaultdict(list)
-    for (org, metric, day), qty in sorted(daily.items()):
-        series[(org, metric, day.replace(day=1))].append((day, qty))
+    for prefix, events in batches:
+        for i, (org, metric, qty, occurred, billable, *_rest) in enumerate(events):
+            if billable:
+                props = _rest[2] if len(_rest) > 2 else None
+                event = agg.Event(f"{prefix}-{i}", occurred, qty, props)
+                series[(org, metric, event.day.replace(day=1))].append(event)
     charges, usage_by_invoice = {}, defaultdict(int)
-    for (org, metric, period), days in series.items():
+    for (org, metric, period), events in series.items():
         plan = plan_of[org]
-        cum = pricing.cumulative_charges(
-            plan.price_for(metric), plan.currency, [q for _, q in days]
-        )
-        prev = 0
-        for (day, _q), c in zip(days, cum, strict=True):
+        spec = catalog.metrics[metric]
+        period_end = (period + dt.timedelta(days=31)).replace(day=1) - dt.timedelta(days=1)
+        days = agg.charge_days(spec.aggregation, [e.day for e in events], period_end, run_day)
+        quantities = agg.period_to_date(spec.aggregation, events, days, spec.property)
+        cum = pricing.charges(plan.price_for(metric), plan.currency, quantities)
+        for day, c, prev in zip(days, cum, [0, *cum], strict=False):
             charges[(org, metric, day)] = (c, c - prev)
-            prev = c
         usage_by_invoice[(org, period)] += cum[-1]
     periods = {p for _, p in usage_by_invoice} | set(run_periods)
     totals = {}
@@ -105,6 +114,11 @@ def _expected(catalog, orgs, events, run_periods):
             inv = f"inv_{org}_{period:%Y%m}"
             totals[inv] = plan_of[org].base_fee_minor + usage_by_invoice.get((org, period), 0)
     return charges, totals
+
+
+def _diff(got: dict, want: dict) -> dict:
+    """{key: (got, want)} where the two differ: an empty dict when they agree."""
+    return {k: (got.get(k), want.get(k)) for k in got.keys() | want.keys() if got.get(k) != want.get(k)}
 
 
 def _actual(cx):
@@ -123,7 +137,16 @@ def _actual(cx):
 _PRICE = st.decimals(min_value=0, max_value=3, places=5).map(str)
 _FLAT = st.sampled_from([None, None, "0", "0.005", "7.50", "40"])
 _CURRENCIES = st.sampled_from(["usd", "eur", "jpy"])
-METRICS = ("m_calls", "m_bytes", "m_mins")
+# One metric per aggregation, so every example mixes them all (docs/PRICING.md "Aggregations").
+AGGREGATED = {
+    "m_calls": {"unit": "call"},
+    "m_events": {"unit": "event", "aggregation": "count"},
+    "m_users": {"unit": "user", "aggregation": "unique_count", "property": "user_id"},
+    "m_peak": {"unit": "seat", "aggregation": "max"},
+    "m_seats": {"unit": "seat", "aggregation": "latest"},
+    "m_gb": {"unit": "GB-hour", "aggregation": "time_weighted"},
+}
+METRICS = tuple(AGGREGATED)
 
 
 @st.composite
@@ -148,26 +171,31 @@ def _scenario(draw):
         currency = draw(_CURRENCIES)
         places = pricing.CURRENCIES[currency]
         fee = draw(st.decimals(0, 500, places=places))
-        priced = draw(st.lists(st.sampled_from(METRICS), unique=True, max_size=3))
+        priced = draw(st.lists(st.sampled_from(METRICS), unique=True, max_size=5))
         plans[f"p{i}"] = {
             "currency": currency,
             "base_fee": format(fee, "f"),
             "metrics": {m: draw(_metric_price()) for m in priced},
         }
-    catalog = pricing.parse_catalog(
-        {"metrics": {m: {"unit": "u"} for m in METRICS}, "plans": plans}, "hypothesis"
-    )
+    catalog = pricing.parse_catalog({"metrics": AGGREGATED, "plans": plans}, "hypothesis")
     orgs = []
     for i, name in enumerate(sorted(plans) * 2):
         orgs.append((f"o{i}", name, catalog.plans[name].currency))
     qty = st.one_of(st.integers(0, 1500).map(Decimal), st.decimals(0, 800, places=3))
+    # a few fixed moments make ties (latest and time_weighted order them by event_id)
+    moment = st.one_of(st.sampled_from([0, 3_600, 43_200]), st.integers(0, 86_399))
+    users = st.one_of(
+        st.none(),
+        st.fixed_dictionaries({"user_id": st.sampled_from(["u1", "u2", "u3", 7, None])}),
+        st.just({"other": "x"}),
+    )
 
     def events(n, days, late: bool):
         out = []
         for _ in range(n):
             day = draw(st.sampled_from(days))
             occurred = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(
-                seconds=draw(st.integers(0, 86_399))
+                seconds=draw(moment), microseconds=draw(st.sampled_from([0, 0, 1, 500_000]))
             )
             arrival = DAY2 if late else min(DAY1, day + dt.timedelta(days=draw(st.integers(0, 2))))
             out.append(
@@ -179,13 +207,14 @@ def _scenario(draw):
                     draw(st.integers(0, 3)) > 0,
                     draw(st.sampled_from(["api", "batch", None])),
                     arrival,
+                    draw(users),
                 )
             )
         return out
 
     all_days = [dt.date(2025, 1, 28) + dt.timedelta(days=k) for k in range(7)]
-    first = events(draw(st.integers(5, 30)), all_days, late=False)
-    late = events(draw(st.integers(1, 8)), all_days[:-1], late=True)
+    first = events(draw(st.integers(10, 45)), all_days, late=False)
+    late = events(draw(st.integers(1, 10)), all_days[:-1], late=True)
     return catalog, orgs, first, late
 
 
@@ -210,15 +239,22 @@ def test_snapshot_matches_pricing_to_the_cent(fresh, scenario):
         DAY1, dt.date(2025, 1, 1), targets=["postgres"], full_refresh=True, catalog=catalog
     )
     with db.connect() as cx:
-        assert _actual(cx) == _expected(catalog, orgs, first, [DAY1.replace(day=1)])
+        charges, totals = _actual(cx)
+        want_charges, want_totals = _expected(
+            catalog, orgs, [("a", first)], DAY1, [DAY1.replace(day=1)]
+        )
+        assert _diff(charges, want_charges) == {}
+        assert _diff(totals, want_totals) == {}
         _insert_events(cx, late, "b")
         cx.commit()
     transform.transform_day(DAY2, targets=["postgres"], catalog=catalog)
     with db.connect() as cx:
         charges, totals = _actual(cx)
-        want_charges, want_totals = _expected(catalog, orgs, first + late, [DAY1.replace(day=1)])
-        assert charges == want_charges
-        assert totals == want_totals
+        want_charges, want_totals = _expected(
+            catalog, orgs, [("a", first), ("b", late)], DAY2, [DAY1.replace(day=1)]
+        )
+        assert _diff(charges, want_charges) == {}
+        assert _diff(totals, want_totals) == {}
         lines = dict(
             cx.execute(
                 f"SELECT invoice_id, sum(amount_cents)::bigint FROM {SNAPSHOT}.fct_invoice_lines"

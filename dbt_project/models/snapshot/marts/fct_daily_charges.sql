@@ -8,28 +8,26 @@
     )
 }}
 {#-
-  C(d) = round_half_up(A(Q(d))) in minor units, Q(d) the month-to-date quantity; the
-  day's charge is C(d) - C(d-1). Rows exist for days with billable usage only: between
+  C(d) = round_half_up(A(Q(d))) in minor units, Q(d) the month-to-date quantity of the
+  metric's aggregation (int_usage_period_to_date); the day's charge is C(d) - C(d-1).
+  Rows exist for days with billable usage (every day for a time-weighted metric): between
   them C is flat, so the daily charges still telescope to C(last day).
 -#}
-with periods as (
-    select period_start from {{ ref('int_periods_affected') }}
-),
-
-usage_days as (
+with usage_days as (
     select
-        u.org_id,
-        u.metric,
-        u.usage_date,
-        u.period_start,
-        u.quantity,
-        sum(u.quantity) over (
-            partition by u.org_id, u.metric, u.period_start
-            order by u.usage_date
-            rows between unbounded preceding and current row
-        ) as cumulative_quantity
-    from {{ ref('int_usage_days_aggregated') }} as u
-    where u.period_start in (select period_start from periods)
+        org_id,
+        metric,
+        usage_date,
+        period_start,
+        aggregation,
+        cumulative_quantity - coalesce(
+            lag(cumulative_quantity) over (
+                partition by org_id, metric, period_start order by usage_date
+            ),
+            0
+        ) as quantity,
+        cumulative_quantity
+    from {{ ref('int_usage_period_to_date') }}
 ),
 
 priced_tiers as (
@@ -57,6 +55,7 @@ priced as (
         o.currency,
         o.catalog_version,
         pm.pricing_mode,
+        d.aggregation,
         d.quantity,
         d.cumulative_quantity,
         case
@@ -89,6 +88,7 @@ select
     plan,
     currency,
     pricing_mode,
+    aggregation,
     quantity,
     cumulative_quantity,
     cumulative_amount,

@@ -2,6 +2,8 @@ select
     catalog_version,
     metric,
     unit,
-    description
+    description,
+    aggregation,
+    property
 from {{ source('billing', 'catalog_metrics') }}
 where {{ catalog_version_filter('catalog_version', source('billing', 'catalog_versions')) }}

@@ -1,0 +1,189 @@
+{{ config(materialized='ephemeral') }}
+{#-
+  Q(d) per org, metric and day of each affected period: the metric's aggregation over the
+  period's billable events through the end of day d (docs/PRICING.md "Aggregations";
+  billing.pricing.aggregation is the reference). sum and count come from the daily
+  aggregates; unique_count, max, latest and time_weighted read the period's events.
+  Rows: days with events, and for time_weighted every day from the period's first event
+  through the period's end, or through the later of the run day and the last event day
+  while the period is open (its Q grows every day).
+-#}
+with periods as (
+    select period_start from {{ ref('int_periods_affected') }}
+),
+
+metrics as (
+    select metric, aggregation, property from {{ ref('stg_billing__catalog_metrics') }}
+),
+
+additive as (
+    select
+        u.org_id,
+        u.metric,
+        u.period_start,
+        u.usage_date,
+        coalesce(m.aggregation, 'sum') as aggregation,
+        sum(case when m.aggregation = 'count' then u.event_count else u.quantity end) over (
+            partition by u.org_id, u.metric, u.period_start
+            order by u.usage_date
+            rows between unbounded preceding and current row
+        ) as cumulative_quantity
+    from {{ ref('int_usage_days_aggregated') }} as u
+    left join metrics as m on m.metric = u.metric
+    where u.period_start in (select period_start from periods)
+      and coalesce(m.aggregation, 'sum') in ('sum', 'count')
+),
+
+events as (
+    select
+        e.org_id,
+        e.metric,
+        e.period_start,
+        e.usage_date,
+        e.occurred_at,
+        e.event_id,
+        e.quantity,
+        m.aggregation,
+        case when m.aggregation = 'unique_count' then e.properties ->> m.property end as value
+    from {{ ref('stg_billing__usage_events') }} as e
+    inner join metrics as m
+        on m.metric = e.metric and m.aggregation in ('unique_count', 'max', 'latest', 'time_weighted')
+    where e.is_billable
+      and e.period_start in (select period_start from periods)
+      {#- a range on occurred_at lets Postgres prune the month partitions at run time -#}
+      and e.occurred_at >= (select min(period_start) from periods)::timestamp at time zone 'UTC'
+),
+
+event_days as (
+    select
+        org_id,
+        metric,
+        period_start,
+        usage_date,
+        aggregation,
+        max(quantity) as day_max,
+        (array_agg(quantity order by occurred_at desc, event_id collate "C" desc))[1] as day_latest
+    from events
+    where aggregation in ('unique_count', 'max', 'latest')
+    group by org_id, metric, period_start, usage_date, aggregation
+),
+
+{#- The latest value through d is the latest of the last day with events: rows exist only
+    for days with events. -#}
+max_latest as (
+    select
+        org_id,
+        metric,
+        period_start,
+        usage_date,
+        aggregation,
+        case aggregation
+            when 'max' then max(day_max) over (
+                partition by org_id, metric, period_start
+                order by usage_date
+                rows between unbounded preceding and current row
+            )
+            else day_latest
+        end as cumulative_quantity
+    from event_days
+    where aggregation in ('max', 'latest')
+),
+
+first_seen as (
+    select org_id, metric, period_start, min(usage_date) as usage_date
+    from events
+    where aggregation = 'unique_count' and value is not null
+    group by org_id, metric, period_start, value
+),
+
+new_values as (
+    select org_id, metric, period_start, usage_date, count(*) as new_values
+    from first_seen
+    group by org_id, metric, period_start, usage_date
+),
+
+unique_counts as (
+    select
+        d.org_id,
+        d.metric,
+        d.period_start,
+        d.usage_date,
+        d.aggregation,
+        sum(coalesce(n.new_values, 0)) over (
+            partition by d.org_id, d.metric, d.period_start
+            order by d.usage_date
+            rows between unbounded preceding and current row
+        )::numeric as cumulative_quantity
+    from event_days as d
+    left join new_values as n
+        on n.org_id = d.org_id and n.metric = d.metric
+       and n.period_start = d.period_start and n.usage_date = d.usage_date
+    where d.aggregation = 'unique_count'
+),
+
+held as (
+    select
+        org_id,
+        metric,
+        period_start,
+        occurred_at,
+        quantity,
+        lead(occurred_at) over (
+            partition by org_id, metric, period_start order by occurred_at, event_id collate "C"
+        ) as next_at
+    from events
+    where aggregation = 'time_weighted'
+),
+
+spine as (
+    select f.org_id, f.metric, f.period_start, s.day::date as usage_date
+    from (
+        select
+            org_id,
+            metric,
+            period_start,
+            min(usage_date) as first_day,
+            least(
+                greatest({{ run_day() }}, max(usage_date)),
+                (period_start + interval '1 month' - interval '1 day')::date
+            ) as last_day
+        from events
+        where aggregation = 'time_weighted'
+        group by org_id, metric, period_start
+    ) as f
+    cross join lateral generate_series(f.first_day, f.last_day, interval '1 day') as s (day)
+),
+
+{#- Σ v × µs held before the end of day d, scaled by 10^9 to an exact integer, then
+    rounded half up to 10^-9 quantity-hours: div() on numeric is exact. -#}
+time_weighted as (
+    select
+        s.org_id,
+        s.metric,
+        s.period_start,
+        s.usage_date,
+        'time_weighted' as aggregation,
+        div(
+            2 * sum(
+                h.quantity * 1000000000
+                * extract(epoch from (
+                    least(coalesce(h.next_at, {{ day_end('s.usage_date') }}), {{ day_end('s.usage_date') }})
+                    - h.occurred_at
+                )) * 1000000
+            ) + 3600000000,
+            7200000000
+        ) * 0.000000001 as cumulative_quantity
+    from spine as s
+    inner join held as h
+        on h.org_id = s.org_id and h.metric = s.metric and h.period_start = s.period_start
+       and h.occurred_at < {{ day_end('s.usage_date') }}
+    group by s.org_id, s.metric, s.period_start, s.usage_date
+)
+
+select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from additive
+union all
+select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from max_latest
+union all
+select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from unique_counts
+union all
+select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from time_weighted
