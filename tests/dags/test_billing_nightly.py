@@ -194,7 +194,6 @@ def test_every_task_and_its_upstreams(dag):
             "relationships_fct_invoice_lines_invoice_id__invoice_id__ref_fct_invoices__test",
             "relationships_fct_invoices_org_id__org_id__ref_stg_billing__organizations__test",
             "relationships_stg_billing__catalog_plan_metrics_plan__plan__ref_stg_billing__catalog_plans__test",
-            "stg_billing__catalog_metrics_model_build",
             "usage_org_is_known_test",
         )
     }

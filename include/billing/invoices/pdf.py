@@ -29,8 +29,16 @@ from billing.platform.dates import parse_period, period_close
 from billing.pricing.catalog import format_money
 
 FONT_DIR = Path(__file__).resolve().parent / "fonts"
-RENDERER_VERSION = "2"  # bump when the layout changes: it is part of the API's ETag
+RENDERER_VERSION = "3"  # bump when the layout changes: it is part of the API's ETag
 BASE_FEE_METRIC = "base_fee"
+# What an invoice line's quantity is, for aggregations other than a plain sum.
+AGGREGATION_LABELS = {
+    "count": "events",
+    "unique_count": "distinct",
+    "max": "peak",
+    "latest": "latest value",
+    "time_weighted": "unit-hours",
+}
 
 # fontTools logs every font subsetting step at INFO; keep task logs readable.
 logging.getLogger("fontTools").setLevel(logging.WARNING)
@@ -54,6 +62,15 @@ class PdfLine:
     amount_cents: int
     tiers: tuple[PdfTier, ...] = ()
     description: str | None = None
+    aggregation: str = "sum"
+    credited_cents: int = 0  # negative daily charges netted in amount_cents (<= 0)
+    credited_days: int = 0
+
+    @property
+    def quantity_label(self) -> str:
+        """The quantity and, unless it is a plain sum, what it measures."""
+        what = AGGREGATION_LABELS.get(self.aggregation)
+        return f"{_qty(self.quantity)}\n{what}" if what else _qty(self.quantity)
 
 
 @dataclass(frozen=True)
@@ -238,9 +255,15 @@ def render(invoice: PdfInvoice) -> bytes:
                 + f" = {_num(tier.amount)}"
                 for tier in line.tiers
             )
+            if line.credited_cents:
+                days = "day" if line.credited_days == 1 else "days"
+                tiers += (
+                    f"\nIncludes {money(line.credited_cents)} credited on "
+                    f"{line.credited_days} {days} the billable quantity's price fell"
+                )
             row = table.row()
             row.cell(t(line.description or line.metric))
-            row.cell(_qty(line.quantity))
+            row.cell(line.quantity_label)
             row.cell(t(tiers))
             row.cell(money(line.amount_cents))
 

@@ -48,6 +48,9 @@ class Line:
     quantity: Decimal
     amount_cents: int
     tiers: list[dict[str, Any]]
+    aggregation: str | None = None  # how the metric's events became the quantity
+    credited_cents: int = 0  # the negative daily charges netted in amount_cents (<= 0)
+    credited_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def _fetch(cx, where: sql.Composable, params: tuple) -> list[Invoice]:
     cols = ", ".join(f"i.{c.strip()}" for c in _INVOICE_COLUMNS.split(","))
     q = sql.SQL(
         "SELECT {cols}, l.line_number, l.line_type, l.metric, l.pricing_mode, l.quantity,"
-        " l.amount_cents, l.tiers::text"
+        " l.amount_cents, l.tiers::text, l.aggregation, l.credited_cents, l.credited_days"
         " FROM (SELECT * FROM {inv} WHERE {where}) AS i"
         " LEFT JOIN {lines} AS l ON l.invoice_id = i.invoice_id"
         " ORDER BY i.org_id, i.period_start, l.line_number"
@@ -124,12 +127,19 @@ def _fetch(cx, where: sql.Composable, params: tuple) -> list[Invoice]:
     heads: dict[str, tuple] = {}
     lines: dict[str, list[Line]] = {}
     for r in rows:
-        head, (number, ltype, metric, mode, qty, cents, tiers) = r[:n], r[n:]
+        head, (number, ltype, metric, mode, qty, cents, tiers, *credits) = r[:n], r[n:]
         heads.setdefault(head[0], head)
         if number is not None:
             lines.setdefault(head[0], []).append(
                 Line(
-                    number, ltype, metric, mode, qty, cents, json.loads(tiers, parse_float=Decimal)
+                    number,
+                    ltype,
+                    metric,
+                    mode,
+                    qty,
+                    cents,
+                    json.loads(tiers, parse_float=Decimal),
+                    *credits,
                 )
             )
     return [Invoice(*h, lines=lines.get(i, [])) for i, h in heads.items()]

@@ -162,6 +162,9 @@ def to_pdf_invoice(inv: invoices.Invoice, row: dict):
                 amount_cents=int(line.amount_cents),
                 tiers=_tiers(line.tiers),
                 description=names.get(line.metric or ""),
+                aggregation=line.aggregation or "sum",
+                credited_cents=int(line.credited_cents or 0),
+                credited_days=int(line.credited_days or 0),
             )
             for line in inv.usage_lines
         ),

@@ -4,7 +4,8 @@ For run day D of period P, an org's item for a metric is ``C_now(D) - pushed`` w
 ``C_now(D)`` is the snapshot's cumulative charge through D (recomputed with every event
 known now) and ``pushed`` is everything already in the outbox for that org/metric/P, sent
 or not. Late events are therefore absorbed in the current day's item; past items are never
-rewritten. A day at or before the last planned day of an org/metric plans nothing, so
+rewritten. The amount is negative when the month's usage now prices lower (a cheaper volume
+tier, a latest value that fell): Stripe takes it as a credit item on the same invoice. A day at or before the last planned day of an org/metric plans nothing, so
 re-runs and backfills are harmless.
 
 Late events can also change an earlier period that is still inside the lateness window
@@ -143,7 +144,10 @@ def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Wr
                 {
                     "amount": amount,
                     "currency": c.currency,
-                    "description": f"{c.metric} usage {day.isoformat()}",
+                    "description": f"{c.metric} usage {day.isoformat()}"
+                    # a negative item is a credit (Stripe accepts negative invoice items):
+                    # say why on the customer's invoice
+                    + (" (credit: the month's usage now prices lower)" if amount < 0 else ""),
                     "metadata": _metadata(key, "usage_item", c.org_id, period, day, c.metric),
                 },
                 day=day,

@@ -152,3 +152,18 @@ def test_a_tiers_flat_fee_shows_in_its_row(tmp_path):
     text = pdf_text(invoice_pdf.render(replace(inv, lines=(line,))), tmp_path)
     assert "1 – 5: 3 × 0 + flat 10 = 10" in text
     assert "1,001 – ∞: 11,000 × 0.0011 = 12.10" in text
+
+
+def test_an_aggregated_line_says_what_it_measures_and_its_credits(tmp_path):
+    """A latest-value metric whose value fell: the quantity says "latest value" and the row
+    names the credit items Stripe has for the days it fell (already netted in the amount)."""
+    inv = make_invoice(n_lines=2)
+    seats = replace(
+        inv.lines[0], aggregation="latest", credited_cents=-3_000, credited_days=2
+    )
+    users = replace(inv.lines[1], aggregation="unique_count")
+    text = pdf_text(invoice_pdf.render(replace(inv, lines=(seats, users))), tmp_path)
+    flat = " ".join(text.split())
+    assert "latest value" in text and "distinct" in text
+    assert "Includes -$30.00 credited on 2 days the billable quantity's price fell" in flat
+    assert flat.count("credited on") == 1

@@ -32,6 +32,21 @@ month_usage as (
     order by org_id, metric, period_start, usage_date desc
 ),
 
+{#- The days whose charge was negative (a cheaper volume tier, a latest value that fell):
+    Stripe has them as credit items, and the PDF names their sum. -#}
+month_credits as (
+    select
+        org_id,
+        metric,
+        period_start,
+        sum(daily_charge_cents) as credited_cents,
+        count(*) as credited_days
+    from {{ ref('fct_daily_charges') }}
+    where period_start in (select period_start from periods)
+      and daily_charge_cents < 0
+    group by org_id, metric, period_start
+),
+
 invoices as (
     select
         {{ invoice_id('o.org_id', 'p.period_start') }} as invoice_id,
@@ -73,12 +88,18 @@ usage_lines as (
         coalesce(u.quantity, 0) as quantity,
         coalesce(u.exact_amount, 0) as exact_amount,
         coalesce(u.amount_cents, 0) as amount_cents,
+        coalesce(m.aggregation, 'sum') as aggregation,
+        coalesce(c.credited_cents, 0) as credited_cents,
+        coalesce(c.credited_days, 0) as credited_days,
         pm.package_size,
         pm.package_price
     from invoice_metrics as im
     inner join invoices as i on i.invoice_id = im.invoice_id
     left join month_usage as u
         on u.org_id = i.org_id and u.period_start = i.period_start and u.metric = im.metric
+    left join month_credits as c
+        on c.org_id = i.org_id and c.period_start = i.period_start and c.metric = im.metric
+    left join {{ ref('stg_billing__catalog_metrics') }} as m on m.metric = im.metric
     left join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
         on pm.plan = i.plan and pm.metric = im.metric
 ),
@@ -119,7 +140,10 @@ lines as (
         cast(null as text) as pricing_mode,
         1::numeric as quantity,
         base_fee_cents as amount_cents,
-        '[]'::jsonb as tiers
+        '[]'::jsonb as tiers,
+        cast(null as text) as aggregation,
+        0::bigint as credited_cents,
+        0::bigint as credited_days
     from invoices
     union all
     select
@@ -141,7 +165,10 @@ lines as (
                 'amount', l.exact_amount
             ))
             else coalesce(tb.tiers, '[]'::jsonb)
-        end as tiers
+        end as tiers,
+        l.aggregation,
+        l.credited_cents,
+        l.credited_days
     from usage_lines as l
     left join tier_breakdown as tb on tb.invoice_id = l.invoice_id and tb.metric = l.metric
 )
@@ -162,5 +189,8 @@ select
     amount_cents::bigint as amount_cents,
     currency,
     tiers,
+    aggregation,
+    credited_cents::bigint as credited_cents,
+    credited_days::integer as credited_days,
     catalog_version
 from lines
