@@ -51,6 +51,17 @@ class Line:
     aggregation: str | None = None  # how the metric's events became the quantity
     credited_cents: int = 0  # the negative daily charges netted in amount_cents (<= 0)
     credited_days: int = 0
+    dimension_key: str = ""  # the combination of dimension values the line prices
+    dimensions: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def charge(self) -> str:
+        """The line's charge label (``billing.pricing.charge_label``), as Stripe items name it."""
+        from billing.pricing.catalog import charge_label
+
+        if self.line_type == "base_fee":
+            return "base_fee"
+        return charge_label(str(self.metric), self.dimension_key)
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,8 @@ def _fetch(cx, where: sql.Composable, params: tuple) -> list[Invoice]:
     cols = ", ".join(f"i.{c.strip()}" for c in _INVOICE_COLUMNS.split(","))
     q = sql.SQL(
         "SELECT {cols}, l.line_number, l.line_type, l.metric, l.pricing_mode, l.quantity,"
-        " l.amount_cents, l.tiers::text, l.aggregation, l.credited_cents, l.credited_days"
+        " l.amount_cents, l.tiers::text, l.aggregation, l.credited_cents, l.credited_days,"
+        " l.dimension_key, l.dimensions"
         " FROM (SELECT * FROM {inv} WHERE {where}) AS i"
         " LEFT JOIN {lines} AS l ON l.invoice_id = i.invoice_id"
         " ORDER BY i.org_id, i.period_start, l.line_number"
@@ -171,6 +183,7 @@ def summary(inv: Invoice) -> dict[str, Any]:
         "lines": [
             {
                 "metric": x.metric,
+                **({"dimensions": x.dimensions} if x.dimension_key else {}),
                 "quantity": format(x.quantity, "f"),
                 "amount_cents": x.amount_cents,
             }

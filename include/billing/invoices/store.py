@@ -111,22 +111,31 @@ def _tiers(raw) -> tuple:
         raw = json.loads(raw)
     out = []
     for t in raw:
+        if "max_spend" in t:  # the maximum spend capped the line: this row takes it down
+            cut = Decimal(str(t["amount"]))
+            cap = Decimal(str(t["max_spend"]))
+            out.append(PdfTier(f"capped at the maximum spend of {cap:,f}", Decimal(1), cut, cut))
+            continue
         if "packages" in t:
+            # a tiered_package tier says its range; free units and rounding down when set
+            label = f"{_range_label(t)} in " if "from" in t else ""
+            label += f"packages of {Decimal(str(t['package_size'])):,f}"
+            if t.get("free_units"):
+                label += f" after {Decimal(str(t['free_units'])):,f} free"
+            if t.get("rounding") == "down":
+                label += " (complete packages only)"
             out.append(
                 PdfTier(
-                    f"packages of {Decimal(str(t['package_size'])):,f}",
+                    label,
                     Decimal(str(t["packages"])),
                     Decimal(str(t["package_price"])),
                     Decimal(str(t["amount"])),
                 )
             )
             continue
-        lower = Decimal(str(t.get("from") or 0))
-        up_to = t.get("up_to")
-        label = f"{lower + 1:,f} – " + (f"{Decimal(str(up_to)):,f}" if up_to is not None else "∞")
         out.append(
             PdfTier(
-                label,
+                _range_label(t),
                 Decimal(str(t["quantity"])),
                 Decimal(str(t["unit_price"])),
                 Decimal(str(t["amount"])),
@@ -134,6 +143,22 @@ def _tiers(raw) -> tuple:
             )
         )
     return tuple(out)
+
+
+def _range_label(t: dict) -> str:
+    """A tier's units, e.g. ``1,001 – 10,000`` or ``10,001 – ∞``."""
+    lower = Decimal(str(t.get("from") or 0))
+    up_to = t.get("up_to")
+    return f"{lower + 1:,f} – " + (f"{Decimal(str(up_to)):,f}" if up_to is not None else "∞")
+
+
+def _describe(name: str | None, dimensions: dict | None) -> str | None:
+    """A line's label: the metric's description, plus its dimension values if it has any
+    (``Tokens (model: gpt-4o, token_type: input)``; a missing value reads ``none``)."""
+    if not dimensions:
+        return name
+    values = ", ".join(f"{k}: {'none' if v is None else v}" for k, v in dimensions.items())
+    return f"{name} ({values})"
 
 
 def to_pdf_invoice(inv: invoices.Invoice, row: dict):
@@ -161,7 +186,7 @@ def to_pdf_invoice(inv: invoices.Invoice, row: dict):
                 quantity=Decimal(line.quantity),
                 amount_cents=int(line.amount_cents),
                 tiers=_tiers(line.tiers),
-                description=names.get(line.metric or ""),
+                description=_describe(names.get(line.metric or "") or line.metric, line.dimensions),
                 aggregation=line.aggregation or "sum",
                 credited_cents=int(line.credited_cents or 0),
                 credited_days=int(line.credited_days or 0),

@@ -43,6 +43,8 @@ __all__ = [
     "UNIQUE_COUNT",
     "Event",
     "charge_days",
+    "dimension_key",
+    "event_dimension_key",
     "period_to_date",
     "property_text",
 ]
@@ -90,6 +92,20 @@ def property_text(properties: Mapping[str, Any] | None, name: str) -> str | None
     if isinstance(value, int):
         return str(value)
     return json.dumps(value, separators=(", ", ": "), sort_keys=True)
+
+
+def dimension_key(values: Sequence[str | None]) -> str:
+    """The key of one combination of dimension values, in the metric's dimension order: the
+    JSON array text PostgreSQL's ``jsonb_build_array(...)::text`` gives, e.g.
+    ``["gpt-4o", "input"]`` (``null`` for a missing property); ``""`` without dimensions."""
+    if not values:
+        return ""
+    return json.dumps(list(values), ensure_ascii=False)
+
+
+def event_dimension_key(dimensions: Sequence[str], properties: Mapping[str, Any] | None) -> str:
+    """The dimension key of one event of a metric with these ``dimensions``."""
+    return dimension_key([property_text(properties, d) for d in dimensions])
 
 
 def charge_days(

@@ -44,6 +44,7 @@ import yaml
 from billing.platform import settings
 from billing.platform.errors import ConfigError
 from billing.pricing.aggregation import AGGREGATIONS, SUM, UNIQUE_COUNT
+from billing.pricing.aggregation import dimension_key as price_key
 
 __all__ = [
     "AMOUNT_MAX_MINOR",
@@ -60,6 +61,7 @@ __all__ = [
     "catalog_tables",
     "catalog_version",
     "charges",
+    "charge_label",
     "cumulative_charges",
     "daily_charges",
     "format_money",
@@ -68,6 +70,7 @@ __all__ = [
     "minor_exponent",
     "parse_catalog",
     "price",
+    "price_key",
     "to_minor",
 ]
 
@@ -92,7 +95,15 @@ _SYMBOLS: Mapping[str, str] = MappingProxyType(
 GRADUATED = "graduated"
 VOLUME = "volume"
 PACKAGE = "package"
-MODES = (GRADUATED, VOLUME, PACKAGE)
+TIERED_PACKAGE = "tiered_package"
+MODES = (GRADUATED, VOLUME, PACKAGE, TIERED_PACKAGE)
+# How a package (tiered_package: a block) that is only started is counted, as Stripe's
+# transform_quantity[round]: up charges it in full, down charges complete ones only.
+ROUND_UP = "up"
+ROUND_DOWN = "down"
+ROUNDINGS = (ROUND_UP, ROUND_DOWN)
+# The keys only package and tiered_package take (docs/PRICING.md "Package options").
+_PACKAGE_OPTIONS = frozenset({"rounding", "free_units"})
 
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
@@ -125,6 +136,7 @@ AMOUNT_MAX_MINOR = 10**17
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # An event property a metric reads (``properties ->> name``): a JSON key without surprises.
 _PROPERTY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
+_MAX_DIMENSIONS = 5
 _PLAIN_DECIMAL_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
 
@@ -142,17 +154,29 @@ class Tier:
     up_to: Decimal | None
     unit_price: Decimal
     flat_amount: Decimal = Decimal(0)
+    #: tiered_package only: the tier's units are counted in blocks of ``block_size`` units,
+    #: each charged ``block_price`` (``unit_price`` and ``flat_amount`` are then 0)
+    block_size: Decimal | None = None
+    block_price: Decimal | None = None
 
 
 @dataclass(frozen=True)
 class MetricPrice:
-    """How a plan prices one metric: ``graduated`` / ``volume`` tiers or ``package``."""
+    """How a plan prices one metric: ``graduated`` / ``volume`` tiers, ``package`` or
+    ``tiered_package`` (tiers of blocks)."""
 
     metric: str
     mode: str
     tiers: tuple[Tier, ...] = ()
     package_size: Decimal | None = None
     package_price: Decimal | None = None
+    #: package and tiered_package: ``up`` charges a started package (block) in full,
+    #: ``down`` only complete ones
+    rounding: str = ROUND_UP
+    #: package and tiered_package: units of the month subtracted before packaging
+    free_units: Decimal = Decimal(0)
+    #: any mode: the most a month of the metric costs, ``min(A(q), max_spend)``; None: no cap
+    max_spend: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -163,10 +187,18 @@ class Plan:
     metrics: Mapping[str, MetricPrice] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    #: metric -> price key (:func:`price_key`) -> the price of that combination of dimension
+    #: values; ``metrics[metric]`` is the default for the combinations not listed
+    values: Mapping[str, Mapping[str, MetricPrice]] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
 
-    def price_for(self, metric: str) -> MetricPrice | None:
-        """The plan's price for ``metric``, or None: usage of an unpriced metric costs 0."""
-        return self.metrics.get(metric)
+    def price_for(self, metric: str, key: str = "") -> MetricPrice | None:
+        """The plan's price for ``metric`` (and the dimension values of ``key``), or None:
+        usage of an unpriced metric costs 0. A listed combination of values has its own
+        price; any other combination the metric's default."""
+        listed = self.values.get(metric, {}).get(key) if key else None
+        return listed if listed is not None else self.metrics.get(metric)
 
     @property
     def base_fee_minor(self) -> int:
@@ -184,6 +216,9 @@ class Metric:
     description: str
     aggregation: str = SUM
     property: str | None = None
+    #: event properties whose values price and invoice the metric separately (docs/PRICING.md
+    #: "Dimensions"); () for none
+    dimensions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,6 +232,12 @@ class Catalog:
         except (KeyError, TypeError):
             known = ", ".join(sorted(self.plans)) or "none"
             raise ConfigError(f"unknown plan {name!r} (catalog plans: {known})") from None
+
+
+def charge_label(metric: str, key: str) -> str:
+    """One priced charge: the metric, plus its dimension key when it has one. It names the
+    Stripe items (metadata ``metric``) and the reconciliation's lines."""
+    return f"{metric} {key}" if key else metric
 
 
 # --------------------------------------------------------------------------- money
@@ -256,8 +297,51 @@ def _quantity(value: Any) -> Decimal:
 def price(mp: MetricPrice | None, quantity: Decimal) -> Decimal:
     """The exact price ``A(q)`` of a month's cumulative ``quantity``, in major units.
 
-    ``mp=None`` (a metric the plan does not price) costs 0.
+    ``mp=None`` (a metric the plan does not price) costs 0. A ``max_spend`` caps the
+    amount: ``min(A(q), max_spend)``; it is a cap on the cumulative amount, so the daily
+    charges still telescope (docs/PRICING.md "Maximum spend").
     """
+    amount = _uncapped_price(mp, quantity)
+    if mp is None or mp.max_spend is None:
+        return amount
+    return min(amount, mp.max_spend)
+
+
+def _billable(mp: MetricPrice, q: Decimal) -> Decimal:
+    """The quantity left to package once the metric's free units are taken off."""
+    return max(_ZERO, q - mp.free_units)
+
+
+def _packages(units: Decimal, size: Decimal, rounding: str) -> Decimal:
+    """Packages (blocks) of ``size`` in ``units``: the complete ones, plus the started one
+    when rounding up. Exact: ``//`` and ``%`` on Decimals never round."""
+    packages = units // size
+    if rounding == ROUND_UP and units % size:
+        packages += 1
+    return packages
+
+
+def _tiered_package_price(mp: MetricPrice, q: Decimal) -> Decimal:
+    """Graduated over the billable quantity, each tier counting its own units in its own
+    blocks from its lower bound: a block never straddles a tier boundary. Runs in the
+    caller's exact context."""
+    billable = _billable(mp, q)
+    total = _ZERO
+    lower = _ZERO
+    for tier in mp.tiers:
+        if tier.block_size is None or tier.block_price is None or tier.block_size <= 0:
+            raise ValueError(f"metric {mp.metric!r}: tiered_package needs positive block sizes")
+        upper = billable if tier.up_to is None else min(billable, tier.up_to)
+        if upper > lower:
+            total += _packages(upper - lower, tier.block_size, mp.rounding) * tier.block_price
+        if tier.up_to is None or billable <= tier.up_to:
+            break
+        lower = tier.up_to
+    return total
+
+
+def _uncapped_price(mp: MetricPrice | None, quantity: Decimal) -> Decimal:
+    """``A(q)`` before the metric's ``max_spend``."""
     q = _quantity(quantity)
     if mp is None:
         return _ZERO
@@ -281,10 +365,10 @@ def price(mp: MetricPrice | None, quantity: Decimal) -> Decimal:
         if mp.mode == PACKAGE:
             if mp.package_size is None or mp.package_price is None or mp.package_size <= 0:
                 raise ValueError(f"metric {mp.metric!r}: package mode needs a positive size")
-            packages = q // mp.package_size
-            if q % mp.package_size:
-                packages += 1
+            packages = _packages(_billable(mp, q), mp.package_size, mp.rounding)
             return packages * mp.package_price
+        if mp.mode == TIERED_PACKAGE:
+            return _tiered_package_price(mp, q)
     raise ValueError(f"metric {mp.metric!r}: unknown pricing mode {mp.mode!r}")
 
 
@@ -427,7 +511,9 @@ def _text(value: Any, where: str, *, required: bool) -> str:
 
 def _parse_metric(name: str, spec: Any) -> Metric:
     where = f"metric {name!r}"
-    spec = _check_keys(spec, where, {"unit"}, {"description", "aggregation", "property"})
+    spec = _check_keys(
+        spec, where, {"unit"}, {"description", "aggregation", "property", "dimensions"}
+    )
     unit = _text(spec["unit"], f"{where} unit", required=True)
     description = _text(spec.get("description", ""), f"{where} description", required=False)
     aggregation = spec.get("aggregation", SUM)
@@ -452,12 +538,30 @@ def _parse_metric(name: str, spec: Any) -> Metric:
             f"{where} property",
             f"only a unique_count metric reads a property (this one aggregates {aggregation})",
         )
+    dims_raw = spec.get("dimensions", [])
+    if not isinstance(dims_raw, list) or len(dims_raw) > _MAX_DIMENSIONS:
+        raise _Invalid(
+            f"{where} dimensions",
+            f"must be a list of at most {_MAX_DIMENSIONS} event properties, got {_describe(dims_raw)}",
+        )
+    for i, dim in enumerate(dims_raw):
+        if not isinstance(dim, str) or not _PROPERTY_RE.match(dim):
+            raise _Invalid(
+                f"{where} dimensions[{i}]", f"must match {_PROPERTY_RE.pattern}, got {dim!r}"
+            )
+        if dim in dims_raw[:i]:
+            raise _Invalid(f"{where} dimensions[{i}]", f"{dim!r} is listed twice")
     return Metric(
-        name=name, unit=unit, description=description, aggregation=aggregation, property=prop
+        name=name,
+        unit=unit,
+        description=description,
+        aggregation=aggregation,
+        property=prop,
+        dimensions=tuple(dims_raw),
     )
 
 
-def _parse_tiers(value: Any, where: str) -> tuple[Tier, ...]:
+def _parse_tiers(value: Any, where: str, *, blocks: bool = False) -> tuple[Tier, ...]:
     if not isinstance(value, list) or not value:
         raise _Invalid(f"{where} tiers", f"must be a non-empty list, got {_describe(value)}")
     tiers: list[Tier] = []
@@ -465,14 +569,23 @@ def _parse_tiers(value: Any, where: str) -> tuple[Tier, ...]:
     previous: Decimal = _ZERO
     for i, raw in enumerate(value):
         tw = f"{where} tiers[{i}]"
-        raw = _check_keys(raw, tw, {"up_to", "unit_price"}, {"flat_amount"})
+        if blocks:  # tiered_package: the tier's units in blocks (docs/PRICING.md)
+            raw = _check_keys(raw, tw, {"up_to", "block_size", "block_price"}, set())
+            size = _amount(raw["block_size"], f"{tw}.block_size")
+            if size <= 0:
+                raise _Invalid(f"{tw}.block_size", f"must be positive, got {size}")
+            block_price = _money(raw["block_price"], f"{tw}.block_price")
+            prices = {"unit_price": _ZERO, "block_size": size, "block_price": block_price}
+        else:
+            raw = _check_keys(raw, tw, {"up_to", "unit_price"}, {"flat_amount"})
+            unit_price = _money(raw["unit_price"], f"{tw}.unit_price")
+            flat = _money(raw.get("flat_amount", "0"), f"{tw}.flat_amount")
+            prices = {"unit_price": unit_price, "flat_amount": flat}
         up_to_raw = raw["up_to"]
-        unit_price = _money(raw["unit_price"], f"{tw}.unit_price")
-        flat = _money(raw.get("flat_amount", "0"), f"{tw}.flat_amount")
         if up_to_raw is None:
             if i != last:
                 raise _Invalid(f"{tw}.up_to", "only the last tier may be open (up_to: null)")
-            tiers.append(Tier(up_to=None, unit_price=unit_price, flat_amount=flat))
+            tiers.append(Tier(up_to=None, **prices))
             continue
         up_to = _amount(up_to_raw, f"{tw}.up_to")
         if up_to <= previous:
@@ -487,9 +600,27 @@ def _parse_tiers(value: Any, where: str) -> tuple[Tier, ...]:
                 f"{tw}.up_to",
                 "the last tier must be open (up_to: null) so every quantity is priced",
             )
-        tiers.append(Tier(up_to=up_to, unit_price=unit_price, flat_amount=flat))
+        tiers.append(Tier(up_to=up_to, **prices))
         previous = up_to
     return tuple(tiers)
+
+
+def _price_options(spec: dict, where: str) -> dict[str, Any]:
+    """``rounding``, ``free_units`` and ``max_spend``, as MetricPrice keywords (only those
+    given: the defaults are the dataclass's)."""
+    options: dict[str, Any] = {}
+    if "rounding" in spec:
+        if spec["rounding"] not in ROUNDINGS:
+            raise _Invalid(
+                f"{where} rounding",
+                f"unknown rounding {spec['rounding']!r} (expected one of: {', '.join(ROUNDINGS)})",
+            )
+        options["rounding"] = spec["rounding"]
+    if "free_units" in spec:
+        options["free_units"] = _amount(spec["free_units"], f"{where} free_units")
+    if "max_spend" in spec:
+        options["max_spend"] = _money(spec["max_spend"], f"{where} max_spend")
+    return options
 
 
 def _parse_metric_price(plan: str, metric: str, spec: Any) -> MetricPrice:
@@ -503,21 +634,47 @@ def _parse_metric_price(plan: str, metric: str, spec: Any) -> MetricPrice:
             f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})",
         )
     if mode == PACKAGE:
-        spec = _check_keys(spec, where, {"mode", "package_size", "package_price"}, set())
+        spec = _check_keys(
+            spec, where, {"mode", "package_size", "package_price"}, _PACKAGE_OPTIONS | {"max_spend"}
+        )
         size = _amount(spec["package_size"], f"{where} package_size")
         if size <= 0:
             raise _Invalid(f"{where} package_size", f"must be positive, got {size}")
         package_price = _money(spec["package_price"], f"{where} package_price")
-        return MetricPrice(metric=metric, mode=mode, package_size=size, package_price=package_price)
-    spec = _check_keys(spec, where, {"mode", "tiers"}, set())
-    return MetricPrice(metric=metric, mode=mode, tiers=_parse_tiers(spec["tiers"], where))
+        return MetricPrice(
+            metric=metric,
+            mode=mode,
+            package_size=size,
+            package_price=package_price,
+            **_price_options(spec, where),
+        )
+    package_only = sorted(_PACKAGE_OPTIONS & spec.keys())
+    if package_only and mode != TIERED_PACKAGE:
+        raise _Invalid(
+            f"{where} {package_only[0]}",
+            f"only package and tiered_package metrics take it (this one is {mode})",
+        )
+    optional = _PACKAGE_OPTIONS | {"max_spend"} if mode == TIERED_PACKAGE else {"max_spend"}
+    spec = _check_keys(spec, where, {"mode", "tiers"}, optional)
+    tiers = _parse_tiers(spec["tiers"], where, blocks=mode == TIERED_PACKAGE)
+    return MetricPrice(metric=metric, mode=mode, tiers=tiers, **_price_options(spec, where))
 
 
 def _check_range(where: str, mp: MetricPrice, currency: str) -> None:
     """Refuse a price that could overflow within the quantity range: the most a month of up
     to MONTHLY_QUANTITY_MAX units can cost must stay within AMOUNT_MAX_MINOR minor units.
     Graduated and package prices grow with the quantity; a volume price peaks at the top of
-    some tier, so each tier's top (capped at the range) is priced."""
+    some tier, so each tier's top (capped at the range) is priced. Tiered packages grow with
+    the quantity too. A max_spend is part of the price (it may bound an otherwise too dear
+    one); it must be payable in the currency's minor units, like a base fee."""
+    if mp.max_spend is not None:
+        exponent = CURRENCIES[currency]
+        scaled = mp.max_spend.scaleb(exponent, _EXACT)
+        if scaled != scaled.to_integral_value(context=_EXACT):
+            raise _Invalid(
+                f"{where} max_spend",
+                f"'{mp.max_spend}' has more decimal places than {currency} allows ({exponent})",
+            )
     top = MONTHLY_QUANTITY_MAX
     for i, t in enumerate(mp.tiers):
         if to_minor(t.flat_amount, currency) > AMOUNT_MAX_MINOR:
@@ -541,6 +698,15 @@ def _check_range(where: str, mp: MetricPrice, currency: str) -> None:
             for i, t in enumerate(mp.tiers)
         ]
         candidates = [(f"tiers[{max(adds)[1]}].unit_price", top)]
+    if mp.mode == TIERED_PACKAGE:  # name the tier whose blocks add the most
+        lows = [_ZERO, *(t.up_to for t in mp.tiers[:-1])]
+        with localcontext(_ROUNDING):  # only picks the name; price() below is exact
+            units = [max(_ZERO, min(top, t.up_to or top) - lows[i]) for i, t in enumerate(mp.tiers)]
+            adds = [
+                (_packages(u, t.block_size, mp.rounding) * t.block_price, i)
+                for i, (u, t) in enumerate(zip(units, mp.tiers, strict=True))
+            ]
+        candidates = [(f"tiers[{max(adds)[1]}].block_price", top)]
     for fld, q in candidates:
         try:
             minor = to_minor(price(mp, q), currency)
@@ -552,6 +718,45 @@ def _check_range(where: str, mp: MetricPrice, currency: str) -> None:
                 f"{q} units in a month would cost {minor} minor units, above the limit of "
                 f"{AMOUNT_MAX_MINOR} (the quantity range is in docs/PRICING.md)",
             )
+
+
+def _parse_dimension_prices(
+    plan: str, metric: Metric, spec: dict, currency: str
+) -> tuple[MetricPrice, Mapping[str, MetricPrice]]:
+    """``default:`` plus ``values:`` (each ``match:`` + a price) of a dimensioned metric."""
+    where = f"plan {plan!r} metric {metric.name!r}"
+    if not metric.dimensions:
+        raise _Invalid(
+            f"{where} values",
+            "the metric declares no dimensions (add 'dimensions:' under the top-level metric)",
+        )
+    _check_keys(spec, where, {"default"}, {"values"})
+    default = _parse_metric_price(plan, metric.name, spec["default"])
+    raw = spec.get("values") or []
+    if not isinstance(raw, list):
+        raise _Invalid(f"{where} values", f"must be a list, got {_describe(raw)}")
+    listed: dict[str, MetricPrice] = {}
+    for i, entry in enumerate(raw):
+        vw = f"{where} values[{i}]"
+        if not isinstance(entry, dict) or "match" not in entry:
+            raise _Invalid(f"{vw}.match", "missing (the dimension values this price is for)")
+        match = _check_keys(entry["match"], f"{vw}.match", set(metric.dimensions), set())
+        for dim in metric.dimensions:
+            if not isinstance(match[dim], str):
+                raise _Invalid(
+                    f"{vw}.match.{dim}",
+                    f"must be a quoted string (values compare as text), got {_describe(match[dim])}",
+                )
+        key = price_key([match[d] for d in metric.dimensions])
+        if key in listed:
+            raise _Invalid(f"{vw}.match", f"{key} is priced twice")
+        rest = {k: v for k, v in entry.items() if k != "match"}
+        try:
+            listed[key] = _parse_metric_price(plan, metric.name, rest)
+        except _Invalid as exc:  # name the entry: "... metric 'm' values[1] tiers[0]..."
+            raise _Invalid(exc.where.replace(where, vw, 1), exc.message) from None
+        _check_range(vw, listed[key], currency)
+    return default, MappingProxyType(listed)
 
 
 def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
@@ -576,6 +781,7 @@ def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
     if not isinstance(priced_raw, dict):
         raise _Invalid(f"{where} metrics", f"must be a mapping, got {_describe(priced_raw)}")
     priced: dict[str, MetricPrice] = {}
+    values: dict[str, Mapping[str, MetricPrice]] = {}
     for metric, mp_spec in priced_raw.items():
         _name(metric, f"{where} metric {metric!r}")
         if metric not in metrics:
@@ -583,8 +789,14 @@ def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
                 f"{where} metric {metric!r}",
                 "not declared under the top-level 'metrics:'",
             )
-        priced[metric] = _parse_metric_price(name, metric, mp_spec)
-        _check_range(f"{where} metric {metric!r}", priced[metric], currency)
+        mw = f"{where} metric {metric!r}"
+        if isinstance(mp_spec, dict) and ("values" in mp_spec or "default" in mp_spec):
+            priced[metric], values[metric] = _parse_dimension_prices(
+                name, metrics[metric], mp_spec, currency
+            )
+        else:
+            priced[metric] = _parse_metric_price(name, metric, mp_spec)
+        _check_range(mw, priced[metric], currency)
     if base_fee.scaleb(exponent, _EXACT) > AMOUNT_MAX_MINOR:
         raise _Invalid(
             f"{where} base_fee",
@@ -595,6 +807,7 @@ def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
         currency=currency,
         base_fee=base_fee,
         metrics=MappingProxyType(priced),
+        values=MappingProxyType(values),
     )
 
 
@@ -674,18 +887,37 @@ def catalog_tables(catalog: Catalog) -> dict[str, list[tuple]]:
                 minor_exponent(plan.currency),
             )
         )
-        for metric in sorted(plan.metrics):
-            mp = plan.metrics[metric]
-            plan_metrics.append((plan.name, metric, mp.mode, mp.package_size, mp.package_price))
+        # each metric's default price (key "") and the prices of listed dimension values
+        charges = [
+            (metric, key, mp)
+            for metric in sorted(plan.metrics)
+            for key, mp in [("", plan.metrics[metric]), *sorted(plan.values.get(metric, {}).items())]
+        ]
+        for metric, key, mp in charges:
+            plan_metrics.append(
+                (plan.name, metric, key, mp.mode, mp.package_size, mp.package_price)
+                + (mp.rounding, mp.free_units, mp.max_spend)
+            )
             lower = _ZERO
             for index, tier in enumerate(mp.tiers):
                 plan_tiers.append(
-                    (plan.name, metric, index, lower, tier.up_to, tier.unit_price, tier.flat_amount)
+                    (
+                        plan.name,
+                        metric,
+                        key,
+                        index,
+                        lower,
+                        tier.up_to,
+                        tier.unit_price,
+                        tier.block_size,
+                        tier.block_price,
+                        tier.flat_amount,
+                    )
                 )
                 if tier.up_to is not None:
                     lower = tier.up_to
     metrics = [
-        (m.name, m.unit, m.description, m.aggregation, m.property)
+        (m.name, m.unit, m.description, m.aggregation, m.property, list(m.dimensions))
         for m in (catalog.metrics[k] for k in sorted(catalog.metrics))
     ]
     return {
@@ -696,11 +928,43 @@ def catalog_tables(catalog: Catalog) -> dict[str, list[tuple]]:
     }
 
 
+def _canonical_options(mp: MetricPrice) -> dict[str, Any]:
+    """A tiered_package's blocks, and the package options and the cap only when they are
+    not the defaults: catalogs without them keep the version they had before them."""
+    out: dict[str, Any] = {}
+    if mp.mode == TIERED_PACKAGE:
+        out["blocks"] = [
+            [_canonical_decimal(t.block_size), _canonical_decimal(t.block_price)] for t in mp.tiers
+        ]
+    if mp.rounding != ROUND_UP:
+        out["rounding"] = mp.rounding
+    if mp.free_units:
+        out["free_units"] = _canonical_decimal(mp.free_units)
+    if mp.max_spend is not None:
+        out["max_spend"] = _canonical_decimal(mp.max_spend)
+    return out
+
+
 def _canonical_decimal(value: Decimal | None) -> str | None:
     if value is None:
         return None
     text = format(value.normalize(_ROUNDING), "f")
     return "0" if text in ("-0", "0") else text
+
+
+def _canonical_price(mp: MetricPrice) -> dict[str, Any]:
+    return {
+        "mode": mp.mode,
+        "tiers": [
+            # a flat amount only when there is one: catalogs without keep
+            # the version they had before tiers could carry one
+            [_canonical_decimal(t.up_to), _canonical_decimal(t.unit_price)]
+            + ([_canonical_decimal(t.flat_amount)] if t.flat_amount else [])
+            for t in mp.tiers
+        ],
+        "package_size": _canonical_decimal(mp.package_size),
+        "package_price": _canonical_decimal(mp.package_price),
+    } | _canonical_options(mp)
 
 
 def _canonical(catalog: Catalog) -> dict[str, Any]:
@@ -710,6 +974,7 @@ def _canonical(catalog: Catalog) -> dict[str, Any]:
             # the version they had before metrics could aggregate otherwise
             m.name: {"unit": m.unit, "description": m.description}
             | ({"aggregation": m.aggregation, "property": m.property} if m.aggregation != SUM else {})
+            | ({"dimensions": list(m.dimensions)} if m.dimensions else {})
             for m in catalog.metrics.values()
         },
         "plans": {
@@ -717,21 +982,21 @@ def _canonical(catalog: Catalog) -> dict[str, Any]:
                 "currency": p.currency,
                 "base_fee": _canonical_decimal(p.base_fee),
                 "metrics": {
-                    mp.metric: {
-                        "mode": mp.mode,
-                        "tiers": [
-                            # a flat amount only when there is one: catalogs without keep
-                            # the version they had before tiers could carry one
-                            [_canonical_decimal(t.up_to), _canonical_decimal(t.unit_price)]
-                            + ([_canonical_decimal(t.flat_amount)] if t.flat_amount else [])
-                            for t in mp.tiers
-                        ],
-                        "package_size": _canonical_decimal(mp.package_size),
-                        "package_price": _canonical_decimal(mp.package_price),
-                    }
+                    mp.metric: _canonical_price(mp)
                     for mp in p.metrics.values()
                 },
             }
+            # priced dimension values only when there are some (the version stays otherwise)
+            | (
+                {
+                    "values": {
+                        metric: {key: _canonical_price(mp) for key, mp in listed.items()}
+                        for metric, listed in p.values.items()
+                    }
+                }
+                if any(p.values.values())
+                else {}
+            )
             for p in catalog.plans.values()
         },
     }

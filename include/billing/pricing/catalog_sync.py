@@ -29,7 +29,7 @@ def sync(cx, catalog: pricing.Catalog) -> str:
         if cur.fetchone() is not None:
             cur.executemany(
                 "INSERT INTO billing.catalog_metrics (catalog_version, metric, unit, description,"
-                " aggregation, property) VALUES (%s, %s, %s, %s, %s, %s)",
+                " aggregation, property, dimensions) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["metrics"]],
             )
             cur.executemany(
@@ -37,13 +37,15 @@ def sync(cx, catalog: pricing.Catalog) -> str:
                 [(version, *row) for row in tables["plans"]],
             )
             cur.executemany(
-                "INSERT INTO billing.catalog_plan_metrics VALUES (%s, %s, %s, %s, %s, %s)",
+                "INSERT INTO billing.catalog_plan_metrics (catalog_version, plan, metric,"
+                " price_key, mode, package_size, package_price, rounding, free_units, max_spend)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["plan_metrics"]],
             )
             cur.executemany(
-                "INSERT INTO billing.catalog_plan_tiers (catalog_version, plan, metric,"
-                " tier_index, lower_bound, up_to, unit_price, flat_amount)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                "INSERT INTO billing.catalog_plan_tiers (catalog_version, plan, metric, price_key,"
+                " tier_index, lower_bound, up_to, unit_price, block_size, block_price, flat_amount)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["plan_tiers"]],
             )
         cur.execute(

@@ -86,9 +86,7 @@ def _internal(cx, period: dt.date, org_ids: Sequence[str] | None) -> dict[str, S
             continue
         lines: dict[str, int] = defaultdict(int)
         for line in inv.lines:
-            lines["base_fee" if line.line_type == "base_fee" else str(line.metric)] += (
-                line.amount_cents
-            )
+            lines[line.charge] += line.amount_cents
         out[inv.org_id] = Side(
             int(inv.total_cents), {inv.currency.strip().lower()}, dict(lines), "snapshot"
         )

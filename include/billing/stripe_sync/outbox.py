@@ -10,6 +10,7 @@ task process and can be exported.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,12 +46,17 @@ class Write:
 def key_for(
     kind: str, org_id: str, period: dt.date, day: dt.date | None = None, metric: str | None = None
 ) -> str:
-    """Idempotency key: stable per org + day (+ metric); readable in Stripe's dashboard."""
+    """Idempotency key: stable per org + day (+ metric); readable in Stripe's dashboard.
+
+    A dimensioned charge (``metric ["v1", "v2"]``) keys on the metric and a digest of its
+    values, so the key stays short (Stripe takes at most 255 characters) whatever the values."""
     parts = ["billing", kind, org_id, period.strftime("%Y-%m")]
     if day is not None:
         parts.append(day.isoformat())
     if metric is not None:
-        parts.append(metric)
+        name, _, values = metric.partition(" ")
+        digest = hashlib.sha256(values.encode()).hexdigest()[:16]
+        parts.append(f"{name}.{digest}" if values else name)
     return ":".join(parts)
 
 

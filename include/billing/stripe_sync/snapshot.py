@@ -22,7 +22,7 @@ def _rel(name: str) -> sql.Composed:
 @dataclass(frozen=True)
 class Cumulative:
     org_id: str
-    metric: str
+    metric: str  # the charge label: the metric, plus its dimension key when it has one
     currency: str
     cumulative_charge_cents: int  # C_now(day): recomputed with every event known now
 
@@ -36,13 +36,16 @@ class BaseFee:
 
 
 def cumulative_through(cx, period: dt.date, day: dt.date) -> list[Cumulative]:
-    """C_now(day) per org and metric: the latest usage day's cumulative charge up to ``day``."""
+    """C_now(day) per org and charge: the latest usage day's cumulative charge up to ``day``.
+    A charge is a metric, or a metric and one combination of its dimension values
+    (``billing.pricing.charge_label``: ``ai_tokens ["gpt-4o", "input"]``)."""
     q = sql.SQL(
-        """SELECT DISTINCT ON (org_id, metric) org_id, metric, lower(currency),
-                  cumulative_charge_cents
+        """SELECT DISTINCT ON (org_id, metric, dimension_key) org_id,
+                  metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key ELSE '' END,
+                  lower(currency), cumulative_charge_cents
              FROM {t}
             WHERE period_start = %s AND usage_date <= %s
-            ORDER BY org_id, metric, usage_date DESC"""
+            ORDER BY org_id, metric, dimension_key, usage_date DESC"""
     ).format(t=_rel("fct_daily_charges"))
     return [Cumulative(*r) for r in cx.execute(q, (period, day)).fetchall()]
 

@@ -38,7 +38,7 @@ MODEL_FOLDERS = {"postgres": "snapshot", "clickhouse": "rollups"}
 # (settings.snapshot_schema()) in one transaction.
 SNAPSHOT_BUILD_SCHEMA = "billing_snapshot_build"
 PUBLISHED_TABLES = {  # mart -> its key
-    "fct_daily_charges": ("org_id", "period_start", "metric", "usage_date"),
+    "fct_daily_charges": ("org_id", "period_start", "metric", "dimension_key", "usage_date"),
     "fct_invoice_lines": ("invoice_line_id",),
     "fct_invoices": ("invoice_id",),
 }

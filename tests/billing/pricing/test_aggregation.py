@@ -162,7 +162,7 @@ def test_catalog_reads_aggregations():
     )
     assert _catalog({"unit": "user"}).metrics["users"].aggregation == "sum"
     tables = pricing.catalog_tables(c)
-    assert tables["metrics"] == [("users", "user", "", "unique_count", "user_id")]
+    assert tables["metrics"] == [("users", "user", "", "unique_count", "user_id", [])]
 
 
 def test_catalog_version_changes_with_the_aggregation_only():

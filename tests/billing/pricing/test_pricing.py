@@ -727,17 +727,18 @@ def test_catalog_tables():
     tables = catalog_tables(parse_catalog(base_catalog()))
     assert tables["plans"] == [("starter", "usd", D("29.00"), 2900, 2)]
     assert tables["plan_metrics"] == [
-        ("starter", "api_calls", "graduated", None, None),
-        ("starter", "storage_gb", "package", D(100), D("1.50")),
+        # ..., rounding, free_units, max_spend (docs/PRICING.md "Package options")
+        ("starter", "api_calls", "", "graduated", None, None, "up", D(0), None),
+        ("starter", "storage_gb", "", "package", D(100), D("1.50"), "up", D(0), None),
     ]
-    assert tables["plan_tiers"] == [
-        ("starter", "api_calls", 0, D(0), D(100000), D("0"), D(0)),
-        ("starter", "api_calls", 1, D(100000), D(1000000), D("0.0002"), D(0)),
-        ("starter", "api_calls", 2, D(1000000), None, D("0.0001"), D(0)),
+    assert tables["plan_tiers"] == [  # ..., unit_price, block_size, block_price, flat_amount
+        ("starter", "api_calls", "", 0, D(0), D(100000), D("0"), None, None, D(0)),
+        ("starter", "api_calls", "", 1, D(100000), D(1000000), D("0.0002"), None, None, D(0)),
+        ("starter", "api_calls", "", 2, D(1000000), None, D("0.0001"), None, None, D(0)),
     ]
     assert tables["metrics"] == [
-        ("api_calls", "call", "API requests", "sum", None),
-        ("storage_gb", "GB", "", "sum", None),
+        ("api_calls", "call", "API requests", "sum", None, []),
+        ("storage_gb", "GB", "", "sum", None, []),
     ]
 
 

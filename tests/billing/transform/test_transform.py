@@ -95,17 +95,18 @@ def _expected(catalog, orgs, batches, run_day, run_periods):
             if billable:
                 props = _rest[2] if len(_rest) > 2 else None
                 event = agg.Event(f"{prefix}-{i}", occurred, qty, props)
-                series[(org, metric, event.day.replace(day=1))].append(event)
+                key = agg.event_dimension_key(catalog.metrics[metric].dimensions, props)
+                series[(org, metric, key, event.day.replace(day=1))].append(event)
     charges, usage_by_invoice = {}, defaultdict(int)
-    for (org, metric, period), events in series.items():
+    for (org, metric, key, period), events in series.items():
         plan = plan_of[org]
         spec = catalog.metrics[metric]
         period_end = (period + dt.timedelta(days=31)).replace(day=1) - dt.timedelta(days=1)
         days = agg.charge_days(spec.aggregation, [e.day for e in events], period_end, run_day)
         quantities = agg.period_to_date(spec.aggregation, events, days, spec.property)
-        cum = pricing.charges(plan.price_for(metric), plan.currency, quantities)
+        cum = pricing.charges(plan.price_for(metric, key), plan.currency, quantities)
         for day, c, prev in zip(days, cum, [0, *cum], strict=False):
-            charges[(org, metric, day)] = (c, c - prev)
+            charges[(org, metric, key, day)] = (c, c - prev)
         usage_by_invoice[(org, period)] += cum[-1]
     periods = {p for _, p in usage_by_invoice} | set(run_periods)
     totals = {}
@@ -118,15 +119,17 @@ def _expected(catalog, orgs, batches, run_day, run_periods):
 
 def _diff(got: dict, want: dict) -> dict:
     """{key: (got, want)} where the two differ: an empty dict when they agree."""
-    return {k: (got.get(k), want.get(k)) for k in got.keys() | want.keys() if got.get(k) != want.get(k)}
+    return {
+        k: (got.get(k), want.get(k)) for k in got.keys() | want.keys() if got.get(k) != want.get(k)
+    }
 
 
 def _actual(cx):
     charges = {
-        (o, m, d): (c, dc)
-        for o, m, d, c, dc in cx.execute(
-            f"SELECT org_id, metric, usage_date, cumulative_charge_cents, daily_charge_cents"
-            f" FROM {SNAPSHOT}.fct_daily_charges"
+        (o, m, k, d): (c, dc)
+        for o, m, k, d, c, dc in cx.execute(
+            f"SELECT org_id, metric, dimension_key, usage_date, cumulative_charge_cents,"
+            f" daily_charge_cents FROM {SNAPSHOT}.fct_daily_charges"
         )
     }
     totals = dict(cx.execute(f"SELECT invoice_id, total_cents FROM {SNAPSHOT}.fct_invoices"))
@@ -144,24 +147,51 @@ AGGREGATED = {
     "m_users": {"unit": "user", "aggregation": "unique_count", "property": "user_id"},
     "m_peak": {"unit": "seat", "aggregation": "max"},
     "m_seats": {"unit": "seat", "aggregation": "latest"},
-    "m_gb": {"unit": "GB-hour", "aggregation": "time_weighted"},
+    "m_gb": {"unit": "GB-hour", "aggregation": "time_weighted", "dimensions": ["region"]},
+    "m_tokens": {"unit": "token", "dimensions": ["model", "kind"]},
+    "m_runs": {
+        "unit": "user",
+        "aggregation": "unique_count",
+        "property": "user_id",
+        "dimensions": ["model"],
+    },
 }
+MODELS = ["a", "b"]
+KINDS = ["in", "out"]
+REGIONS = ["eu", "us"]
 METRICS = tuple(AGGREGATED)
 
 
 @st.composite
 def _metric_price(draw):
     mode = draw(st.sampled_from(pricing.MODES))
+    # pricing model v2 (docs/PRICING.md): rounding and free units on the package modes, a
+    # maximum spend on any mode (whole amounts, so every currency takes them)
+    options = {}
+    if mode in (pricing.PACKAGE, pricing.TIERED_PACKAGE):
+        if rounding := draw(st.sampled_from([None, "up", "down", "down"])):
+            options["rounding"] = rounding
+        if (free := draw(st.sampled_from([None, None, 0, 50, "12.5", "400"]))) is not None:
+            options["free_units"] = free
+    if max_spend := draw(st.sampled_from([None, None, "0", "3.00", "25", "250"])):
+        options["max_spend"] = max_spend
     if mode == pricing.PACKAGE:
         size = draw(st.one_of(st.integers(1, 500), st.decimals("0.5", "50", places=2).map(str)))
-        return {"mode": mode, "package_size": size, "package_price": draw(_PRICE)}
+        return {"mode": mode, "package_size": size, "package_price": draw(_PRICE), **options}
     bounds = sorted(draw(st.sets(st.integers(1, 3000), min_size=0, max_size=3)))
+    if mode == pricing.TIERED_PACKAGE:  # blocks per tier; a tier need not hold whole blocks
+        block = st.one_of(st.integers(1, 400), st.decimals("0.5", "40", places=2).map(str))
+        tiers = [
+            {"up_to": b, "block_size": draw(block), "block_price": draw(_PRICE)}
+            for b in [*bounds, None]
+        ]
+        return {"mode": mode, "tiers": tiers, **options}
     tiers = [{"up_to": b, "unit_price": draw(_PRICE)} for b in bounds]
     tiers.append({"up_to": None, "unit_price": draw(_PRICE)})
     for tier in tiers:  # a flat amount per tier on some (Stripe's tiers[].flat_amount)
         if flat := draw(_FLAT):
             tier["flat_amount"] = flat
-    return {"mode": mode, "tiers": tiers}
+    return {"mode": mode, "tiers": tiers, **options}
 
 
 @st.composite
@@ -171,12 +201,27 @@ def _scenario(draw):
         currency = draw(_CURRENCIES)
         places = pricing.CURRENCIES[currency]
         fee = draw(st.decimals(0, 500, places=places))
-        priced = draw(st.lists(st.sampled_from(METRICS), unique=True, max_size=5))
-        plans[f"p{i}"] = {
-            "currency": currency,
-            "base_fee": format(fee, "f"),
-            "metrics": {m: draw(_metric_price()) for m in priced},
-        }
+        priced = draw(st.lists(st.sampled_from(METRICS), unique=True, max_size=6))
+        metrics = {}
+        for m in priced:
+            dims = AGGREGATED[m].get("dimensions")
+            if not dims or draw(st.booleans()):
+                metrics[m] = draw(_metric_price())  # one price for every combination
+                continue
+            choices = {"model": MODELS, "kind": KINDS, "region": REGIONS}
+            combos = draw(
+                st.lists(
+                    st.tuples(*(st.sampled_from(choices[d]) for d in dims)), unique=True, max_size=2
+                )
+            )
+            metrics[m] = {
+                "default": draw(_metric_price()),
+                "values": [
+                    {"match": dict(zip(dims, combo, strict=True)), **draw(_metric_price())}
+                    for combo in combos
+                ],
+            }
+        plans[f"p{i}"] = {"currency": currency, "base_fee": format(fee, "f"), "metrics": metrics}
     catalog = pricing.parse_catalog({"metrics": AGGREGATED, "plans": plans}, "hypothesis")
     orgs = []
     for i, name in enumerate(sorted(plans) * 2):
@@ -186,7 +231,14 @@ def _scenario(draw):
     moment = st.one_of(st.sampled_from([0, 3_600, 43_200]), st.integers(0, 86_399))
     users = st.one_of(
         st.none(),
-        st.fixed_dictionaries({"user_id": st.sampled_from(["u1", "u2", "u3", 7, None])}),
+        st.fixed_dictionaries(
+            {"user_id": st.sampled_from(["u1", "u2", "u3", 7, None])},
+            optional={
+                "model": st.sampled_from([*MODELS, "c"]),
+                "kind": st.sampled_from(KINDS),
+                "region": st.sampled_from(REGIONS),
+            },
+        ),
         st.just({"other": "x"}),
     )
 

@@ -1,9 +1,12 @@
 {{ config(materialized='ephemeral') }}
 {#-
-  Q(d) per org, metric and day of each affected period: the metric's aggregation over the
-  period's billable events through the end of day d (docs/PRICING.md "Aggregations";
-  billing.pricing.aggregation is the reference). sum and count come from the daily
-  aggregates; unique_count, max, latest and time_weighted read the period's events.
+  Q(d) per org, metric, dimension key and day of each affected period: the metric's
+  aggregation over the period's billable events through the end of day d (docs/PRICING.md
+  "Aggregations" and "Dimensions"; billing.pricing.aggregation is the reference).
+  dimension_key is '' for a metric without dimensions, else the JSON array text of the
+  event's values of the metric's dimensions (null for a missing one), so each combination
+  is aggregated and priced on its own. Undimensioned sum and count come from the daily
+  aggregates; everything else reads the period's events.
   Rows: days with events, and for time_weighted every day from the period's first event
   through the period's end, or through the later of the run day and the last event day
   while the period is open (its Q grows every day).
@@ -13,13 +16,15 @@ with periods as (
 ),
 
 metrics as (
-    select metric, aggregation, property from {{ ref('stg_billing__catalog_metrics') }}
+    select metric, aggregation, property, dimensions
+    from {{ ref('stg_billing__catalog_metrics') }}
 ),
 
 additive as (
     select
         u.org_id,
         u.metric,
+        '' as dimension_key,
         u.period_start,
         u.usage_date,
         coalesce(m.aggregation, 'sum') as aggregation,
@@ -32,12 +37,20 @@ additive as (
     left join metrics as m on m.metric = u.metric
     where u.period_start in (select period_start from periods)
       and coalesce(m.aggregation, 'sum') in ('sum', 'count')
+      and coalesce(cardinality(m.dimensions), 0) = 0
 ),
 
 events as (
     select
         e.org_id,
         e.metric,
+        case
+            when cardinality(m.dimensions) = 0 then ''
+            else (
+                select jsonb_agg(e.properties ->> u.dim order by u.position)
+                from unnest(m.dimensions) with ordinality as u (dim, position)
+            )::text
+        end as dimension_key,
         e.period_start,
         e.usage_date,
         e.occurred_at,
@@ -47,10 +60,11 @@ events as (
         case when m.aggregation = 'unique_count' then e.properties ->> m.property end as value
     from {{ ref('stg_billing__usage_events') }} as e
     inner join metrics as m
-        on m.metric = e.metric and m.aggregation in ('unique_count', 'max', 'latest', 'time_weighted')
+        on m.metric = e.metric
+       and (m.aggregation not in ('sum', 'count') or cardinality(m.dimensions) > 0)
     where e.is_billable
       and e.period_start in (select period_start from periods)
-      {#- a range on occurred_at lets Postgres prune the month partitions at run time -#}
+      {# a range on occurred_at lets Postgres prune the month partitions at run time #}
       and e.occurred_at >= (select min(period_start) from periods)::timestamp at time zone 'UTC'
 ),
 
@@ -58,65 +72,73 @@ event_days as (
     select
         org_id,
         metric,
+        dimension_key,
         period_start,
         usage_date,
         aggregation,
+        sum(quantity) as day_sum,
+        count(*) as day_count,
         max(quantity) as day_max,
         (array_agg(quantity order by occurred_at desc, event_id collate "C" desc))[1] as day_latest
     from events
-    where aggregation in ('unique_count', 'max', 'latest')
-    group by org_id, metric, period_start, usage_date, aggregation
+    where aggregation <> 'time_weighted'
+    group by org_id, metric, dimension_key, period_start, usage_date, aggregation
 ),
 
 {#- The latest value through d is the latest of the last day with events: rows exist only
     for days with events. -#}
-max_latest as (
+per_day as (
     select
         org_id,
         metric,
+        dimension_key,
         period_start,
         usage_date,
         aggregation,
         case aggregation
-            when 'max' then max(day_max) over (
-                partition by org_id, metric, period_start
-                order by usage_date
-                rows between unbounded preceding and current row
-            )
+            when 'max' then max(day_max) over w
+            when 'sum' then sum(day_sum) over w
+            when 'count' then sum(day_count) over w
             else day_latest
         end as cumulative_quantity
     from event_days
-    where aggregation in ('max', 'latest')
+    where aggregation in ('sum', 'count', 'max', 'latest')
+    window w as (
+        partition by org_id, metric, dimension_key, period_start
+        order by usage_date
+        rows between unbounded preceding and current row
+    )
 ),
 
 first_seen as (
-    select org_id, metric, period_start, min(usage_date) as usage_date
+    select org_id, metric, dimension_key, period_start, min(usage_date) as usage_date
     from events
     where aggregation = 'unique_count' and value is not null
-    group by org_id, metric, period_start, value
+    group by org_id, metric, dimension_key, period_start, value
 ),
 
 new_values as (
-    select org_id, metric, period_start, usage_date, count(*) as new_values
+    select org_id, metric, dimension_key, period_start, usage_date, count(*) as new_values
     from first_seen
-    group by org_id, metric, period_start, usage_date
+    group by org_id, metric, dimension_key, period_start, usage_date
 ),
 
 unique_counts as (
     select
         d.org_id,
         d.metric,
+        d.dimension_key,
         d.period_start,
         d.usage_date,
         d.aggregation,
         sum(coalesce(n.new_values, 0)) over (
-            partition by d.org_id, d.metric, d.period_start
+            partition by d.org_id, d.metric, d.dimension_key, d.period_start
             order by d.usage_date
             rows between unbounded preceding and current row
         )::numeric as cumulative_quantity
     from event_days as d
     left join new_values as n
-        on n.org_id = d.org_id and n.metric = d.metric
+        on n.org_id = d.org_id and n.metric = d.metric and n.dimension_key = d.dimension_key
        and n.period_start = d.period_start and n.usage_date = d.usage_date
     where d.aggregation = 'unique_count'
 ),
@@ -125,22 +147,25 @@ held as (
     select
         org_id,
         metric,
+        dimension_key,
         period_start,
         occurred_at,
         quantity,
         lead(occurred_at) over (
-            partition by org_id, metric, period_start order by occurred_at, event_id collate "C"
+            partition by org_id, metric, dimension_key, period_start
+            order by occurred_at, event_id collate "C"
         ) as next_at
     from events
     where aggregation = 'time_weighted'
 ),
 
 spine as (
-    select f.org_id, f.metric, f.period_start, s.day::date as usage_date
+    select f.org_id, f.metric, f.dimension_key, f.period_start, s.day::date as usage_date
     from (
         select
             org_id,
             metric,
+            dimension_key,
             period_start,
             min(usage_date) as first_day,
             least(
@@ -149,7 +174,7 @@ spine as (
             ) as last_day
         from events
         where aggregation = 'time_weighted'
-        group by org_id, metric, period_start
+        group by org_id, metric, dimension_key, period_start
     ) as f
     cross join lateral generate_series(f.first_day, f.last_day, interval '1 day') as s (day)
 ),
@@ -160,6 +185,7 @@ time_weighted as (
     select
         s.org_id,
         s.metric,
+        s.dimension_key,
         s.period_start,
         s.usage_date,
         'time_weighted' as aggregation,
@@ -175,15 +201,17 @@ time_weighted as (
         ) * 0.000000001 as cumulative_quantity
     from spine as s
     inner join held as h
-        on h.org_id = s.org_id and h.metric = s.metric and h.period_start = s.period_start
+        on h.org_id = s.org_id and h.metric = s.metric and h.dimension_key = s.dimension_key
+       and h.period_start = s.period_start
        and h.occurred_at < {{ day_end('s.usage_date') }}
-    group by s.org_id, s.metric, s.period_start, s.usage_date
+    group by s.org_id, s.metric, s.dimension_key, s.period_start, s.usage_date
 )
 
-select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from additive
+{%- set columns = 'org_id, metric, dimension_key, period_start, usage_date, aggregation, cumulative_quantity' %}
+select {{ columns }} from additive
 union all
-select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from max_latest
+select {{ columns }} from per_day
 union all
-select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from unique_counts
+select {{ columns }} from unique_counts
 union all
-select org_id, metric, period_start, usage_date, aggregation, cumulative_quantity from time_weighted
+select {{ columns }} from time_weighted

@@ -4,7 +4,7 @@
         incremental_strategy='delete+insert',
         unique_key='period_start',
         on_schema_change='fail',
-        indexes=[{'columns': ['org_id', 'period_start', 'metric', 'usage_date'], 'unique': true}],
+        indexes=[{'columns': ['org_id', 'period_start', 'metric', 'dimension_key', 'usage_date'], 'unique': true}],
     )
 }}
 {#-
@@ -15,40 +15,50 @@
 -#}
 with usage_days as (
     select
-        org_id,
-        metric,
-        usage_date,
-        period_start,
-        aggregation,
-        cumulative_quantity - coalesce(
-            lag(cumulative_quantity) over (
-                partition by org_id, metric, period_start order by usage_date
+        u.org_id,
+        u.metric,
+        u.dimension_key,
+        {# the price of a listed combination of dimension values, else the default ('') #}
+        coalesce(listed.price_key, '') as price_key,
+        u.usage_date,
+        u.period_start,
+        u.aggregation,
+        u.cumulative_quantity - coalesce(
+            lag(u.cumulative_quantity) over (
+                partition by u.org_id, u.metric, u.dimension_key, u.period_start
+                order by u.usage_date
             ),
             0
         ) as quantity,
-        cumulative_quantity
-    from {{ ref('int_usage_period_to_date') }}
+        u.cumulative_quantity
+    from {{ ref('int_usage_period_to_date') }} as u
+    inner join {{ ref('int_orgs_priced') }} as o on o.org_id = u.org_id
+    left join {{ ref('stg_billing__catalog_plan_metrics') }} as listed
+        on listed.plan = o.plan and listed.metric = u.metric
+       and u.dimension_key <> '' and listed.price_key = u.dimension_key
 ),
 
 priced_tiers as (
     select
         d.org_id,
         d.metric,
+        d.dimension_key,
         d.usage_date,
-        sum({{ tier_amount('pm.pricing_mode', 'd.cumulative_quantity', 't.lower_bound', 't.up_to', 't.unit_price', 't.flat_amount') }}) as tiered_amount
+        sum({{ tier_amount('pm.pricing_mode', billable_quantity('d.cumulative_quantity', 'pm.free_units'), 't.lower_bound', 't.up_to', 't.unit_price', 't.flat_amount', 't.block_size', 't.block_price', 'pm.rounding') }}) as tiered_amount
     from usage_days as d
     inner join {{ ref('int_orgs_priced') }} as o on o.org_id = d.org_id
     inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
-        on pm.plan = o.plan and pm.metric = d.metric
+        on pm.plan = o.plan and pm.metric = d.metric and pm.price_key = d.price_key
     inner join {{ ref('stg_billing__catalog_plan_tiers') }} as t
-        on t.plan = pm.plan and t.metric = pm.metric
-    group by d.org_id, d.metric, d.usage_date
+        on t.plan = pm.plan and t.metric = pm.metric and t.price_key = pm.price_key
+    group by d.org_id, d.metric, d.dimension_key, d.usage_date
 ),
 
 priced as (
     select
         d.org_id,
         d.metric,
+        d.dimension_key,
         d.usage_date,
         d.period_start,
         o.plan,
@@ -58,19 +68,23 @@ priced as (
         d.aggregation,
         d.quantity,
         d.cumulative_quantity,
-        case
-            when pm.pricing_mode is null then 0
-            when pm.pricing_mode = 'package'
-                then {{ package_amount('d.cumulative_quantity', 'pm.package_size', 'pm.package_price') }}
-            else coalesce(pt.tiered_amount, 0)
-        end as cumulative_amount,
+        least(
+            case
+                when pm.pricing_mode is null then 0
+                when pm.pricing_mode = 'package'
+                    then {{ package_amount(billable_quantity('d.cumulative_quantity', 'pm.free_units'), 'pm.package_size', 'pm.package_price', 'pm.rounding') }}
+                else coalesce(pt.tiered_amount, 0)
+            end,
+            pm.max_spend  -- the maximum spend caps A(q); least() ignores a null: no cap
+        ) as cumulative_amount,
         o.minor_exponent
     from usage_days as d
     inner join {{ ref('int_orgs_priced') }} as o on o.org_id = d.org_id
     left join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
-        on pm.plan = o.plan and pm.metric = d.metric
+        on pm.plan = o.plan and pm.metric = d.metric and pm.price_key = d.price_key
     left join priced_tiers as pt
-        on pt.org_id = d.org_id and pt.metric = d.metric and pt.usage_date = d.usage_date
+        on pt.org_id = d.org_id and pt.metric = d.metric and pt.dimension_key = d.dimension_key
+       and pt.usage_date = d.usage_date
 ),
 
 charged as (
@@ -83,6 +97,7 @@ charged as (
 select
     org_id,
     metric,
+    dimension_key,
     usage_date,
     period_start,
     plan,
@@ -95,7 +110,7 @@ select
     cumulative_charge_cents,
     cumulative_charge_cents - coalesce(
         lag(cumulative_charge_cents) over (
-            partition by org_id, metric, period_start order by usage_date
+            partition by org_id, metric, dimension_key, period_start order by usage_date
         ),
         0
     ) as daily_charge_cents,

@@ -9,8 +9,9 @@
 }}
 {#-
   Invoices exist for every org that had billable usage in the period or existed by its
-  end. Lines: the base fee, then one per metric the plan prices or the org used, with
-  amount_cents = C(last day) from fct_daily_charges.
+  end. Lines: the base fee, then one per metric the plan prices or the org used (one per
+  combination of dimension values used, for a dimensioned metric), with amount_cents =
+  C(last day) from fct_daily_charges.
 -#}
 with periods as (
     select
@@ -20,16 +21,17 @@ with periods as (
 ),
 
 month_usage as (
-    select distinct on (org_id, metric, period_start)
+    select distinct on (org_id, metric, dimension_key, period_start)
         org_id,
         metric,
+        dimension_key,
         period_start,
         cumulative_quantity as quantity,
         cumulative_amount as exact_amount,
         cumulative_charge_cents as amount_cents
     from {{ ref('fct_daily_charges') }}
     where period_start in (select period_start from periods)
-    order by org_id, metric, period_start, usage_date desc
+    order by org_id, metric, dimension_key, period_start, usage_date desc
 ),
 
 {#- The days whose charge was negative (a cheaper volume tier, a latest value that fell):
@@ -38,13 +40,14 @@ month_credits as (
     select
         org_id,
         metric,
+        dimension_key,
         period_start,
         sum(daily_charge_cents) as credited_cents,
         count(*) as credited_days
     from {{ ref('fct_daily_charges') }}
     where period_start in (select period_start from periods)
       and daily_charge_cents < 0
-    group by org_id, metric, period_start
+    group by org_id, metric, dimension_key, period_start
 ),
 
 invoices as (
@@ -65,12 +68,19 @@ invoices as (
        )
 ),
 
+{#- A line per metric the plan prices (one at 0 when unused), and per metric and
+    combination of dimension values the org used. -#}
 invoice_metrics as (
-    select i.invoice_id, pm.metric
+    select i.invoice_id, pm.metric, '' as dimension_key
     from invoices as i
-    inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm on pm.plan = i.plan
+    inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
+        on pm.plan = i.plan and pm.price_key = ''
+    where not exists (
+        select 1 from month_usage as u
+        where u.org_id = i.org_id and u.period_start = i.period_start and u.metric = pm.metric
+    )
     union
-    select i.invoice_id, u.metric
+    select i.invoice_id, u.metric, u.dimension_key
     from invoices as i
     inner join month_usage as u on u.org_id = i.org_id and u.period_start = i.period_start
 ),
@@ -84,6 +94,12 @@ usage_lines as (
         i.currency,
         i.catalog_version,
         im.metric,
+        im.dimension_key,
+        case when im.dimension_key = '' then '{}'::jsonb else (
+            select jsonb_object_agg(d.dim, im.dimension_key::jsonb -> (d.position - 1)::integer)
+            from unnest(m.dimensions) with ordinality as d (dim, position)
+        ) end as dimensions,
+        pm.price_key,
         pm.pricing_mode,
         coalesce(u.quantity, 0) as quantity,
         coalesce(u.exact_amount, 0) as exact_amount,
@@ -92,40 +108,70 @@ usage_lines as (
         coalesce(c.credited_cents, 0) as credited_cents,
         coalesce(c.credited_days, 0) as credited_days,
         pm.package_size,
-        pm.package_price
+        pm.package_price,
+        pm.rounding,
+        pm.free_units,
+        pm.max_spend
     from invoice_metrics as im
     inner join invoices as i on i.invoice_id = im.invoice_id
     left join month_usage as u
         on u.org_id = i.org_id and u.period_start = i.period_start and u.metric = im.metric
+       and u.dimension_key = im.dimension_key
     left join month_credits as c
         on c.org_id = i.org_id and c.period_start = i.period_start and c.metric = im.metric
+       and c.dimension_key = im.dimension_key
     left join {{ ref('stg_billing__catalog_metrics') }} as m on m.metric = im.metric
+    {# the listed price of the line's dimension values, else the metric's default #}
+    left join {{ ref('stg_billing__catalog_plan_metrics') }} as listed
+        on listed.plan = i.plan and listed.metric = im.metric
+       and im.dimension_key <> '' and listed.price_key = im.dimension_key
     left join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
         on pm.plan = i.plan and pm.metric = im.metric
+       and pm.price_key = coalesce(listed.price_key, '')
 ),
 
+{#- Per tier: its units and amount. tiered_package (and package, below) price the billable
+    quantity (free units off); a tiered_package tier renders as packages of its blocks, with
+    its range. amount sums the tiers: A(q) before the maximum spend. -#}
+{%- set q = billable_quantity('l.quantity', 'l.free_units') %}
+{%- set units = tier_quantity('l.pricing_mode', q, 't.lower_bound', 't.up_to') %}
+{%- set amount = tier_amount('l.pricing_mode', q, 't.lower_bound', 't.up_to', 't.unit_price', 't.flat_amount', 't.block_size', 't.block_price', 'l.rounding') %}
+{%- set options = "case when l.free_units > 0 then jsonb_build_object('free_units', l.free_units) else '{}'::jsonb end
+    || case when l.rounding = 'down' then jsonb_build_object('rounding', 'down') else '{}'::jsonb end" %}
 tier_breakdown as (
     select
         l.invoice_id,
         l.metric,
+        l.dimension_key,
         jsonb_agg(
-            jsonb_build_object(
+            case when l.pricing_mode = 'tiered_package' then jsonb_build_object(
+                'tier', t.tier_index + 1,
+                'from', t.lower_bound,
+                'up_to', t.up_to,
+                'quantity', {{ units }},
+                'packages', {{ package_count(units, 't.block_size', 'l.rounding') }},
+                'package_size', t.block_size,
+                'package_price', t.block_price,
+                'amount', {{ amount }}
+            ) || {{ options }}
+            else jsonb_build_object(
                 'tier', t.tier_index + 1,
                 'from', t.lower_bound,
                 'up_to', t.up_to,
                 'unit_price', t.unit_price,
                 'flat_amount', t.flat_amount,
-                'quantity', {{ tier_quantity('l.pricing_mode', 'l.quantity', 't.lower_bound', 't.up_to') }},
-                'amount', {{ tier_amount('l.pricing_mode', 'l.quantity', 't.lower_bound', 't.up_to', 't.unit_price', 't.flat_amount') }}
-            )
+                'quantity', {{ units }},
+                'amount', {{ amount }}
+            ) end
             order by t.tier_index
         ) filter (
-            where {{ tier_quantity('l.pricing_mode', 'l.quantity', 't.lower_bound', 't.up_to') }} > 0
-        ) as tiers
+            where {{ units }} > 0
+        ) as tiers,
+        sum({{ amount }}) as amount
     from usage_lines as l
     inner join {{ ref('stg_billing__catalog_plan_tiers') }} as t
-        on t.plan = l.plan and t.metric = l.metric
-    group by l.invoice_id, l.metric
+        on t.plan = l.plan and t.metric = l.metric and t.price_key = l.price_key
+    group by l.invoice_id, l.metric, l.dimension_key
 ),
 
 lines as (
@@ -137,6 +183,8 @@ lines as (
         catalog_version,
         'base_fee' as line_type,
         cast(null as text) as metric,
+        '' as dimension_key,
+        '{}'::jsonb as dimensions,
         cast(null as text) as pricing_mode,
         1::numeric as quantity,
         base_fee_cents as amount_cents,
@@ -154,36 +202,56 @@ lines as (
         l.catalog_version,
         'usage' as line_type,
         l.metric,
+        l.dimension_key,
+        l.dimensions,
         l.pricing_mode,
         l.quantity,
         l.amount_cents,
+        {%- set pq = billable_quantity('l.quantity', 'l.free_units') %}
+        {%- set uncapped = "case when l.pricing_mode = 'package' then "
+            ~ package_amount(pq, 'l.package_size', 'l.package_price', 'l.rounding')
+            ~ " else coalesce(tb.amount, 0) end" %}
         case
             when l.pricing_mode = 'package' then jsonb_build_array(jsonb_build_object(
-                'packages', {{ package_count('l.quantity', 'l.package_size') }},
+                'packages', {{ package_count(pq, 'l.package_size', 'l.rounding') }},
                 'package_size', l.package_size,
                 'package_price', l.package_price,
-                'amount', l.exact_amount
-            ))
+                'amount', {{ package_amount(pq, 'l.package_size', 'l.package_price', 'l.rounding') }}
+            ) || {{ options }})
             else coalesce(tb.tiers, '[]'::jsonb)
-        end as tiers,
+        end
+        {#- a row for the maximum spend when it caps the line: it takes A(q) down to the cap #}
+        || case when l.max_spend < {{ uncapped }}
+                then jsonb_build_array(jsonb_build_object(
+                    'max_spend', l.max_spend, 'amount', l.max_spend - ({{ uncapped }})
+                ))
+                else '[]'::jsonb end
+            as tiers,
         l.aggregation,
         l.credited_cents,
         l.credited_days
     from usage_lines as l
-    left join tier_breakdown as tb on tb.invoice_id = l.invoice_id and tb.metric = l.metric
+    left join tier_breakdown as tb
+        on tb.invoice_id = l.invoice_id and tb.metric = l.metric
+       and tb.dimension_key = l.dimension_key
 )
 
 select
-    invoice_id || case when line_type = 'base_fee' then '.base' else '.usage.' || metric end
-        as invoice_line_id,
+    invoice_id || case
+        when line_type = 'base_fee' then '.base'
+        when dimension_key = '' then '.usage.' || metric
+        else '.usage.' || metric || '.' || dimension_key
+    end as invoice_line_id,
     invoice_id,
     (row_number() over (
-        partition by invoice_id order by line_type = 'usage', metric
+        partition by invoice_id order by line_type = 'usage', metric, dimension_key
     ))::integer as line_number,
     org_id,
     period_start,
     line_type,
     metric,
+    dimension_key,
+    dimensions,
     pricing_mode,
     quantity,
     amount_cents::bigint as amount_cents,

@@ -31,7 +31,7 @@ invoices as (
         sum(amount_cents) as total_cents,
         count(*) as line_count,
         string_agg(
-            line_type || ':' || coalesce(metric, '') || ':' || quantity::text || ':' || amount_cents::text
+            line_type || ':' || coalesce(metric, '') || dimension_key || ':' || quantity::text || ':' || amount_cents::text
                 -- credits only when there are some: invoices without keep their hash
                 || case when credited_days > 0
                         then ':' || credited_cents::text || ':' || credited_days::text else '' end,

@@ -4,6 +4,7 @@ select
     unit,
     description,
     aggregation,
-    property
+    property,
+    dimensions
 from {{ source('billing', 'catalog_metrics') }}
 where {{ catalog_version_filter('catalog_version', source('billing', 'catalog_versions')) }}
