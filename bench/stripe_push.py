@@ -53,7 +53,8 @@ def _snapshot(cx, n_orgs: int, n_metrics: int) -> None:
     cx.execute(f"CREATE SCHEMA {SCHEMA}")
     cx.execute(
         f"""CREATE TABLE {SCHEMA}.fct_daily_charges (org_id text, metric text, usage_date date,
-                period_start date, currency text, cumulative_charge_cents bigint)"""
+                period_start date, currency text, cumulative_charge_cents bigint,
+                dimension_key text NOT NULL DEFAULT '')"""
     )
     cx.execute(
         f"""CREATE TABLE {SCHEMA}.fct_invoices (org_id text, period_start date, plan text,

@@ -36,12 +36,15 @@ def prepare(monkeypatch) -> dt.date:
                     invoice_line_id text, invoice_id text, line_number integer, org_id text,
                     period_start date, line_type text, metric text, pricing_mode text,
                     quantity numeric, amount_cents bigint, currency text, tiers jsonb,
-                    catalog_version text)"""
+                    catalog_version text, aggregation text, credited_cents bigint NOT NULL DEFAULT 0,
+                    credited_days integer NOT NULL DEFAULT 0, dimension_key text NOT NULL DEFAULT '',
+                    dimensions jsonb NOT NULL DEFAULT '{{}}')"""
         )
         cx.execute(
             f"""CREATE TABLE {SCHEMA}.fct_daily_charges (
                     org_id text, metric text, usage_date date, period_start date, currency text,
-                    cumulative_charge_cents bigint, daily_charge_cents bigint)"""
+                    cumulative_charge_cents bigint, daily_charge_cents bigint,
+                    dimension_key text NOT NULL DEFAULT '')"""
         )
     from billing.stripe_sync import mode, parking
 

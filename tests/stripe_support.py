@@ -62,7 +62,8 @@ def reset_state() -> None:
         cx.execute(
             f"""CREATE TABLE {SNAPSHOT_SCHEMA}.fct_daily_charges (
                     org_id text, metric text, usage_date date, period_start date, currency text,
-                    cumulative_charge_cents bigint, daily_charge_cents bigint)"""
+                    cumulative_charge_cents bigint, daily_charge_cents bigint,
+                    dimension_key text NOT NULL DEFAULT '')"""
         )
         cx.execute(
             f"""CREATE TABLE {SNAPSHOT_SCHEMA}.fct_invoices (
@@ -121,17 +122,19 @@ class Snapshot:
             for (org, metric), days in self.charges.items():
                 prev = 0
                 for day in sorted(days):
+                    name, _, key = metric.partition(" ")
                     cx.execute(
                         f"""INSERT INTO {SNAPSHOT_SCHEMA}.fct_daily_charges VALUES
-                            (%s, %s, %s, %s, %s, %s, %s)""",
+                            (%s, %s, %s, %s, %s, %s, %s, %s)""",
                         (
                             org,
-                            metric,
+                            name,
                             day,
                             PERIOD,
                             PLANS[self.orgs[org]][0],
                             days[day],
                             days[day] - prev,
+                            key,
                         ),
                     )
                     prev = days[day]
@@ -144,7 +147,8 @@ def random_snapshot(n_orgs: int, n_days: int, seed: int) -> Snapshot:
     plans = list(PLANS)
     for i in range(n_orgs):
         org = snap.add_org(plans[i % len(plans)])
-        for metric in ("api_calls", "storage_gb", "compute_minutes"):
+        # a dimensioned charge (metric + its values' key) is pushed as its own item
+        for metric in ("api_calls", "storage_gb", "compute_minutes", 'ai_tokens ["gpt-4o", null]'):
             c = 0
             for d in range(1, n_days + 1):
                 if rng.random() < 0.2:

@@ -486,3 +486,17 @@ def test_periods_open_for_late_events(day, window, periods):
     from billing.stripe_sync.push import periods_open_for
 
     assert [p.isoformat() for p in periods_open_for(day, window)] == periods
+
+
+def test_a_dimensioned_charge_keys_on_a_digest_of_its_values():
+    from billing.stripe_sync.outbox import key_for
+
+    day = dt.date(2027, 1, 5)
+    plain = key_for("usage", "acme", PERIOD, day, "api_calls")
+    assert plain == f"billing:usage:acme:{PERIOD:%Y-%m}:2027-01-05:api_calls"
+    a = key_for("usage", "acme", PERIOD, day, 'ai_tokens ["gpt-4o", "input"]')
+    b = key_for("usage", "acme", PERIOD, day, 'ai_tokens ["gpt-4o", "output"]')
+    long = key_for("usage", "acme", PERIOD, day, "ai_tokens " + '["' + "x" * 5000 + '"]')
+    assert a.startswith(f"billing:usage:acme:{PERIOD:%Y-%m}:2027-01-05:ai_tokens.")
+    assert a != b and len(a) == len(b) == len(long) < 255
+    assert key_for("usage", "acme", PERIOD, day, 'ai_tokens ["gpt-4o", "input"]') == a
