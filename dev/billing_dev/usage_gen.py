@@ -75,11 +75,27 @@ class UsageSpec:
 
 
 def _quantity(rng: random.Random, metric: str) -> int | float:
+    if metric == "ai_tokens":
+        return rng.randint(100, 20_000)
+    if metric == "active_users":
+        return 1
     if metric == "storage_gb":
         return rng.randint(1, 5000) / 100  # two decimals; parsed as Decimal from the JSON text
     if metric == "compute_minutes":
         return rng.randint(1, 120)
     return rng.randint(1, 400)
+
+
+def _properties(rng: random.Random, metric: str) -> dict | None:
+    """The event properties the catalog's dimensioned and unique_count metrics read."""
+    if metric == "ai_tokens":  # dimensions: model, token_type
+        return {
+            "model": rng.choice(("small", "large")),
+            "token_type": rng.choice(("input", "output")),
+        }
+    if metric == "active_users":  # unique_count of user_id
+        return {"user_id": f"user-{rng.randint(1, 40):02d}"}
+    return None
 
 
 def events(spec: UsageSpec, metrics: Sequence[str]) -> Iterator[str]:
@@ -109,6 +125,8 @@ def events(spec: UsageSpec, metrics: Sequence[str]) -> Iterator[str]:
             "billable": rng.random() >= 0.03,
             "source": _SOURCES.get(metric, "backend"),
         }
+        if props := _properties(rng, metric):
+            event["properties"] = props
         line = json.dumps(event, separators=(",", ":"))
         if len(recent) < 1000:
             recent.append(line)

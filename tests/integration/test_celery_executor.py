@@ -170,6 +170,8 @@ def test_three_nights_across_a_month_end_and_a_killed_worker(cluster, client):
 
     from billing import pricing
     from billing.platform import db, settings
+    from billing.pricing import reference
+    from billing.pricing.aggregation import Event
     from billing.stripe_sync.outbox import key_for
 
     orgs = prepare_days(DAYS, orgs=ORGS)
@@ -244,9 +246,9 @@ def test_three_nights_across_a_month_end_and_a_killed_worker(cluster, client):
             ).fetchall()
         )
         usage = cx.execute(
-            """SELECT e.org_id, e.metric, sum(e.quantity) FROM billing.usage_events e
-                WHERE e.occurred_at >= %s AND e.occurred_at < %s AND e.billable
-                GROUP BY 1, 2""",
+            """SELECT e.org_id, e.metric, e.event_id, e.occurred_at, e.quantity, e.properties
+                 FROM billing.usage_events e
+                WHERE e.occurred_at >= %s AND e.occurred_at < %s AND e.billable""",
             (dt.datetime(2026, 10, 1, tzinfo=dt.UTC), dt.datetime(2026, 11, 1, tzinfo=dt.UTC)),
         ).fetchall()
         plans = dict(cx.execute("SELECT org_id, plan FROM billing.organizations").fetchall())
@@ -260,7 +262,10 @@ def test_three_nights_across_a_month_end_and_a_killed_worker(cluster, client):
         daily = {
             (org, metric): int(cents)
             for org, metric, cents in cx.execute(
-                f"""SELECT org_id, metric, daily_charge_cents FROM {snapshot}.fct_daily_charges
+                f"""SELECT org_id,  -- the charge label Stripe items carry (pricing.charge_label)
+                          metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key
+                                         ELSE '' END,
+                          daily_charge_cents FROM {snapshot}.fct_daily_charges
                      WHERE usage_date = %s AND daily_charge_cents <> 0""",
                 (KILL_DAY,),
             ).fetchall()
@@ -279,11 +284,14 @@ def test_three_nights_across_a_month_end_and_a_killed_worker(cluster, client):
     assert {d: events.get(d) for d in DAYS} == {d: int(n) for d, _, n in files}
     assert closes == {OCTOBER: DAYS[-1]}  # October closed in 1 November's run
 
-    quantities: dict[str, dict[str, Decimal]] = {org: {} for org in orgs}
-    for org, metric, q in usage:
-        quantities[org][metric] = Decimal(q)
-    expected = {
-        org: pricing.invoice_total(catalog.plan(plans[org]), quantities[org]) for org in orgs
+    events: dict[str, list] = {org: [] for org in orgs}
+    for org, metric, event_id, occurred, q, props in usage:
+        events[org].append((metric, Event(event_id, occurred, Decimal(q), props)))
+    expected = {  # billing.pricing's reference from the stored events, after October closed
+        org: reference.period_total(
+            catalog, catalog.plan(plans[org]), events[org], OCTOBER, DAYS[-1]
+        )
+        for org in orgs
     }
     assert invoices == expected
 

@@ -372,9 +372,7 @@ def _uncapped_price(mp: MetricPrice | None, quantity: Decimal) -> Decimal:
     raise ValueError(f"metric {mp.metric!r}: unknown pricing mode {mp.mode!r}")
 
 
-def charges(
-    mp: MetricPrice | None, currency: str, period_to_date: Sequence[Decimal]
-) -> list[int]:
+def charges(mp: MetricPrice | None, currency: str, period_to_date: Sequence[Decimal]) -> list[int]:
     """``[C(d) for each Q(d)]``: the rounded charge of each period-to-date quantity, minor
     units. ``Q`` comes from the metric's aggregation (:mod:`billing.pricing.aggregation`)."""
     minor_exponent(currency)  # fail early on an unsupported currency
@@ -530,9 +528,7 @@ def _parse_metric(name: str, spec: Any) -> Metric:
                 "missing (unique_count counts distinct values of an event property)",
             )
         if not isinstance(prop, str) or not _PROPERTY_RE.match(prop):
-            raise _Invalid(
-                f"{where} property", f"must match {_PROPERTY_RE.pattern}, got {prop!r}"
-            )
+            raise _Invalid(f"{where} property", f"must match {_PROPERTY_RE.pattern}, got {prop!r}")
     elif prop is not None:
         raise _Invalid(
             f"{where} property",
@@ -891,7 +887,10 @@ def catalog_tables(catalog: Catalog) -> dict[str, list[tuple]]:
         charges = [
             (metric, key, mp)
             for metric in sorted(plan.metrics)
-            for key, mp in [("", plan.metrics[metric]), *sorted(plan.values.get(metric, {}).items())]
+            for key, mp in [
+                ("", plan.metrics[metric]),
+                *sorted(plan.values.get(metric, {}).items()),
+            ]
         ]
         for metric, key, mp in charges:
             plan_metrics.append(
@@ -973,7 +972,11 @@ def _canonical(catalog: Catalog) -> dict[str, Any]:
             # the aggregation only when it is not the default: catalogs of sum metrics keep
             # the version they had before metrics could aggregate otherwise
             m.name: {"unit": m.unit, "description": m.description}
-            | ({"aggregation": m.aggregation, "property": m.property} if m.aggregation != SUM else {})
+            | (
+                {"aggregation": m.aggregation, "property": m.property}
+                if m.aggregation != SUM
+                else {}
+            )
             | ({"dimensions": list(m.dimensions)} if m.dimensions else {})
             for m in catalog.metrics.values()
         },
@@ -981,10 +984,7 @@ def _canonical(catalog: Catalog) -> dict[str, Any]:
             p.name: {
                 "currency": p.currency,
                 "base_fee": _canonical_decimal(p.base_fee),
-                "metrics": {
-                    mp.metric: _canonical_price(mp)
-                    for mp in p.metrics.values()
-                },
+                "metrics": {mp.metric: _canonical_price(mp) for mp in p.metrics.values()},
             }
             # priced dimension values only when there are some (the version stays otherwise)
             | (

@@ -10,6 +10,7 @@ from decimal import Decimal as D
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -303,10 +304,14 @@ def test_a_catalog_without_the_options_keeps_its_version():
     assert catalog_version(parse_catalog(old)) == before
     old["plans"]["starter"]["metrics"]["storage_gb"].update(rounding="up", free_units="0")
     assert catalog_version(parse_catalog(old)) == before
+    # the shipped catalog: writing the defaults out on its package metrics changes nothing
     shipped = Path(__file__).resolve().parents[3] / "include" / "config" / "catalog.yaml"
-    assert catalog_version(shipped) == (
-        "16afe930e6cb7546f8b905ab855d801696f3f99255bd3bdb55b1d559142e1999"
-    )
+    d = yaml.safe_load(shipped.read_text())
+    for plan in d["plans"].values():
+        for spec in (plan.get("metrics") or {}).values():
+            if spec.get("mode") == "package":
+                spec.update(rounding="up", free_units=0)
+    assert catalog_version(parse_catalog(d)) == catalog_version(shipped)
 
 
 P = "catalog: plan 'starter' metric"
@@ -545,3 +550,31 @@ def test_rounding_down_never_charges_more_than_up(mp, a, b):
     up = MetricPrice(**{**mp.__dict__, "rounding": "up"})
     down = MetricPrice(**{**mp.__dict__, "rounding": "down"})
     assert price(down, hi) <= price(up, hi)
+
+
+# ------------------------------------------------------------------ the invoice breakdown
+def test_pdf_rows_for_tiered_packages_options_and_the_cap():
+    # fct_invoice_lines' json for a tiered_package line capped by its maximum spend, and for
+    # a package line with free units rounding down; the PDF reads it through store._tiers
+    from billing.invoices.store import _tiers
+
+    tiered = [
+        {"tier": 1, "from": 0, "up_to": 1000, "quantity": 1000, "packages": 10,
+         "package_size": 100, "package_price": "1.00", "amount": "10.00"},
+        {"tier": 2, "from": 1000, "up_to": None, "quantity": 234, "packages": 3,
+         "package_size": 100, "package_price": "0.80", "amount": "2.40"},
+        {"max_spend": "12.00", "amount": "-0.40"},
+    ]  # fmt: skip
+    rows = _tiers(tiered)
+    assert [r.label for r in rows] == [
+        "1 – 1,000 in packages of 100",
+        "1,001 – ∞ in packages of 100",
+        "capped at the maximum spend of 12.00",
+    ]
+    assert sum(r.amount for r in rows) == D("12.00")  # the rows add up to the line
+    [row] = _tiers(
+        [{"packages": 1, "package_size": 100, "package_price": "5", "amount": "5",
+          "free_units": 100, "rounding": "down"}]
+    )  # fmt: skip
+    assert row.label == "packages of 100 after 100 free (complete packages only)"
+    assert (row.quantity, row.unit_price, row.amount) == (1, 5, 5)
