@@ -380,7 +380,20 @@ def test_graduated_matches_unit_by_unit_for_integers(tiers, q):
 
 def test_shipped_catalog_loads():
     catalog = load_catalog(SHIPPED)
-    assert set(catalog.metrics) == {"api_calls", "storage_gb", "compute_minutes", "emails_sent"}
+    assert set(catalog.metrics) == {
+        "api_calls",
+        "storage_gb",
+        "compute_minutes",
+        "emails_sent",
+        "ai_tokens",
+        "active_users",
+    }
+    assert catalog.metrics["ai_tokens"].dimensions == ("model", "token_type")
+    assert catalog.metrics["active_users"].aggregation == "unique_count"
+    growth = catalog.plan("growth")
+    assert growth.price_for("ai_tokens", '["large", "output"]').tiers[0].unit_price == D("0.000015")
+    assert growth.price_for("ai_tokens", '["small", "input"]') == growth.price_for("ai_tokens")
+    assert growth.price_for("active_users").tiers[0].flat_amount == D("20.00")
     assert set(catalog.plans) == {"starter", "growth", "enterprise", "tokyo"}
     starter = catalog.plan("starter")
     assert (starter.currency, starter.base_fee) == ("usd", D("29.00"))
