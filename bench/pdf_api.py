@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoices (
 CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoice_lines (
     invoice_line_id text, invoice_id text, line_number integer, org_id text,
     period_start date, line_type text, metric text, pricing_mode text, quantity numeric,
-    amount_cents bigint, currency text, tiers jsonb, catalog_version text);
+    amount_cents bigint, currency text, tiers jsonb, catalog_version text, aggregation text,
+    credited_cents bigint NOT NULL DEFAULT 0, credited_days integer NOT NULL DEFAULT 0,
+    dimension_key text NOT NULL DEFAULT '', dimensions jsonb NOT NULL DEFAULT '{{}}');
 CREATE INDEX IF NOT EXISTS bench_inv_id ON {SCHEMA}.fct_invoices (invoice_id);
 CREATE INDEX IF NOT EXISTS bench_line_inv_id ON {SCHEMA}.fct_invoice_lines (invoice_id);
 """

@@ -56,6 +56,10 @@ def _snapshot(cx, n_orgs: int, n_metrics: int) -> None:
                 period_start date, currency text, cumulative_charge_cents bigint,
                 dimension_key text NOT NULL DEFAULT '')"""
     )
+    cx.execute(  # the true-up lines the push reads of ended periods (none here)
+        f"""CREATE TABLE {SCHEMA}.fct_invoice_lines (org_id text, period_start date,
+                line_type text, metric text, currency text, amount_cents bigint)"""
+    )
     cx.execute(
         f"""CREATE TABLE {SCHEMA}.fct_invoices (org_id text, period_start date, plan text,
                 currency text, base_fee_cents bigint, total_cents bigint)"""

@@ -65,6 +65,11 @@ def reset_state() -> None:
                     cumulative_charge_cents bigint, daily_charge_cents bigint,
                     dimension_key text NOT NULL DEFAULT '')"""
         )
+        cx.execute(  # the true-up lines the push reads of ended periods (none here)
+            f"""CREATE TABLE {SNAPSHOT_SCHEMA}.fct_invoice_lines (
+                    org_id text, period_start date, line_type text, metric text,
+                    currency text, amount_cents bigint)"""
+        )
         cx.execute(
             f"""CREATE TABLE {SNAPSHOT_SCHEMA}.fct_invoices (
                     invoice_id text, org_id text, period_start date, plan text, currency text,

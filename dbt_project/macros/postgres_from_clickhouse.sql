@@ -17,3 +17,19 @@
         table = {{ ch_quote(relation.identifier) }}
     )
 {%- endmacro %}
+
+{#- Whether every one of `relations` (sources in Postgres) exists, asked from ClickHouse
+    (pg_catalog.pg_tables lists tables whatever the reader's grants): e.g. the published
+    snapshot, absent until the postgres target has been built and published once. -#}
+{% macro postgres_tables_exist(relations) -%}
+    {%- if not execute -%}{{ return(false) }}{%- endif -%}
+    {%- set pairs = [] -%}
+    {%- for r in relations -%}
+        {%- do pairs.append("(schemaname = " ~ ch_quote(r.schema) ~ " and tablename = " ~ ch_quote(r.identifier) ~ ")") -%}
+    {%- endfor -%}
+    {%- set result = run_query(
+        "select count() from " ~ postgres_table({'schema': 'pg_catalog', 'identifier': 'pg_tables'})
+        ~ " where " ~ pairs | join(' or ')
+    ) -%}
+    {{ return(result.columns | length > 0 and result.columns[0].values()[0] | int == relations | length) }}
+{%- endmacro %}

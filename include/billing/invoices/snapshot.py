@@ -57,10 +57,12 @@ class Line:
     @property
     def charge(self) -> str:
         """The line's charge label (``billing.pricing.charge_label``), as Stripe items name it."""
-        from billing.pricing.catalog import charge_label
+        from billing.pricing.catalog import charge_label, true_up_label
 
         if self.line_type == "base_fee":
             return "base_fee"
+        if self.line_type != "usage":  # a true-up: minimum_spend.<metric>, minimum_commitment
+            return true_up_label(self.line_type, self.metric)
         return charge_label(str(self.metric), self.dimension_key)
 
 
@@ -85,6 +87,11 @@ class Invoice:
     @property
     def usage_lines(self) -> list[Line]:
         return [line for line in self.lines if line.line_type == "usage"]
+
+    @property
+    def charge_lines(self) -> list[Line]:
+        """Every line but the base fee: usage, then the true-ups (minimum spend, commitment)."""
+        return [line for line in self.lines if line.line_type != "base_fee"]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: dates as ISO strings, Decimals as exact strings."""
@@ -188,6 +195,11 @@ def summary(inv: Invoice) -> dict[str, Any]:
                 "amount_cents": x.amount_cents,
             }
             for x in inv.usage_lines
+        ]
+        + [
+            {"true_up": x.charge, "amount_cents": x.amount_cents}
+            for x in inv.charge_lines
+            if x.line_type != "usage"
         ],
         "total_cents": inv.total_cents,
         "status": inv.status,

@@ -161,6 +161,13 @@ def _describe(name: str | None, dimensions: dict | None) -> str | None:
     return f"{name} ({values})"
 
 
+def _true_up(line, names: dict) -> str:
+    """``Minimum spend true-up: API requests`` or ``Minimum commitment true-up``."""
+    if line.metric:
+        return f"Minimum spend true-up: {names.get(line.metric) or line.metric}"
+    return "Minimum commitment true-up"
+
+
 def to_pdf_invoice(inv: invoices.Invoice, row: dict):
     """The snapshot reader's invoice plus its :func:`lookup` row -> the renderer's input
     (Stripe's issue/due dates once finalized, the catalog's metric names)."""
@@ -186,12 +193,14 @@ def to_pdf_invoice(inv: invoices.Invoice, row: dict):
                 quantity=Decimal(line.quantity),
                 amount_cents=int(line.amount_cents),
                 tiers=_tiers(line.tiers),
-                description=_describe(names.get(line.metric or "") or line.metric, line.dimensions),
+                description=_describe(names.get(line.metric or "") or line.metric, line.dimensions)
+                if line.line_type == "usage"
+                else _true_up(line, names),
                 aggregation=line.aggregation or "sum",
                 credited_cents=int(line.credited_cents or 0),
                 credited_days=int(line.credited_days or 0),
             )
-            for line in inv.usage_lines
+            for line in inv.charge_lines
         ),
     )
 

@@ -61,6 +61,8 @@ __all__ = [
     "catalog_tables",
     "catalog_version",
     "charges",
+    "MINIMUM_COMMITMENT",
+    "MINIMUM_SPEND",
     "charge_label",
     "cumulative_charges",
     "daily_charges",
@@ -72,6 +74,7 @@ __all__ = [
     "price",
     "price_key",
     "to_minor",
+    "true_up_label",
 ]
 
 #: Supported currencies (lower-case ISO 4217, as Stripe spells them) -> minor-unit exponent.
@@ -177,6 +180,9 @@ class MetricPrice:
     free_units: Decimal = Decimal(0)
     #: any mode: the most a month of the metric costs, ``min(A(q), max_spend)``; None: no cap
     max_spend: Decimal | None = None
+    #: any mode, metrics without dimensions: the least the period of the metric costs; the
+    #: shortfall is a true-up line once the period is over (docs/PRICING.md "Minimum spend")
+    min_spend: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,9 @@ class Plan:
     metrics: Mapping[str, MetricPrice] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    #: the least the period's usage costs in total (after each metric's min_spend); the
+    #: shortfall is a true-up line once the period is over (docs/PRICING.md "Minimum spend")
+    minimum_commitment: Decimal | None = None
     #: metric -> price key (:func:`price_key`) -> the price of that combination of dimension
     #: values; ``metrics[metric]`` is the default for the combinations not listed
     values: Mapping[str, Mapping[str, MetricPrice]] = field(
@@ -232,6 +241,16 @@ class Catalog:
         except (KeyError, TypeError):
             known = ", ".join(sorted(self.plans)) or "none"
             raise ConfigError(f"unknown plan {name!r} (catalog plans: {known})") from None
+
+
+#: invoice line types of the true-ups (docs/PRICING.md "Minimum spend and commitment")
+MINIMUM_SPEND = "minimum_spend"
+MINIMUM_COMMITMENT = "minimum_commitment"
+
+
+def true_up_label(line_type: str, metric: str | None = None) -> str:
+    """A true-up's charge label: ``minimum_spend.api_calls`` or ``minimum_commitment``."""
+    return f"{line_type}.{metric}" if metric else line_type
 
 
 def charge_label(metric: str, key: str) -> str:
@@ -601,6 +620,9 @@ def _parse_tiers(value: Any, where: str, *, blocks: bool = False) -> tuple[Tier,
     return tuple(tiers)
 
 
+_SPEND = {"max_spend", "min_spend"}
+
+
 def _price_options(spec: dict, where: str) -> dict[str, Any]:
     """``rounding``, ``free_units`` and ``max_spend``, as MetricPrice keywords (only those
     given: the defaults are the dataclass's)."""
@@ -616,6 +638,14 @@ def _price_options(spec: dict, where: str) -> dict[str, Any]:
         options["free_units"] = _amount(spec["free_units"], f"{where} free_units")
     if "max_spend" in spec:
         options["max_spend"] = _money(spec["max_spend"], f"{where} max_spend")
+    if "min_spend" in spec:
+        options["min_spend"] = _money(spec["min_spend"], f"{where} min_spend")
+        cap = options.get("max_spend")
+        if cap is not None and options["min_spend"] > cap:
+            raise _Invalid(
+                f"{where} min_spend",
+                f"'{spec['min_spend']}' is above the max_spend '{spec['max_spend']}'",
+            )
     return options
 
 
@@ -631,7 +661,7 @@ def _parse_metric_price(plan: str, metric: str, spec: Any) -> MetricPrice:
         )
     if mode == PACKAGE:
         spec = _check_keys(
-            spec, where, {"mode", "package_size", "package_price"}, _PACKAGE_OPTIONS | {"max_spend"}
+            spec, where, {"mode", "package_size", "package_price"}, _PACKAGE_OPTIONS | _SPEND
         )
         size = _amount(spec["package_size"], f"{where} package_size")
         if size <= 0:
@@ -650,10 +680,23 @@ def _parse_metric_price(plan: str, metric: str, spec: Any) -> MetricPrice:
             f"{where} {package_only[0]}",
             f"only package and tiered_package metrics take it (this one is {mode})",
         )
-    optional = _PACKAGE_OPTIONS | {"max_spend"} if mode == TIERED_PACKAGE else {"max_spend"}
+    optional = _PACKAGE_OPTIONS | _SPEND if mode == TIERED_PACKAGE else _SPEND
     spec = _check_keys(spec, where, {"mode", "tiers"}, optional)
     tiers = _parse_tiers(spec["tiers"], where, blocks=mode == TIERED_PACKAGE)
     return MetricPrice(metric=metric, mode=mode, tiers=tiers, **_price_options(spec, where))
+
+
+def _check_payable(where: str, amount: Decimal, currency: str) -> None:
+    """A fixed amount (a spend bound, a commitment) must be payable in minor units and
+    within AMOUNT_MAX_MINOR, like a base fee."""
+    exponent = CURRENCIES[currency]
+    scaled = amount.scaleb(exponent, _EXACT)
+    if scaled != scaled.to_integral_value(context=_EXACT):
+        raise _Invalid(
+            where, f"'{amount}' has more decimal places than {currency} allows ({exponent})"
+        )
+    if scaled > AMOUNT_MAX_MINOR:
+        raise _Invalid(where, f"'{amount}' is above the limit of {AMOUNT_MAX_MINOR} minor units")
 
 
 def _check_range(where: str, mp: MetricPrice, currency: str) -> None:
@@ -663,14 +706,9 @@ def _check_range(where: str, mp: MetricPrice, currency: str) -> None:
     some tier, so each tier's top (capped at the range) is priced. Tiered packages grow with
     the quantity too. A max_spend is part of the price (it may bound an otherwise too dear
     one); it must be payable in the currency's minor units, like a base fee."""
-    if mp.max_spend is not None:
-        exponent = CURRENCIES[currency]
-        scaled = mp.max_spend.scaleb(exponent, _EXACT)
-        if scaled != scaled.to_integral_value(context=_EXACT):
-            raise _Invalid(
-                f"{where} max_spend",
-                f"'{mp.max_spend}' has more decimal places than {currency} allows ({exponent})",
-            )
+    for fld, amount in (("max_spend", mp.max_spend), ("min_spend", mp.min_spend)):
+        if amount is not None:
+            _check_payable(f"{where} {fld}", amount, currency)
     top = MONTHLY_QUANTITY_MAX
     for i, t in enumerate(mp.tiers):
         if to_minor(t.flat_amount, currency) > AMOUNT_MAX_MINOR:
@@ -757,7 +795,7 @@ def _parse_dimension_prices(
 
 def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
     where = f"plan {name!r}"
-    spec = _check_keys(spec, where, {"currency", "base_fee"}, {"metrics"})
+    spec = _check_keys(spec, where, {"currency", "base_fee"}, {"metrics", "minimum_commitment"})
     currency_raw = spec["currency"]
     if not isinstance(currency_raw, str) or currency_raw.lower() not in CURRENCIES:
         raise _Invalid(
@@ -793,15 +831,27 @@ def _parse_plan(name: str, spec: Any, metrics: Mapping[str, Metric]) -> Plan:
         else:
             priced[metric] = _parse_metric_price(name, metric, mp_spec)
         _check_range(mw, priced[metric], currency)
+        if metrics[metric].dimensions and any(
+            mp.min_spend is not None for mp in [priced[metric], *values.get(metric, {}).values()]
+        ):
+            raise _Invalid(
+                f"{mw} min_spend",
+                "a dimensioned metric takes no min_spend (use the plan's minimum_commitment)",
+            )
     if base_fee.scaleb(exponent, _EXACT) > AMOUNT_MAX_MINOR:
         raise _Invalid(
             f"{where} base_fee",
             f"{spec['base_fee']!r} is above the limit of {AMOUNT_MAX_MINOR} minor units",
         )
+    commitment = None
+    if "minimum_commitment" in spec:
+        commitment = _money(spec["minimum_commitment"], f"{where} minimum_commitment")
+        _check_payable(f"{where} minimum_commitment", commitment, currency)
     return Plan(
         name=name,
         currency=currency,
         base_fee=base_fee,
+        minimum_commitment=commitment,
         metrics=MappingProxyType(priced),
         values=MappingProxyType(values),
     )
@@ -881,6 +931,9 @@ def catalog_tables(catalog: Catalog) -> dict[str, list[tuple]]:
                 plan.base_fee,
                 plan.base_fee_minor,
                 minor_exponent(plan.currency),
+                None
+                if plan.minimum_commitment is None
+                else to_minor(plan.minimum_commitment, plan.currency),
             )
         )
         # each metric's default price (key "") and the prices of listed dimension values
@@ -896,6 +949,7 @@ def catalog_tables(catalog: Catalog) -> dict[str, list[tuple]]:
             plan_metrics.append(
                 (plan.name, metric, key, mp.mode, mp.package_size, mp.package_price)
                 + (mp.rounding, mp.free_units, mp.max_spend)
+                + (None if mp.min_spend is None else to_minor(mp.min_spend, plan.currency),)
             )
             lower = _ZERO
             for index, tier in enumerate(mp.tiers):
@@ -941,6 +995,8 @@ def _canonical_options(mp: MetricPrice) -> dict[str, Any]:
         out["free_units"] = _canonical_decimal(mp.free_units)
     if mp.max_spend is not None:
         out["max_spend"] = _canonical_decimal(mp.max_spend)
+    if mp.min_spend is not None:
+        out["min_spend"] = _canonical_decimal(mp.min_spend)
     return out
 
 
@@ -995,6 +1051,11 @@ def _canonical(catalog: Catalog) -> dict[str, Any]:
                     }
                 }
                 if any(p.values.values())
+                else {}
+            )
+            | (
+                {"minimum_commitment": _canonical_decimal(p.minimum_commitment)}
+                if p.minimum_commitment is not None
                 else {}
             )
             for p in catalog.plans.values()

@@ -33,13 +33,15 @@ def sync(cx, catalog: pricing.Catalog) -> str:
                 [(version, *row) for row in tables["metrics"]],
             )
             cur.executemany(
-                "INSERT INTO billing.catalog_plans VALUES (%s, %s, %s, %s, %s, %s)",
+                "INSERT INTO billing.catalog_plans (catalog_version, plan, currency, base_fee,"
+                " base_fee_cents, minor_exponent, minimum_commitment_cents)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["plans"]],
             )
             cur.executemany(
                 "INSERT INTO billing.catalog_plan_metrics (catalog_version, plan, metric,"
-                " price_key, mode, package_size, package_price, rounding, free_units, max_spend)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " price_key, mode, package_size, package_price, rounding, free_units, max_spend,"
+                " min_spend_cents) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["plan_metrics"]],
             )
             cur.executemany(

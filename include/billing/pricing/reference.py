@@ -13,9 +13,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from billing.pricing import aggregation as agg
-from billing.pricing.catalog import Catalog, Plan, charges
+from billing.pricing.catalog import (
+    MINIMUM_COMMITMENT,
+    MINIMUM_SPEND,
+    Catalog,
+    Plan,
+    charges,
+    to_minor,
+    true_up_label,
+)
 
-__all__ = ["period_charges", "period_total"]
+__all__ = ["period_charges", "period_total", "true_ups"]
 
 
 def _period_end(period: dt.date) -> dt.date:
@@ -51,6 +59,35 @@ def period_charges(
     return out
 
 
+def true_ups(
+    plan: Plan,
+    series: dict[tuple[str, str], list[tuple[dt.date, int]]],
+    period: dt.date,
+    run_day: dt.date,
+) -> dict[str, int]:
+    """``{label: minor units}``: the period's true-up lines (docs/PRICING.md "Minimum spend
+    and commitment"). None while the period is open (``run_day`` on or before its end): the
+    usage may still reach the minimum. Then each metric's ``min_spend`` shortfall (a metric
+    without dimensions, used or not), and the plan's ``minimum_commitment`` shortfall of the
+    usage charges plus those true-ups; only the positive ones."""
+    if run_day <= _period_end(period):
+        return {}
+    usage = {m: rows[-1][1] for (m, key), rows in series.items() if rows and not key}
+    out: dict[str, int] = {}
+    for metric in sorted(plan.metrics):
+        mp = plan.metrics[metric]
+        if mp.min_spend is not None:
+            short = to_minor(mp.min_spend, plan.currency) - usage.get(metric, 0)
+            if short > 0:
+                out[true_up_label(MINIMUM_SPEND, metric)] = short
+    if plan.minimum_commitment is not None:
+        spent = sum(rows[-1][1] for rows in series.values() if rows) + sum(out.values())
+        short = to_minor(plan.minimum_commitment, plan.currency) - spent
+        if short > 0:
+            out[true_up_label(MINIMUM_COMMITMENT)] = short
+    return out
+
+
 def period_total(
     catalog: Catalog,
     plan: Plan,
@@ -58,6 +95,8 @@ def period_total(
     period: dt.date,
     run_day: dt.date,
 ) -> int:
-    """The invoice total in minor units: the base fee plus each charge's ``C(last day)``."""
+    """The invoice total in minor units: the base fee, each charge's ``C(last day)`` and the
+    true-ups."""
     series = period_charges(catalog, plan, events, period, run_day)
-    return plan.base_fee_minor + sum(rows[-1][1] for rows in series.values() if rows)
+    usage = sum(rows[-1][1] for rows in series.values() if rows)
+    return plan.base_fee_minor + usage + sum(true_ups(plan, series, period, run_day).values())

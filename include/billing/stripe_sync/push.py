@@ -90,6 +90,8 @@ def plan_day(cx, day: dt.date) -> list[Write]:
     for p in periods_open_for(day):
         through = day if p == period else month_end(p)
         items += _usage_items(cx, p, day, through)
+        if p < period:  # an ended period: its minimum spend and commitment true-ups
+            items += _true_up_items(cx, p, day)
     fees: list[Write] = []
     for b in snapshot.base_fees(cx, period):
         if b.base_fee_cents <= 0:
@@ -154,6 +156,55 @@ def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Wr
                 metric=c.metric,
                 amount_cents=amount,
                 currency=c.currency,
+            )
+        )
+    return items
+
+
+def _true_up_items(cx, period: dt.date, day: dt.date) -> list[Write]:
+    """True-up items of an ended ``period``: each true-up line minus what was pushed for it
+    (a later correction, e.g. late usage that reached the minimum, pushes the difference,
+    negative included). Usage items to Stripe, labelled ``minimum_spend.<metric>`` /
+    ``minimum_commitment``, so closing, reconciliation and adoption treat them alike."""
+    pushed: dict[tuple[str, str], tuple[int, dt.date, str]] = {
+        (org, label): (int(total), last, currency)
+        for org, label, total, last, currency in cx.execute(
+            """SELECT org_id, metric, sum(amount_cents), max(day), min(currency)
+                 FROM billing.stripe_outbox
+                WHERE kind = 'usage_item' AND period = %s AND status <> 'cancelled'
+                  AND (starts_with(metric, 'minimum_spend.') OR metric = 'minimum_commitment')
+                GROUP BY org_id, metric""",
+            (period,),
+        ).fetchall()
+    }
+    wanted = {(t.org_id, t.metric): t for t in snapshot.true_ups(cx, period)}
+    items: list[Write] = []
+    for org, label in sorted(wanted.keys() | pushed.keys()):
+        total, last, currency = pushed.get((org, label), (0, None, None))
+        if last is not None and last >= day:
+            continue
+        line = wanted.get((org, label))
+        amount = (line.cumulative_charge_cents if line else 0) - total
+        if amount == 0:
+            continue
+        currency = line.currency if line else currency
+        key = key_for("usage", org, period, day, label)
+        items.append(
+            Write(
+                key,
+                "usage_item",
+                org,
+                period,
+                {
+                    "amount": amount,
+                    "currency": currency,
+                    "description": f"{label} true-up {period:%Y-%m}",
+                    "metadata": _metadata(key, "usage_item", org, period, day, label),
+                },
+                day=day,
+                metric=label,
+                amount_cents=amount,
+                currency=currency,
             )
         )
     return items

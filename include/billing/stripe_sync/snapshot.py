@@ -50,6 +50,20 @@ def cumulative_through(cx, period: dt.date, day: dt.date) -> list[Cumulative]:
     return [Cumulative(*r) for r in cx.execute(q, (period, day)).fetchall()]
 
 
+def true_ups(cx, period: dt.date) -> list[Cumulative]:
+    """The period's true-up lines (minimum spend, commitment) per org, labelled as their
+    Stripe items are (``minimum_spend.<metric>``, ``minimum_commitment``)."""
+    q = sql.SQL(
+        """SELECT org_id,
+                  line_type || CASE WHEN metric IS NULL THEN '' ELSE '.' || metric END,
+                  lower(currency), amount_cents
+             FROM {t}
+            WHERE period_start = %s AND line_type IN ('minimum_spend', 'minimum_commitment')
+            ORDER BY 1, 2"""
+    ).format(t=_rel("fct_invoice_lines"))
+    return [Cumulative(*r) for r in cx.execute(q, (period,)).fetchall()]
+
+
 def base_fees(cx, period: dt.date) -> list[BaseFee]:
     """The base fee of every org the snapshot invoices for ``period``."""
     q = sql.SQL(

@@ -248,7 +248,7 @@ def test_catalog_reads_the_options_and_writes_their_rows():
     assert invoice_total(plan, {"api_calls": D(1234), "storage_gb": D(350)}) == 2900 + 800 + 1000
     assert invoice_total(plan, {"api_calls": D(2000), "storage_gb": D(10**6)}) == 2900 + 999 + 2000
     tables = catalog_tables(catalog)
-    pm = {row[1]: row[-3:] for row in tables["plan_metrics"]}
+    pm = {row[1]: row[6:9] for row in tables["plan_metrics"]}  # rounding, free_units, max_spend
     assert pm == {
         "api_calls": ("up", D(500), D("9.99")),
         "storage_gb": ("down", D("100.5"), D("20.00")),
@@ -409,12 +409,12 @@ def _edit(path: tuple, value):
         ),
         (
             _edit(("storage_gb", "tiers"), []),
-            f"{P} 'storage_gb' tiers: unknown key (allowed: free_units, max_spend, mode,"
+            f"{P} 'storage_gb' tiers: unknown key (allowed: free_units, max_spend, min_spend, mode,"
             " package_price, package_size, rounding)",
         ),
         (
             _edit(("api_calls", "package_size"), 100),
-            f"{P} 'api_calls' package_size: unknown key (allowed: free_units, max_spend, mode,"
+            f"{P} 'api_calls' package_size: unknown key (allowed: free_units, max_spend, min_spend, mode,"
             " rounding, tiers)",
         ),
         (

@@ -738,11 +738,12 @@ def test_load_empty_file(tmp_path):
 
 def test_catalog_tables():
     tables = catalog_tables(parse_catalog(base_catalog()))
-    assert tables["plans"] == [("starter", "usd", D("29.00"), 2900, 2)]
+    # ..., minimum_commitment_cents (docs/PRICING.md "Minimum spend and commitment")
+    assert tables["plans"] == [("starter", "usd", D("29.00"), 2900, 2, None)]
     assert tables["plan_metrics"] == [
-        # ..., rounding, free_units, max_spend (docs/PRICING.md "Package options")
-        ("starter", "api_calls", "", "graduated", None, None, "up", D(0), None),
-        ("starter", "storage_gb", "", "package", D(100), D("1.50"), "up", D(0), None),
+        # ..., rounding, free_units, max_spend (docs/PRICING.md "Package options"), min_spend
+        ("starter", "api_calls", "", "graduated", None, None, "up", D(0), None, None),
+        ("starter", "storage_gb", "", "package", D(100), D("1.50"), "up", D(0), None, None),
     ]
     assert tables["plan_tiers"] == [  # ..., unit_price, block_size, block_price, flat_amount
         ("starter", "api_calls", "", 0, D(0), D(100000), D("0"), None, None, D(0)),
@@ -761,7 +762,7 @@ def test_catalog_tables_shipped_is_consistent():
     assert {row[0] for row in tables["plans"]} == set(catalog.plans)
     assert {row[0] for row in tables["metrics"]} == set(catalog.metrics)
     tokyo = next(row for row in tables["plans"] if row[0] == "tokyo")
-    assert tokyo == ("tokyo", "jpy", D("3000"), 3000, 0)
+    assert tokyo == ("tokyo", "jpy", D("3000"), 3000, 0, None)
     for plan, metric, _mode, *_ in tables["plan_metrics"]:
         assert metric in catalog.plan(plan).metrics
 

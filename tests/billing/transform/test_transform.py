@@ -202,6 +202,9 @@ def _scenario(draw):
             dims = AGGREGATED[m].get("dimensions")
             if not dims or draw(st.booleans()):
                 metrics[m] = draw(_metric_price())  # one price for every combination
+                if not dims and "max_spend" not in metrics[m] and draw(st.booleans()):
+                    # a minimum spend: a true-up line once the period is over
+                    metrics[m]["min_spend"] = format(draw(st.decimals(0, 60, places=places)), "f")
                 continue
             choices = {"model": MODELS, "kind": KINDS, "region": REGIONS}
             combos = draw(
@@ -220,6 +223,9 @@ def _scenario(draw):
                 ],
             }
         plans[f"p{i}"] = {"currency": currency, "base_fee": format(fee, "f"), "metrics": metrics}
+        if draw(st.booleans()):  # a minimum commitment over the usage charges
+            commitment = draw(st.decimals(0, 200, places=places))
+            plans[f"p{i}"]["minimum_commitment"] = format(commitment, "f")
     catalog = pricing.parse_catalog({"metrics": AGGREGATED, "plans": plans}, "hypothesis")
     orgs = []
     for i, name in enumerate(sorted(plans) * 2):
@@ -661,6 +667,154 @@ def test_rollups_match_postgres_and_late_event_reaggregates_only_its_day(fresh):
     assert hourly == [{"n": 2}]  # jp: 03:00 and 04:00 (billable and not) in separate hours
 
 
+def test_rollups_carry_dimension_keys_and_charges_equal_to_postgres(fresh):
+    """The shipped catalog's growth plan prices ai_tokens per (model, token_type): ClickHouse
+    keys the usage rollups byte for byte as Postgres keys fct_daily_charges (an escaped
+    value, a number, a missing property), copies every published invoice line to the cent,
+    and a late event re-keys its day and re-copies its period's charges."""
+    from billing.platform import db
+    from billing.transform import project as transform
+
+    def at(day, hour=9):
+        return dt.datetime(2025, 2, day, hour, tzinfo=dt.UTC)
+
+    def tokens(org, qty, when, props, billable=True, arrival=DAY1):
+        return (org, "ai_tokens", Decimal(qty), when, billable, "ai", arrival, props)
+
+    large_in = {"model": "large", "token_type": "input"}
+    odd = {"model": 'acme/llm "v2"\\', "token_type": "input"}  # quote, backslash, slash
+    with db.connect() as cx:
+        _insert_orgs(cx, [("acme", "growth", "usd"), ("bolt", "starter", "usd")])
+        _insert_events(
+            cx,
+            [
+                tokens("acme", 1_500_000, at(1), large_in),
+                tokens("acme", 200_000, at(2), {"model": "large", "token_type": "output"}),
+                tokens("acme", 333_333, at(2), {"model": "small", "token_type": "input"}),
+                tokens("acme", 250_000, at(1), {"model": "small"}),  # no token_type: null
+                tokens("acme", 40_000, at(3), {"model": 7.5, "token_type": "output"}),  # 7.50
+                tokens("acme", 1_000, at(3), odd),
+                tokens("acme", 999, at(3), large_in, billable=False),
+                tokens("bolt", 5_000, at(2), large_in),  # starter: free
+                ("acme", "active_users", Decimal(1), at(1), True, "app", DAY1, {"user_id": "u1"}),
+                ("acme", "active_users", Decimal(1), at(2), True, "app", DAY1, {"user_id": "u2"}),
+                ("acme", "api_calls", Decimal(1_000), at(2), True, "api", DAY1),
+            ],
+            "dims",
+        )  # fmt: skip
+        # jsonb keeps a number's scale: its ->> text is "7.50" (Jsonb() would send 7.5)
+        cx.execute(
+            "UPDATE billing.usage_events SET properties = %s::jsonb WHERE event_id = 'dims-4'",
+            ('{"model": 7.50, "token_type": "output"}',),
+        )
+        cx.commit()
+    transform.transform_day(DAY1, dt.date(2025, 1, 1), full_refresh=True)
+    with db.connect() as cx:
+        _insert_events(
+            cx,
+            [
+                tokens("acme", 100, at(1, 23), {"model": "small"}, arrival=DAY2),  # late
+                tokens("acme", 10, dt.datetime(2025, 1, 31, 12, tzinfo=dt.UTC), large_in,
+                       arrival=DAY2),  # late, into January
+            ],
+            "late",
+        )  # fmt: skip
+        cx.commit()
+    transform.transform_day(DAY2)
+
+    # Usage: ClickHouse's daily billable quantity per dimension key is Postgres' daily
+    # quantity (sum metrics), with the same keys.
+    daily = {
+        (r["org_id"], r["metric"], r["dimension_key"], r["usage_date"]): Decimal(r["q"])
+        for r in _analytics(
+            "SELECT org_id, metric, dimension_key, toString(usage_date) AS usage_date,"
+            " sum(billable_quantity) AS q FROM analytics.fct_usage_daily"
+            " WHERE metric IN ('ai_tokens', 'api_calls') AND billable_event_count > 0"
+            " GROUP BY 1, 2, 3, 4"
+        )
+    }
+    with db.connect() as cx:
+        pg_daily = {
+            (o, m, k, d.isoformat()): q
+            for o, m, k, d, q in cx.execute(
+                f"SELECT org_id, metric, dimension_key, usage_date, quantity"
+                f" FROM {SNAPSHOT}.fct_daily_charges WHERE metric IN ('ai_tokens', 'api_calls')"
+            )
+        }
+        pg_lines = {
+            r[0]: r[1:]
+            for r in cx.execute(
+                f"SELECT invoice_line_id, org_id, period_start::text, line_type,"
+                f" coalesce(metric, ''), dimension_key, dimensions, quantity, amount_cents,"
+                f" currency FROM {SNAPSHOT}.fct_invoice_lines"
+            )
+        }
+    assert _diff(daily, pg_daily) == {}
+    keys = {k for (_o, m, k, _d) in daily if m == "ai_tokens"}
+    assert keys == {
+        '["large", "input"]',
+        '["large", "output"]',
+        '["small", "input"]',
+        '["small", null]',
+        '["7.50", "output"]',
+        '["acme/llm \\"v2\\"\\\\", "input"]',
+    }
+    assert daily[("acme", "ai_tokens", '["small", null]', "2025-02-01")] == 250_100  # late
+    assert daily[("acme", "ai_tokens", '["large", "input"]', "2025-01-31")] == 10
+    assert daily[("acme", "api_calls", "", "2025-02-02")] == 1_000
+
+    # Charges: every published line, to the cent, with its key and values.
+    charges = {
+        r["invoice_line_id"]: (
+            r["org_id"],
+            r["period_start"],
+            r["line_type"],
+            r["metric"],
+            r["dimension_key"],
+            r["dimensions"],
+            Decimal(r["quantity"]),
+            r["amount_cents"],
+            r["currency"],
+        )
+        for r in _analytics(
+            "SELECT invoice_line_id, org_id, toString(period_start) AS period_start,"
+            " line_type, metric, dimension_key, dimensions, quantity, amount_cents, currency"
+            " FROM analytics.fct_charges_monthly"
+        )
+    }
+    assert _diff(charges, pg_lines) == {}
+    feb = {
+        (o, m, k): (q, c)
+        for o, p, _t, m, k, _d, q, c, _cur in charges.values()
+        if p == "2025-02-01" and m == "ai_tokens"
+    }
+    assert feb[("acme", "ai_tokens", '["large", "input"]')] == (1_500_000, 700)  # listed
+    assert feb[("acme", "ai_tokens", '["large", "output"]')] == (200_000, 300)
+    assert feb[("acme", "ai_tokens", '["small", null]')] == (250_100, 50)  # the default
+    assert feb[("bolt", "ai_tokens", '["large", "input"]')] == (5_000, 0)
+    jan = [c for c in charges.values() if c[1] == "2025-01-01" and c[3] == "ai_tokens"]
+    assert [(c[0], c[4], c[6]) for c in jan] == [("acme", '["large", "input"]', 10)]
+
+    # The guide's one query: usage and charge per org, metric and model in the month.
+    rows = _analytics(
+        "SELECT u.org_id, u.metric, u.dimensions['model'] AS model,"
+        " sum(u.billable_quantity) AS usage, sum(c.amount_cents) AS charge_cents"
+        " FROM analytics.fct_usage_monthly AS u"
+        " LEFT JOIN analytics.fct_charges_monthly AS c"
+        " ON c.org_id = u.org_id AND c.metric = u.metric"
+        " AND c.dimension_key = u.dimension_key AND c.period_start = u.period_start"
+        " AND c.line_type = 'usage'"
+        " WHERE u.period_start = '2025-02-01' AND u.org_id = 'acme' AND u.metric = 'ai_tokens'"
+        " GROUP BY 1, 2, 3 ORDER BY 3"
+    )
+    assert [(r["model"], Decimal(r["usage"]), r["charge_cents"]) for r in rows] == [
+        ("7.50", 40_000, 8),
+        ('acme/llm "v2"\\', 1_000, 0),
+        ("large", 1_700_000, 1_000),
+        ("small", 583_433, 117),
+    ]
+
+
 def test_clickhouse_run_writes_no_postgres_password(fresh, stack):
     """The rollups read Postgres through a named collection: after a real full and an
     incremental clickhouse run, no file dbt wrote (compiled SQL, manifest.json,
@@ -752,18 +906,20 @@ def test_every_column_is_documented_and_persisted_as_a_comment(fresh):
     transform.transform_day(DAY1, dt.date(2025, 1, 1), full_refresh=True)
     rollups = _analytics(
         "SELECT table, name, comment FROM system.columns"
-        " WHERE database = 'analytics' AND table LIKE 'fct_usage_%' ORDER BY table, position"
+        " WHERE database = 'analytics' AND table LIKE 'fct_%' ORDER BY table, position"
     )
     assert {r["table"] for r in rollups} == {
         "fct_usage_hourly",
         "fct_usage_daily",
         "fct_usage_monthly",
+        "fct_charges_monthly",
     }
     assert [(r["table"], r["name"]) for r in rollups if not r["comment"].strip()] == []
     manifest = json.loads(transform.manifest_path("clickhouse").read_text())
-    hourly = manifest["nodes"]["model.billing.fct_usage_hourly"]["columns"]
-    got = {r["name"]: r["comment"] for r in rollups if r["table"] == "fct_usage_hourly"}
-    assert got == {name: c["description"] for name, c in hourly.items()}
+    for table in ("fct_usage_hourly", "fct_charges_monthly"):
+        documented = manifest["nodes"][f"model.billing.{table}"]["columns"]
+        got = {r["name"]: r["comment"] for r in rollups if r["table"] == table}
+        assert got == {name: c["description"] for name, c in documented.items()}, table
 
     manifest = json.loads(transform.manifest_path("postgres").read_text())
     with db.connect() as cx:

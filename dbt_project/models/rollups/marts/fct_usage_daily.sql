@@ -3,15 +3,18 @@
         materialized='incremental',
         incremental_strategy='delete_insert',
         engine='MergeTree()',
-        order_by='(usage_date, org_id, metric, source)',
+        order_by='(usage_date, org_id, metric, dimension_key, source)',
         partition_by='toYYYYMM(usage_date)',
         unique_key='usage_date',
+        on_schema_change='fail',
     )
 }}
 -- depends_on: {{ ref('stg_pg_billing__usage_events') }}
 select
     org_id,
     metric,
+    dimension_key,
+    dimensions,
     source,
     usage_date,
     period_start,
@@ -24,4 +27,4 @@ from {{ ref('fct_usage_hourly') }} as h
 {%- if is_incremental() %}
 where usage_date in (select distinct usage_date from {{ ref('stg_pg_billing__usage_events') }})
 {%- endif %}
-group by org_id, metric, source, usage_date, period_start
+group by org_id, metric, dimension_key, dimensions, source, usage_date, period_start

@@ -3,9 +3,10 @@
         materialized='incremental',
         incremental_strategy='delete_insert',
         engine='MergeTree()',
-        order_by='(period_start, org_id, metric)',
+        order_by='(period_start, org_id, metric, dimension_key)',
         partition_by='toYear(period_start)',
         unique_key='period_start',
+        on_schema_change='fail',
     )
 }}
 {#- Replaces the months the run touched (all orgs), re-summed from the daily rollup. #}
@@ -13,6 +14,8 @@
 select
     org_id,
     metric,
+    dimension_key,
+    dimensions,
     period_start,
     sum(d.quantity) as quantity,
     sum(d.billable_quantity) as billable_quantity,
@@ -26,4 +29,4 @@ where period_start in (
     select distinct toStartOfMonth(usage_date) from {{ ref('stg_pg_billing__usage_events') }}
 )
 {%- endif %}
-group by org_id, metric, period_start
+group by org_id, metric, dimension_key, dimensions, period_start

@@ -8,6 +8,7 @@ select
     p.base_fee_cents,
     p.minor_exponent,
     p.catalog_version,
+    p.minimum_commitment_cents,
     p.plan is not null as has_known_plan,
     p.plan is not null and p.currency = o.currency as has_matching_currency,
     o.created_at

@@ -58,6 +58,7 @@ invoices as (
         o.plan,
         o.currency,
         o.base_fee_cents,
+        o.minimum_commitment_cents,
         o.catalog_version
     from {{ ref('int_orgs_priced') }} as o
     cross join periods as p
@@ -174,6 +175,56 @@ tier_breakdown as (
     group by l.invoice_id, l.metric, l.dimension_key
 ),
 
+{#- Minimum spend and commitment (docs/PRICING.md): true-up lines once the period is over
+    (while it is open the usage may still reach the minimum), positive ones only. A metric's
+    min_spend covers its usage line (used or not; dimensioned metrics take none); the plan's
+    minimum_commitment covers the usage lines plus those true-ups. #}
+min_spend_lines as (
+    select
+        l.invoice_id,
+        l.org_id,
+        l.period_start,
+        l.currency,
+        l.catalog_version,
+        l.metric,
+        pm.min_spend_cents - l.amount_cents as amount_cents
+    from usage_lines as l
+    inner join periods as p on p.period_start = l.period_start
+    inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
+        on pm.plan = l.plan and pm.metric = l.metric and pm.price_key = ''
+    where l.dimension_key = ''
+      and {{ run_day() }} > p.period_end
+      and pm.min_spend_cents > l.amount_cents
+),
+
+commitment_lines as (
+    select
+        i.invoice_id,
+        i.org_id,
+        i.period_start,
+        i.currency,
+        i.catalog_version,
+        i.minimum_commitment_cents
+            - coalesce((select sum(u.amount_cents) from usage_lines as u
+                         where u.invoice_id = i.invoice_id), 0)
+            - coalesce((select sum(m.amount_cents) from min_spend_lines as m
+                         where m.invoice_id = i.invoice_id), 0) as amount_cents
+    from invoices as i
+    inner join periods as p on p.period_start = i.period_start
+    where i.minimum_commitment_cents is not null
+      and {{ run_day() }} > p.period_end
+),
+
+true_ups as (
+    select *, 'minimum_spend' as line_type from min_spend_lines
+    union all
+    select
+        invoice_id, org_id, period_start, currency, catalog_version,
+        cast(null as text) as metric, amount_cents, 'minimum_commitment' as line_type
+    from commitment_lines
+    where amount_cents > 0
+),
+
 lines as (
     select
         invoice_id,
@@ -234,17 +285,42 @@ lines as (
     left join tier_breakdown as tb
         on tb.invoice_id = l.invoice_id and tb.metric = l.metric
        and tb.dimension_key = l.dimension_key
+    union all
+    select
+        invoice_id,
+        org_id,
+        period_start,
+        currency,
+        catalog_version,
+        line_type,
+        metric,
+        '' as dimension_key,
+        '{}'::jsonb as dimensions,
+        cast(null as text) as pricing_mode,
+        1::numeric as quantity,
+        amount_cents,
+        '[]'::jsonb as tiers,
+        cast(null as text) as aggregation,
+        0::bigint as credited_cents,
+        0::bigint as credited_days
+    from true_ups
 )
 
 select
     invoice_id || case
         when line_type = 'base_fee' then '.base'
+        when line_type = 'minimum_commitment' then '.minimum_commitment'
+        when line_type = 'minimum_spend' then '.minimum_spend.' || metric
         when dimension_key = '' then '.usage.' || metric
         else '.usage.' || metric || '.' || dimension_key
     end as invoice_line_id,
     invoice_id,
     (row_number() over (
-        partition by invoice_id order by line_type = 'usage', metric, dimension_key
+        partition by invoice_id
+        order by
+            case line_type when 'base_fee' then 0 when 'usage' then 1 when 'minimum_spend' then 2 else 3 end,
+            metric,
+            dimension_key
     ))::integer as line_number,
     org_id,
     period_start,

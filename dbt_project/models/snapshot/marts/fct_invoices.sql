@@ -27,7 +27,8 @@ invoices as (
         min(currency) as currency,
         min(catalog_version) as catalog_version,
         sum(amount_cents) filter (where line_type = 'base_fee') as base_fee_cents,
-        coalesce(sum(amount_cents) filter (where line_type = 'usage'), 0) as usage_cents,
+        -- usage lines and their true-ups (minimum spend and commitment)
+        coalesce(sum(amount_cents) filter (where line_type <> 'base_fee'), 0) as usage_cents,
         sum(amount_cents) as total_cents,
         count(*) as line_count,
         string_agg(

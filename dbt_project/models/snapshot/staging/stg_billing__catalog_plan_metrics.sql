@@ -6,6 +6,7 @@ select
     mode as pricing_mode,
     package_size,
     package_price,
+    min_spend_cents,
     rounding,
     free_units,
     max_spend

@@ -4,6 +4,7 @@ select
     currency,
     base_fee,
     base_fee_cents,
-    minor_exponent
+    minor_exponent,
+    minimum_commitment_cents
 from {{ source('billing', 'catalog_plans') }}
 where {{ catalog_version_filter('catalog_version', source('billing', 'catalog_versions')) }}
