@@ -158,9 +158,7 @@ def test_an_aggregated_line_says_what_it_measures_and_its_credits(tmp_path):
     """A latest-value metric whose value fell: the quantity says "latest value" and the row
     names the credit items Stripe has for the days it fell (already netted in the amount)."""
     inv = make_invoice(n_lines=2)
-    seats = replace(
-        inv.lines[0], aggregation="latest", credited_cents=-3_000, credited_days=2
-    )
+    seats = replace(inv.lines[0], aggregation="latest", credited_cents=-3_000, credited_days=2)
     users = replace(inv.lines[1], aggregation="unique_count")
     text = pdf_text(invoice_pdf.render(replace(inv, lines=(seats, users))), tmp_path)
     flat = " ".join(text.split())

@@ -147,7 +147,10 @@ def test_a_falling_latest_value_pushes_a_negative_day_and_telescopes():
     assert sum(daily) == cumulative[-1]
 
 
-BASE = {"metrics": {"users": {"unit": "user"}}, "plans": {"p": {"currency": "usd", "base_fee": "0"}}}
+BASE = {
+    "metrics": {"users": {"unit": "user"}},
+    "plans": {"p": {"currency": "usd", "base_fee": "0"}},
+}
 
 
 def _catalog(metric: dict) -> pricing.Catalog:
