@@ -66,11 +66,11 @@ def true_ups(
     run_day: dt.date,
 ) -> dict[str, int]:
     """``{label: minor units}``: the period's true-up lines (docs/PRICING.md "Minimum spend
-    and commitment"). None while the period is open (``run_day`` on or before its end): the
-    usage may still reach the minimum. Then each metric's ``min_spend`` shortfall (a metric
+    and commitment"). None until the run of the period's last day (``run_day`` before its
+    end): the usage may still reach the minimum. Then each metric's ``min_spend`` shortfall (a metric
     without dimensions, used or not), and the plan's ``minimum_commitment`` shortfall of the
     usage charges plus those true-ups; only the positive ones."""
-    if run_day <= _period_end(period):
+    if run_day < _period_end(period):
         return {}
     usage = {m: rows[-1][1] for (m, key), rows in series.items() if rows and not key}
     out: dict[str, int] = {}

@@ -90,7 +90,7 @@ def plan_day(cx, day: dt.date) -> list[Write]:
     for p in periods_open_for(day):
         through = day if p == period else month_end(p)
         items += _usage_items(cx, p, day, through)
-        if p < period:  # an ended period: its minimum spend and commitment true-ups
+        if day >= month_end(p):  # its last day ran: minimum spend and commitment true-ups
             items += _true_up_items(cx, p, day)
     fees: list[Write] = []
     for b in snapshot.base_fees(cx, period):
@@ -162,7 +162,9 @@ def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Wr
 
 
 def _true_up_items(cx, period: dt.date, day: dt.date) -> list[Write]:
-    """True-up items of an ended ``period``: each true-up line minus what was pushed for it
+    """True-up items of a ``period`` whose last day ran (the run of that day pushes them, so
+    the month close that follows finalizes the invoice with them): each true-up line minus
+    what was pushed for it
     (a later correction, e.g. late usage that reached the minimum, pushes the difference,
     negative included). Usage items to Stripe, labelled ``minimum_spend.<metric>`` /
     ``minimum_commitment``, so closing, reconciliation and adoption treat them alike."""

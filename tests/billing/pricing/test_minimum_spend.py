@@ -14,8 +14,8 @@ from billing.pricing import catalog as pricing
 from billing.pricing import reference
 
 JAN = dt.date(2027, 1, 1)
-OPEN = dt.date(2027, 1, 20)  # a run day inside January: the period is open
-CLOSED = dt.date(2027, 2, 1)  # the first run after January
+OPEN = dt.date(2027, 1, 30)  # a run day before January's last: the usage may still grow
+CLOSED = dt.date(2027, 1, 31)  # the run of January's last day: the minimums apply
 
 
 def _catalog(plan: dict) -> pricing.Catalog:

@@ -165,3 +165,67 @@ def test_a_month_never_opened_closes_in_the_next_run(env):
     inv = direct_client().v1.invoices.retrieve(close["invoices"][org])
     assert (inv["status"], inv["amount_due"]) == ("open", 777)
     assert set(_closes()) == {oct_period}
+
+
+def _true_up(org: str, line_type: str, metric: str | None, cents: int) -> None:
+    """A true-up line of November in the snapshot (what fct_invoice_lines has once it ended)."""
+    with db.transaction() as cx:
+        cx.execute(
+            f"DELETE FROM {SNAPSHOT_SCHEMA}.fct_invoice_lines"
+            " WHERE org_id = %s AND line_type = %s AND metric IS NOT DISTINCT FROM %s",
+            (org, line_type, metric),
+        )
+        cx.execute(
+            f"INSERT INTO {SNAPSHOT_SCHEMA}.fct_invoice_lines VALUES (%s, %s, %s, %s, 'usd', %s)",
+            (org, PERIOD, line_type, metric, cents),
+        )
+
+
+def test_true_ups_are_pushed_by_the_last_days_run_and_closed_with_the_month(env):
+    """Minimum spend and commitment (docs/PRICING.md): nothing before November's last day
+    runs; that run pushes each true-up once, labelled, and its close finalizes November with
+    them; a later correction (late usage reached the minimum) pushes the difference."""
+    snap = random_snapshot(n_orgs=3, n_days=3, seed=9)
+    snap.save()
+    short, plain = sorted(o for o, p in snap.orgs.items() if p != "enterprise")[:2]
+    _true_up(short, "minimum_spend", "api_calls", 1500)
+    _true_up(short, "minimum_commitment", None, 700)
+    eng = Engine(sleep=lambda _s: None)
+
+    def true_up_items() -> list[tuple]:
+        with db.connect() as cx:
+            return cx.execute(
+                """SELECT org_id, metric, day, amount_cents, status FROM billing.stripe_outbox
+                    WHERE metric LIKE 'minimum%%' ORDER BY metric"""
+            ).fetchall()
+
+    for d in range(1, 30):
+        _run(PERIOD.replace(day=d), eng)
+    assert true_up_items() == []  # November 1..29: the usage may still reach the minimum
+    result = _run(NOV_30, eng)
+    assert result["status"] == "closed", result
+    assert true_up_items() == [
+        (short, "minimum_commitment", NOV_30, 700, "sent"),
+        (short, "minimum_spend.api_calls", NOV_30, 1500, "sent"),
+    ]
+    (close,) = result["closes"]
+    client = direct_client()
+    due = {
+        org: client.v1.invoices.retrieve(inv)["amount_due"]
+        for org, inv in close["invoices"].items()
+    }
+    assert due[short] == snap.expected_total(short, NOV_30) + 1500 + 700
+    assert due[plain] == snap.expected_total(plain, NOV_30)
+    metrics = [
+        ii["metadata"].to_dict().get("metric", "")
+        for ii in stripe_items(client, customers()[short])
+    ]
+    labels = sorted(m for m in metrics if m.startswith("minimum"))
+    assert labels == ["minimum_commitment", "minimum_spend.api_calls"]
+
+    # Re-running the day pushes nothing twice; a later correction pushes the difference
+    assert _run(NOV_30, eng)["status"] == "skipped"
+    assert len(true_up_items()) == 2
+    _true_up(short, "minimum_spend", "api_calls", 500)
+    _run(DEC, eng)
+    assert sorted(true_up_items())[-1] == (short, "minimum_spend.api_calls", DEC, -1000, "sent")

@@ -175,8 +175,8 @@ tier_breakdown as (
     group by l.invoice_id, l.metric, l.dimension_key
 ),
 
-{#- Minimum spend and commitment (docs/PRICING.md): true-up lines once the period is over
-    (while it is open the usage may still reach the minimum), positive ones only. A metric's
+{#- Minimum spend and commitment (docs/PRICING.md): true-up lines from the run of the
+    period's last day on (before it the usage may still reach the minimum), positive only. A metric's
     min_spend covers its usage line (used or not; dimensioned metrics take none); the plan's
     minimum_commitment covers the usage lines plus those true-ups. #}
 min_spend_lines as (
@@ -193,7 +193,7 @@ min_spend_lines as (
     inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
         on pm.plan = l.plan and pm.metric = l.metric and pm.price_key = ''
     where l.dimension_key = ''
-      and {{ run_day() }} > p.period_end
+      and {{ run_day() }} >= p.period_end
       and pm.min_spend_cents > l.amount_cents
 ),
 
@@ -212,7 +212,7 @@ commitment_lines as (
     from invoices as i
     inner join periods as p on p.period_start = i.period_start
     where i.minimum_commitment_cents is not null
-      and {{ run_day() }} > p.period_end
+      and {{ run_day() }} >= p.period_end
 ),
 
 true_ups as (
