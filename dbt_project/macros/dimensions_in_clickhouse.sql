@@ -32,7 +32,9 @@
     prints it. A decimal number, array or object is cut out of the text after `"name": `
     (up to the next key's `, "next": ` or the closing brace), exact when each pattern
     occurs once: a value nested before it may repeat the key name, and then ClickHouse's
-    compact rendering is the fallback. Integers print the same either way. -#}
+    compact rendering is the fallback. Integers print the same either way. A document
+    ClickHouse cannot parse (a number beyond Float64, ±1.8e308, anywhere in it) gives
+    NULL for every name. -#}
 {% macro ch_jsonb_values(json, names) -%}
     {%- set start = 'position(' ~ json ~ ', pat) + length(pat)' %}
     arrayMap(

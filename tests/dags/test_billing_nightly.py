@@ -142,10 +142,12 @@ DBT_SNAPSHOT = {
     "usage_org_is_known_test",
 }
 DBT_ROLLUPS = {
+    "fct_charges_monthly_model_build",
     "fct_usage_daily_model_build",
     "fct_usage_hourly_model_build",
     "fct_usage_monthly_model_build",
     "stg_pg_billing__usage_events_model_build",
+    "stg_pg_billing_snapshot__invoice_lines_model_build",
 }
 STEPS = {  # task -> its upstream tasks (the dbt groups apart)
     "ingest": set(),
@@ -207,6 +209,7 @@ def test_every_task_and_its_upstreams(dag):
         "stripe_push",
         "render_invoice_pdfs",
         "dbt_rollups.stg_pg_billing__usage_events_model_build",
+        "dbt_rollups.stg_pg_billing_snapshot__invoice_lines_model_build",
     }
     ordered = [t.task_id for t in dag.topological_sort()]
     for before, after in [
@@ -214,6 +217,7 @@ def test_every_task_and_its_upstreams(dag):
         ("prepare_pricing", "dbt_snapshot.stg_billing__usage_events_model_build"),
         ("dbt_snapshot.fct_invoices_model_build", "publish_snapshot"),
         ("publish_snapshot", "dbt_rollups.fct_usage_monthly_model_build"),
+        ("publish_snapshot", "dbt_rollups.fct_charges_monthly_model_build"),
         ("publish_snapshot", "stripe_push"),
         ("stripe_push", "stripe_close_period"),
         ("stripe_close_period", "stripe_sync_invoices"),
