@@ -1,8 +1,9 @@
 """Benchmark: the nightly dbt build for one new day, on top of 1 vs 60 days of history.
 
-Same daily volume in both cases (plus a few late events for the previous days). The
-incremental models re-aggregate only the days the new arrivals touch, so the two timings
-should be close: target ratio <= 1.3. Not a test; run it by hand and record the numbers in
+Same daily volume in both cases (plus a few late events for the previous days), over the
+shipped catalog's metrics: sums, a dimensioned metric (ai_tokens: 5 models x 2 token types)
+and a unique_count (active_users). The incremental models re-aggregate only the days the new
+arrivals touch, so the two timings should be close: target ratio <= 1.3. Not a test; run it by hand and record the numbers in
 docs/PERFORMANCE.md ("dbt" section).
 
     python bench/dbt_incremental.py [--events-per-day 20000] [--orgs 50]
@@ -61,16 +62,26 @@ def _reset(cx, n_orgs: int) -> None:
 def _insert_day(cx, day: dt.date, arrival: dt.date, n: int, n_orgs: int, tag: str) -> None:
     cx.execute("SELECT billing.ensure_usage_partition(%s)", (day,))
     cx.execute(
+        # the shipped catalog's metrics: four sums, ai_tokens priced per (model, token_type)
+        # and active_users a unique_count of user_id (docs/PRICING.md)
         """INSERT INTO billing.usage_events
-               (event_id, org_id, metric, quantity, occurred_at, billable, source, arrival_day,
-                file_id, line_no)
+               (event_id, org_id, metric, quantity, occurred_at, billable, source, properties,
+                arrival_day, file_id, line_no)
            SELECT %(tag)s || '-' || g,
                   'org-' || lpad((g %% %(orgs)s + 1)::text, 4, '0'),
-                  (ARRAY['api_calls', 'storage_gb', 'compute_minutes', 'emails_sent'])[g %% 4 + 1],
-                  CASE WHEN g %% 4 = 1 THEN (g %% 5000) / 100.0 ELSE (g %% 400 + 1) END,
+                  (ARRAY['api_calls', 'storage_gb', 'compute_minutes', 'emails_sent',
+                         'ai_tokens', 'active_users'])[g %% 6 + 1],
+                  CASE WHEN g %% 6 = 1 THEN (g %% 5000) / 100.0 ELSE (g %% 400 + 1) END,
                   %(day)s::timestamptz + (g %% 86400) * interval '1 second',
                   g %% 33 <> 0,
-                  (ARRAY['api-gateway', 'storage-svc', 'scheduler', 'mailer'])[g %% 4 + 1],
+                  (ARRAY['api-gateway', 'storage-svc', 'scheduler', 'mailer', 'llm', 'app'])
+                      [g %% 6 + 1],
+                  CASE g %% 6
+                      WHEN 4 THEN jsonb_build_object(
+                          'model', (ARRAY['small', 'large', 'medium', 'tiny', 'huge'])[g %% 5 + 1],
+                          'token_type', (ARRAY['input', 'output'])[g / 6 %% 2 + 1])
+                      WHEN 5 THEN jsonb_build_object('user_id', 'user-' || (g / 6 %% 2000))
+                  END,
                   %(arrival)s, 0, g
              FROM generate_series(1, %(n)s) AS g""",
         {"tag": tag, "orgs": n_orgs, "day": day, "arrival": arrival, "n": n},

@@ -171,7 +171,7 @@ def test_three_nights_across_a_month_end_and_a_killed_worker(cluster, client):
     from billing import pricing
     from billing.platform import db, settings
     from billing.pricing import reference
-    from billing.pricing.aggregation import Event
+    from billing.pricing.aggregation import BillableEvent
     from billing.stripe_sync.outbox import key_for
 
     orgs = prepare_days(DAYS, orgs=ORGS)
@@ -286,7 +286,7 @@ def test_three_nights_across_a_month_end_and_a_killed_worker(cluster, client):
 
     events: dict[str, list] = {org: [] for org in orgs}
     for org, metric, event_id, occurred, q, props in usage:
-        events[org].append((metric, Event(event_id, occurred, Decimal(q), props)))
+        events[org].append((metric, BillableEvent(event_id, occurred, Decimal(q), props)))
     expected = {  # billing.pricing's reference from the stored events, after October closed
         org: reference.period_total(
             catalog, catalog.plan(plans[org]), events[org], OCTOBER, DAYS[-1]

@@ -10,7 +10,7 @@ Playbook "Pricing". Pure Python rules that dbt, the Stripe sync and the PDFs mir
 
 from __future__ import annotations
 
-from billing.pricing.aggregation import AGGREGATIONS, Event, charge_days, period_to_date
+from billing.pricing.aggregation import AGGREGATIONS, BillableEvent, charge_days, period_to_date
 from billing.pricing.catalog import (
     CURRENCIES,
     MODES,
@@ -30,7 +30,7 @@ __all__ = [
     "AGGREGATIONS",
     "CURRENCIES",
     "Catalog",
-    "Event",
+    "BillableEvent",
     "MODES",
     "catalog_tables",
     "catalog_version",

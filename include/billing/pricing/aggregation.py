@@ -41,7 +41,7 @@ __all__ = [
     "SUM",
     "TIME_WEIGHTED",
     "UNIQUE_COUNT",
-    "Event",
+    "BillableEvent",
     "charge_days",
     "dimension_key",
     "event_dimension_key",
@@ -65,7 +65,7 @@ _NANO = 10**9  # QUANTITY_DECIMALS: event quantities have at most 9 decimal plac
 
 
 @dataclass(frozen=True)
-class Event:
+class BillableEvent:
     """One billable usage event, as the aggregations see it."""
 
     event_id: str
@@ -123,7 +123,7 @@ def charge_days(
 
 def period_to_date(
     aggregation: str,
-    events: Iterable[Event],
+    events: Iterable[BillableEvent],
     days: Sequence[dt.date],
     prop: str | None = None,
 ) -> list[Decimal]:
@@ -132,7 +132,9 @@ def period_to_date(
     return [_aggregate(aggregation, ordered, d, prop) for d in days]
 
 
-def _aggregate(aggregation: str, ordered: list[Event], day: dt.date, prop: str | None) -> Decimal:
+def _aggregate(
+    aggregation: str, ordered: list[BillableEvent], day: dt.date, prop: str | None
+) -> Decimal:
     upto = [e for e in ordered if e.day <= day]
     if aggregation == SUM:
         return sum((e.quantity for e in upto), Decimal(0))
@@ -156,7 +158,7 @@ def _micros(delta: dt.timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _time_weighted(upto: list[Event], day: dt.date) -> Decimal:
+def _time_weighted(upto: list[BillableEvent], day: dt.date) -> Decimal:
     horizon = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
     scaled = 0  # Σ v_i × 10^9 × µs_i, an exact integer
     for event, nxt in zip(upto, [*upto[1:], None], strict=True):

@@ -33,14 +33,14 @@ def _period_end(period: dt.date) -> dt.date:
 def period_charges(
     catalog: Catalog,
     plan: Plan,
-    events: Iterable[tuple[str, agg.Event]],
+    events: Iterable[tuple[str, agg.BillableEvent]],
     period: dt.date,
     run_day: dt.date,
 ) -> dict[tuple[str, str], list[tuple[dt.date, int]]]:
     """``{(metric, dimension key): [(day, C(day)), ...]}`` for the billable ``events``
     (``(metric, event)`` pairs) of one org in ``period``, as the snapshot has them on
     ``run_day`` (a time-weighted charge has a row per day, see ``aggregation.charge_days``)."""
-    series: dict[tuple[str, str], list[agg.Event]] = defaultdict(list)
+    series: dict[tuple[str, str], list[agg.BillableEvent]] = defaultdict(list)
     for metric, event in events:
         if event.day.replace(day=1) != period:
             continue
@@ -91,7 +91,7 @@ def true_ups(
 def period_total(
     catalog: Catalog,
     plan: Plan,
-    events: Iterable[tuple[str, agg.Event]],
+    events: Iterable[tuple[str, agg.BillableEvent]],
     period: dt.date,
     run_day: dt.date,
 ) -> int:

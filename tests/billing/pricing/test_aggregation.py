@@ -19,8 +19,8 @@ def at(day: int, hour: int = 0, minute: int = 0, second: int = 0, month: int = 1
     return dt.datetime(2027, month, day, hour, minute, second, tzinfo=UTC)
 
 
-def ev(event_id: str, when: dt.datetime, quantity, **props) -> agg.Event:
-    return agg.Event(event_id, when, D(quantity), props or None)
+def ev(event_id: str, when: dt.datetime, quantity, **props) -> agg.BillableEvent:
+    return agg.BillableEvent(event_id, when, D(quantity), props or None)
 
 
 # Lago, "Aggregation examples" (getlago.com/docs/v2/guide/billable-metrics/aggregation-types/

@@ -31,9 +31,9 @@ def _catalog(plan: dict) -> pricing.Catalog:
     )
 
 
-def _events(*qty_by_metric: tuple[str, int]) -> list[tuple[str, agg.Event]]:
+def _events(*qty_by_metric: tuple[str, int]) -> list[tuple[str, agg.BillableEvent]]:
     at = dt.datetime(2027, 1, 5, 12, tzinfo=dt.UTC)
-    return [(m, agg.Event(f"e{i}", at, D(q))) for i, (m, q) in enumerate(qty_by_metric)]
+    return [(m, agg.BillableEvent(f"e{i}", at, D(q))) for i, (m, q) in enumerate(qty_by_metric)]
 
 
 PER_CALL = {"mode": "graduated", "tiers": [{"up_to": None, "unit_price": "0.01"}]}
@@ -91,8 +91,8 @@ def test_a_dimensioned_metric_counts_toward_the_commitment():
     plan = catalog.plan("p")
     at = dt.datetime(2027, 1, 5, tzinfo=dt.UTC)
     events = [
-        ("tokens", agg.Event("a", at, D(100), {"model": "x"})),
-        ("tokens", agg.Event("b", at, D(200), {"model": "y"})),
+        ("tokens", agg.BillableEvent("a", at, D(100), {"model": "x"})),
+        ("tokens", agg.BillableEvent("b", at, D(200), {"model": "y"})),
     ]
     assert reference.period_total(catalog, plan, events, JAN, CLOSED) == 1000 + 300 + 200
 

@@ -94,7 +94,9 @@ def _expected(catalog, orgs, batches, run_day, run_periods):
         for i, (org, metric, qty, occurred, billable, *_rest) in enumerate(batch):
             if billable:
                 props = _rest[2] if len(_rest) > 2 else None
-                events[org].append((metric, agg.Event(f"{prefix}-{i}", occurred, qty, props)))
+                events[org].append(
+                    (metric, agg.BillableEvent(f"{prefix}-{i}", occurred, qty, props))
+                )
     periods = set(run_periods) | {
         e.day.replace(day=1) for found in events.values() for _, e in found
     }

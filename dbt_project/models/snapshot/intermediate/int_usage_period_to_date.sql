@@ -44,12 +44,15 @@ events as (
     select
         e.org_id,
         e.metric,
-        case
-            when cardinality(m.dimensions) = 0 then ''
-            else (
-                select jsonb_agg(e.properties ->> u.dim order by u.position)
-                from unnest(m.dimensions) with ordinality as u (dim, position)
+        {#- jsonb_build_array per dimension count (the catalog allows at most 5): no
+            subquery per event #}
+        case cardinality(m.dimensions)
+            when 0 then ''
+            {%- for n in range(1, 6) %}
+            when {{ n }} then jsonb_build_array(
+                {%- for i in range(1, n + 1) %}e.properties ->> m.dimensions[{{ i }}]{{ ", " if not loop.last }}{% endfor -%}
             )::text
+            {%- endfor %}
         end as dimension_key,
         e.period_start,
         e.usage_date,
