@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import time
 from pathlib import Path
 
@@ -50,18 +49,6 @@ def _catalog():
         for name, fee in (("a", "10.00"), ("b", "99.00"))
     }
     return parse_catalog({"metrics": metrics, "plans": plans}, "bench")
-
-
-def _stack(root: Path) -> None:
-    os.environ["BILLING_LOCAL_DIR"] = str(root)
-    from billing.platform import db
-    from billing_dev.stack.manager import Stack
-
-    stack = Stack(root)
-    state = stack._init_state()
-    stack.postgres_up(state)
-    os.environ.update(stack.env(state))
-    db.migrate()
 
 
 def _insert_day(cx, day: dt.date, arrival: dt.date, n: int, n_orgs: int, tag: str) -> None:
@@ -99,6 +86,8 @@ def main() -> None:
     p.add_argument("--events-per-day", type=int, default=50_000)
     p.add_argument("--root", type=Path, default=ROOT / ".local" / "bench-dims")
     args = p.parse_args()
+    from dbt_incremental import _stack  # bench/ is on sys.path when run as a script
+
     _stack(args.root)
     from billing import transform
     from billing.platform import db
