@@ -104,8 +104,13 @@ with DAG(
         from billing.stripe_sync import push_day
 
         day = arrival_day(logical_date)
-        outlet_events[STRIPE_PUSHED].extra = {"day": day.isoformat()}  # billing_reconcile's day
-        return push_day(day)
+        summary = push_day(day)
+        # billing_reconcile's day, and the snapshot publish the push planned from
+        outlet_events[STRIPE_PUSHED].extra = {
+            "day": day.isoformat(),
+            "snapshot_seq": summary["snapshot_seq"],
+        }
+        return summary
 
     @task(pool=STRIPE_POOL)
     def stripe_close_period(logical_date=None, run_id=None) -> dict:

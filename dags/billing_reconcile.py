@@ -64,13 +64,14 @@ with DAG(
 
         from billing.reconcile import ReconcileMismatch, run_task
 
+        events = [e for found in (triggering_asset_events or {}).values() for e in found]
         days = [
             e.extra.get("day") or getattr(e.source_dag_run, "data_interval_start", None)
-            for events in (triggering_asset_events or {}).values()
             for e in events
         ] or [dag_run.data_interval_start or dag_run.logical_date]
+        seqs = [e.extra["snapshot_seq"] for e in events if "snapshot_seq" in e.extra]
         try:
-            return run_task(params, run_id, days)
+            return run_task(params, run_id, days, pushed_seq=max(seqs) if seqs else None)
         except ReconcileMismatch as exc:  # a finding, not a fault: retrying changes nothing
             raise AirflowFailException(str(exc)) from exc
 

@@ -651,9 +651,33 @@ def _money(cents: int | None, currency: str | None) -> str:
 
 
 # ---------------------------------------------------------------- Airflow task entry
-def run_task(params: dict, run_id: str, days: Iterable[Any]) -> dict:
+def run_task(params: dict, run_id: str, days: Iterable[Any], pushed_seq: int | None = None) -> dict:
     """The DAG's task: period from ``params`` or else from the run's days (asset events /
-    data interval). The key defaults to one derived from the run id, so retries replay it."""
+    data interval). The key defaults to one derived from the run id, so retries replay it.
+
+    ``pushed_seq``: the snapshot publish the triggering push planned from. When a later
+    publish has changed the snapshot since (the next nightly of a backfill published before
+    its own push), Stripe is behind by design, not in disagreement: the run is deferred to
+    the reconciliation that push triggers, and nothing is recorded."""
+    if pushed_seq is not None:
+        from billing.platform import db
+        from billing.transform import published_seq
+
+        with db.connect() as cx:
+            current = published_seq(cx)
+        if current > pushed_seq:
+            log.info(
+                "reconciliation deferred: snapshot publish %s is newer than the pushed %s; "
+                "its push triggers the next reconciliation",
+                current,
+                pushed_seq,
+            )
+            return {
+                "status": "deferred",
+                "run_id": run_id,
+                "pushed_snapshot_seq": pushed_seq,
+                "published_snapshot_seq": current,
+            }
     period_param = (params or {}).get("period") or ""
     if period_param:
         periods = [_period(period_param)]

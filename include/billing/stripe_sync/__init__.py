@@ -61,8 +61,11 @@ def push_day(day: dt.date, *, engine: Engine | None = None, sleep: Sleep | None 
     Never fails for a write Stripe refuses: that write is parked for manual retry and
     counted in the summary. Fails (leaving rows queued) when the key is rejected.
     """
+    from billing.transform import published_seq
+
     with db.transaction() as cx:
         cx.execute("SELECT pg_advisory_xact_lock(hashtext('billing.stripe_sync.plan'))")
+        seq = published_seq(cx)  # the publish this push plans from
         writes = push.plan_day(cx, day)
         inserted = set(outbox.enqueue(cx, writes))
     planned = [w for w in writes if w.idempotency_key in inserted]
@@ -77,6 +80,7 @@ def push_day(day: dt.date, *, engine: Engine | None = None, sleep: Sleep | None 
         "period": period_of(day).strftime("%Y-%m"),
         "planned": len(planned),
         "planned_cents": amounts,
+        "snapshot_seq": seq,
         **result,
     }
     log.info("stripe push %s: %s", day, summary)

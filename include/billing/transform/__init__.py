@@ -20,6 +20,7 @@ from billing.transform.project import (
     parse,
     prepare,
     publish_snapshot,
+    published_seq,
     sync_catalog,
     transform_day,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "parse",
     "prepare",
     "publish_snapshot",
+    "published_seq",
     "sync_catalog",
     "transform_day",
 ]

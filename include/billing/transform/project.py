@@ -433,8 +433,18 @@ def publish_snapshot(cx=None) -> dict[str, dict[str, int]]:
                 ).format(dst=dst, src=src, cols=cols)
             ).rowcount
             out[table] = {"deleted": deleted, "inserted": inserted}
+        changed = sum(n for counts in out.values() for n in counts.values())
+        if changed:  # a new snapshot: the push names the publish it pushed from
+            cx.execute(
+                "INSERT INTO billing.snapshot_publishes (rows_changed) VALUES (%s)", (changed,)
+            )
     log.info("published the invoice snapshot into %s: %s", published, out)
     return out
+
+
+def published_seq(cx) -> int:
+    """The last publish that changed the snapshot (0 before any)."""
+    return cx.execute("SELECT coalesce(max(seq), 0) FROM billing.snapshot_publishes").fetchone()[0]
 
 
 # ---------------------------------------------------------------- Airflow / Cosmos

@@ -319,3 +319,30 @@ def test_tolerance_is_configurable_and_exact(monkeypatch):
     monkeypatch.setenv(settings.RECONCILE_TOLERANCE_ENV, "half")
     with pytest.raises(reconcile.ConfigError):
         settings.reconcile_tolerance()
+
+
+def test_a_push_behind_a_newer_snapshot_defers_instead_of_opening_an_incident(period):
+    """A backfill's next nightly publishes its snapshot before its own push: the
+    reconciliation triggered by the previous push sees Stripe behind by design. It defers
+    (nothing recorded, no incident) and the next push's reconciliation compares."""
+    bad = org_in_both(period, {"base_fee": 10000, "api_calls": 90000}, {"base_fee": 10000})
+    with db.connect() as cx:
+        cx.execute("INSERT INTO billing.snapshot_publishes (rows_changed) VALUES (3), (2)")
+        cx.commit()
+        (latest,) = cx.execute("SELECT max(seq) FROM billing.snapshot_publishes").fetchone()
+    day = [period.isoformat()]
+    deferred = reconcile.run_task({}, "asset_triggered__a", day, pushed_seq=latest - 1)
+    assert deferred == {
+        "status": "deferred",
+        "run_id": "asset_triggered__a",
+        "pushed_snapshot_seq": latest - 1,
+        "published_snapshot_seq": latest,
+    }
+    assert count("SELECT count(*) FROM billing.reconcile_runs") == 0
+    assert count("SELECT count(*) FROM billing.billing_incidents") == 0
+    # the push of the current snapshot (or a run without a push, e.g. the trigger form)
+    # compares, and the disagreement is found
+    for seq in (latest, None):
+        with pytest.raises(ReconcileMismatch) as err:
+            reconcile.run_task({}, f"asset_triggered__{seq}", day, pushed_seq=seq)
+        assert bad in str(err.value)
