@@ -144,3 +144,16 @@ def test_catalog_rows_and_version():
     assert tables["plan_metrics"][0][-1] == 5000  # min_spend_cents
     assert pricing.catalog_version(plain) != pricing.catalog_version(with_min)
     assert pricing.catalog_tables(plain)["plans"][0][-1] is None
+
+
+def test_openmeter_minimum_amount_commits_the_charge():
+    """OpenMeter's usage prices take minimumAmount, "the customer is committed to spend at
+    least the amount" over the billing period (OpenMeter API, UnitPriceWithCommitments;
+    openmeter.io/docs/billing/product-catalog/pricing-models): $0.002 per call with a $10.00
+    minimum; 3,000 calls ($6.00) are billed $10.00, 8,000 calls ($16.00) as used."""
+    price = {"mode": "graduated", "tiers": [{"up_to": None, "unit_price": "0.002"}]}
+    catalog = _catalog({"metrics": {"api_calls": {**price, "min_spend": "10.00"}}})
+    plan = catalog.plan("p")
+    for calls, usage in ((3000, 1000), (8000, 1600)):
+        events = _events(("api_calls", calls))
+        assert reference.period_total(catalog, plan, events, JAN, CLOSED) == 1000 + usage
