@@ -69,9 +69,11 @@ with DAG(
             e.extra.get("day") or getattr(e.source_dag_run, "data_interval_start", None)
             for e in events
         ] or [dag_run.data_interval_start or dag_run.logical_date]
-        seqs = [e.extra["snapshot_seq"] for e in events if "snapshot_seq" in e.extra]
+        pushed = [
+            (e.extra["day"], e.extra["snapshot_seq"]) for e in events if "snapshot_seq" in e.extra
+        ]
         try:
-            return run_task(params, run_id, days, pushed_seq=max(seqs) if seqs else None)
+            return run_task(params, run_id, days, pushed)
         except ReconcileMismatch as exc:  # a finding, not a fault: retrying changes nothing
             raise AirflowFailException(str(exc)) from exc
 

@@ -651,33 +651,20 @@ def _money(cents: int | None, currency: str | None) -> str:
 
 
 # ---------------------------------------------------------------- Airflow task entry
-def run_task(params: dict, run_id: str, days: Iterable[Any], pushed_seq: int | None = None) -> dict:
+def run_task(
+    params: dict,
+    run_id: str,
+    days: Iterable[Any],
+    pushed: Iterable[tuple[Any, int]] | None = None,
+) -> dict:
     """The DAG's task: period from ``params`` or else from the run's days (asset events /
     data interval). The key defaults to one derived from the run id, so retries replay it.
 
-    ``pushed_seq``: the snapshot publish the triggering push planned from. When a later
-    publish has changed the snapshot since (the next nightly of a backfill published before
-    its own push), Stripe is behind by design, not in disagreement: the run is deferred to
-    the reconciliation that push triggers, and nothing is recorded."""
-    if pushed_seq is not None:
-        from billing.platform import db
-        from billing.transform import published_seq
-
-        with db.connect() as cx:
-            current = published_seq(cx)
-        if current > pushed_seq:
-            log.info(
-                "reconciliation deferred: snapshot publish %s is newer than the pushed %s; "
-                "its push triggers the next reconciliation",
-                current,
-                pushed_seq,
-            )
-            return {
-                "status": "deferred",
-                "run_id": run_id,
-                "pushed_snapshot_seq": pushed_seq,
-                "published_snapshot_seq": current,
-            }
+    ``pushed``: ``(day, snapshot publish)`` of each triggering push. A period whose pushes
+    all planned from an older publish than the current one is deferred: a later publish
+    (another nightly, or a backfill running beside the scheduled run, re-priced the period
+    before its own push) makes Stripe behind by design, not in disagreement, and that
+    publish's push triggers the reconciliation that compares. Nothing is recorded for it."""
     period_param = (params or {}).get("period") or ""
     if period_param:
         periods = [_period(period_param)]
@@ -687,8 +674,31 @@ def run_task(params: dict, run_id: str, days: Iterable[Any], pushed_seq: int | N
         raise ConfigError("no period: set the 'period' param (YYYY-MM)")
     org_ids = (params or {}).get("org_ids") or None
     given = (params or {}).get("idempotency_key") or ""
+    seqs: dict[dt.date, int] = {}
+    for d, seq in pushed or ():
+        p = _period(d)
+        seqs[p] = max(seq, seqs.get(p, seq))
+    current = _published_seq() if seqs else 0
     payloads, failures = [], []
     for p in periods:
+        if p in seqs and not period_param and current > seqs[p]:
+            log.info(
+                "reconciliation of %s deferred: snapshot publish %s is newer than the pushed %s;"
+                " its push triggers the next reconciliation",
+                f"{p:%Y-%m}",
+                current,
+                seqs[p],
+            )
+            payloads.append(
+                {
+                    "status": "deferred",
+                    "run_id": run_id,
+                    "period": f"{p:%Y-%m}",
+                    "pushed_snapshot_seq": seqs[p],
+                    "published_snapshot_seq": current,
+                }
+            )
+            continue
         key = given if given and len(periods) == 1 else f"{given or 'airflow:' + run_id}:{p:%Y-%m}"
         try:
             payloads.append(reconcile(p, org_ids, key, run_id))
@@ -701,6 +711,14 @@ def run_task(params: dict, run_id: str, days: Iterable[Any], pushed_seq: int | N
             raise failures[0]
         raise ReconcileMismatch("; ".join(str(e) for e in failures), {"runs": payloads})
     return payloads[0] if len(payloads) == 1 else {"runs": payloads}
+
+
+def _published_seq() -> int:
+    from billing.platform import db
+    from billing.transform import published_seq
+
+    with db.connect() as cx:
+        return published_seq(cx)
 
 
 # ---------------------------------------------------------------- incidents

@@ -322,27 +322,30 @@ def test_tolerance_is_configurable_and_exact(monkeypatch):
 
 
 def test_a_push_behind_a_newer_snapshot_defers_instead_of_opening_an_incident(period):
-    """A backfill's next nightly publishes its snapshot before its own push: the
-    reconciliation triggered by the previous push sees Stripe behind by design. It defers
-    (nothing recorded, no incident) and the next push's reconciliation compares."""
+    """A backfill's next nightly (or a scheduled run beside it) publishes a snapshot that
+    re-prices the period before its own push: the reconciliation triggered by an earlier push
+    of that period sees Stripe behind by design. It defers the period (nothing recorded, no
+    incident); the push of the current snapshot, or the trigger form, compares."""
     bad = org_in_both(period, {"base_fee": 10000, "api_calls": 90000}, {"base_fee": 10000})
     with db.connect() as cx:
         cx.execute("INSERT INTO billing.snapshot_publishes (rows_changed) VALUES (3), (2)")
         cx.commit()
         (latest,) = cx.execute("SELECT max(seq) FROM billing.snapshot_publishes").fetchone()
-    day = [period.isoformat()]
-    deferred = reconcile.run_task({}, "asset_triggered__a", day, pushed_seq=latest - 1)
+    day = period.isoformat()
+    deferred = reconcile.run_task({}, "asset_triggered__a", [day], [(day, latest - 1)])
     assert deferred == {
         "status": "deferred",
         "run_id": "asset_triggered__a",
+        "period": f"{period:%Y-%m}",
         "pushed_snapshot_seq": latest - 1,
         "published_snapshot_seq": latest,
     }
     assert count("SELECT count(*) FROM billing.reconcile_runs") == 0
     assert count("SELECT count(*) FROM billing.billing_incidents") == 0
-    # the push of the current snapshot (or a run without a push, e.g. the trigger form)
-    # compares, and the disagreement is found
-    for seq in (latest, None):
+    # a later push of the period, from the current snapshot, compares and finds it; so does
+    # a run without a push (the trigger form) and one that names the period
+    for pushed, params in (([(day, latest - 1), (day, latest)], {}), (None, {}),
+                           ([(day, latest - 1)], {"period": f"{period:%Y-%m}"})):  # fmt: skip
         with pytest.raises(ReconcileMismatch) as err:
-            reconcile.run_task({}, f"asset_triggered__{seq}", day, pushed_seq=seq)
+            reconcile.run_task(params, f"asset_triggered__{len(str(pushed))}", [day], pushed)
         assert bad in str(err.value)
