@@ -660,11 +660,11 @@ def run_task(
     """The DAG's task: period from ``params`` or else from the run's days (asset events /
     data interval). The key defaults to one derived from the run id, so retries replay it.
 
-    ``pushed``: ``(day, snapshot publish)`` of each triggering push. A period whose pushes
-    all planned from an older publish than the current one is deferred: a later publish
-    (another nightly, or a backfill running beside the scheduled run, re-priced the period
-    before its own push) makes Stripe behind by design, not in disagreement, and that
-    publish's push triggers the reconciliation that compares. Nothing is recorded for it."""
+    ``pushed``: ``(day, snapshot publish)`` of each triggering push. A period is deferred
+    when a publish after every triggering push of it changed its invoices (another nightly,
+    or a scheduled run beside a backfill, re-priced it before its own push): Stripe is then
+    behind by design, not in disagreement, and that publish's push triggers the
+    reconciliation that compares. Nothing is recorded for it."""
     period_param = (params or {}).get("period") or ""
     if period_param:
         periods = [_period(period_param)]
@@ -678,13 +678,13 @@ def run_task(
     for d, seq in pushed or ():
         p = _period(d)
         seqs[p] = max(seq, seqs.get(p, seq))
-    current = _published_seq() if seqs else 0
     payloads, failures = [], []
     for p in periods:
+        current = _published_seq(p) if p in seqs and not period_param else 0
         if p in seqs and not period_param and current > seqs[p]:
             log.info(
-                "reconciliation of %s deferred: snapshot publish %s is newer than the pushed %s;"
-                " its push triggers the next reconciliation",
+                "reconciliation of %s deferred: snapshot publish %s changed it after the pushed"
+                " %s; its push triggers the next reconciliation",
                 f"{p:%Y-%m}",
                 current,
                 seqs[p],
@@ -713,12 +713,12 @@ def run_task(
     return payloads[0] if len(payloads) == 1 else {"runs": payloads}
 
 
-def _published_seq() -> int:
+def _published_seq(period: dt.date) -> int:
     from billing.platform import db
     from billing.transform import published_seq
 
     with db.connect() as cx:
-        return published_seq(cx)
+        return published_seq(cx, period)
 
 
 # ---------------------------------------------------------------- incidents

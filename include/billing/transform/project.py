@@ -404,6 +404,7 @@ def publish_snapshot(cx=None) -> dict[str, dict[str, int]]:
         # One publisher at a time (a backfill and a nightly may finish together).
         cx.execute("SELECT pg_advisory_xact_lock(hashtext('billing.publish_snapshot'))")
         cx.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(published)))
+        periods = _changed_periods(cx, build, published)
         for table, key in PUBLISHED_TABLES.items():
             src = sql.Identifier(build, table)
             dst = sql.Identifier(published, table)
@@ -436,15 +437,43 @@ def publish_snapshot(cx=None) -> dict[str, dict[str, int]]:
         changed = sum(n for counts in out.values() for n in counts.values())
         if changed:  # a new snapshot: the push names the publish it pushed from
             cx.execute(
-                "INSERT INTO billing.snapshot_publishes (rows_changed) VALUES (%s)", (changed,)
+                "INSERT INTO billing.snapshot_publishes (rows_changed, periods) VALUES (%s, %s)",
+                (changed, periods),
             )
     log.info("published the invoice snapshot into %s: %s", published, out)
     return out
 
 
-def published_seq(cx) -> int:
-    """The last publish that changed the snapshot (0 before any)."""
-    return cx.execute("SELECT coalesce(max(seq), 0) FROM billing.snapshot_publishes").fetchone()[0]
+def _changed_periods(cx, build: str, published: str) -> list:
+    """The periods whose invoices (totals or lines, through ``snapshot_hash``) differ
+    between the build and the published snapshot (all built ones on the first publish)."""
+    from psycopg import sql
+
+    src = sql.Identifier(build, "fct_invoices")
+    dst = sql.Identifier(published, "fct_invoices")
+    if not _columns(cx, published, "fct_invoices"):
+        q = sql.SQL("SELECT DISTINCT period_start FROM {src} ORDER BY 1").format(src=src)
+    else:
+        q = sql.SQL(
+            "SELECT DISTINCT period_start FROM ("
+            "(SELECT invoice_id, period_start, snapshot_hash FROM {src}"
+            " EXCEPT SELECT invoice_id, period_start, snapshot_hash FROM {dst})"
+            " UNION ALL "
+            "(SELECT invoice_id, period_start, snapshot_hash FROM {dst}"
+            " EXCEPT SELECT invoice_id, period_start, snapshot_hash FROM {src})) AS x ORDER BY 1"
+        ).format(src=src, dst=dst)
+    return [r[0] for r in cx.execute(q).fetchall()]
+
+
+def published_seq(cx, period=None) -> int:
+    """The last publish that changed the snapshot, or with ``period`` the last one that
+    changed that period's invoices (0 before any)."""
+    if period is None:
+        q, params = "SELECT coalesce(max(seq), 0) FROM billing.snapshot_publishes", ()
+    else:
+        q = "SELECT coalesce(max(seq), 0) FROM billing.snapshot_publishes WHERE %s = ANY(periods)"
+        params = (period,)
+    return cx.execute(q, params).fetchone()[0]
 
 
 # ---------------------------------------------------------------- Airflow / Cosmos

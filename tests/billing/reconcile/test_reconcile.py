@@ -328,9 +328,14 @@ def test_a_push_behind_a_newer_snapshot_defers_instead_of_opening_an_incident(pe
     incident); the push of the current snapshot, or the trigger form, compares."""
     bad = org_in_both(period, {"base_fee": 10000, "api_calls": 90000}, {"base_fee": 10000})
     with db.connect() as cx:
-        cx.execute("INSERT INTO billing.snapshot_publishes (rows_changed) VALUES (3), (2)")
+        cx.execute(
+            "INSERT INTO billing.snapshot_publishes (rows_changed, periods)"
+            " VALUES (3, ARRAY[%s::date]), (2, ARRAY[%s::date]), (1, ARRAY['2099-01-01'::date])",
+            (period, period),
+        )
         cx.commit()
-        (latest,) = cx.execute("SELECT max(seq) FROM billing.snapshot_publishes").fetchone()
+        # the last publish changed another period only: it does not defer this one
+        (latest,) = cx.execute("SELECT max(seq) - 1 FROM billing.snapshot_publishes").fetchone()
     day = period.isoformat()
     deferred = reconcile.run_task({}, "asset_triggered__a", [day], [(day, latest - 1)])
     assert deferred == {
