@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 
 DAY1, DAY2 = dt.date(2025, 2, 3), dt.date(2025, 2, 4)
 BUILD = "billing_snapshot_build"
+FEB = dt.date(2025, 2, 1)
 
 
 @pytest.fixture
@@ -120,3 +121,14 @@ def test_readers_see_the_old_or_the_new_snapshot_never_a_mix(fresh):
     assert transform.publish_snapshot() == {
         t: {"deleted": 0, "inserted": 0} for t in transform.PUBLISHED_TABLES
     }
+    # Each publish that changed the snapshot is recorded with the periods it changed (the
+    # reconciliation defers a period a later publish re-priced before its push); the
+    # publish that changed nothing is not.
+    with db.connect() as cx:
+        publishes = cx.execute(
+            "SELECT seq, periods FROM billing.snapshot_publishes ORDER BY seq"
+        ).fetchall()
+        assert [periods for _, periods in publishes] == [[FEB], [FEB]]
+        assert transform.published_seq(cx) == publishes[-1][0]
+        assert transform.published_seq(cx, FEB) == publishes[-1][0]
+        assert transform.published_seq(cx, dt.date(2025, 1, 1)) == 0
