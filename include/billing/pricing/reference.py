@@ -12,6 +12,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
 
+from billing.platform.dates import month_end
 from billing.pricing import aggregation as agg
 from billing.pricing.catalog import (
     MINIMUM_COMMITMENT,
@@ -24,10 +25,6 @@ from billing.pricing.catalog import (
 )
 
 __all__ = ["period_charges", "period_total", "true_ups"]
-
-
-def _period_end(period: dt.date) -> dt.date:
-    return (period.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(days=1)
 
 
 def period_charges(
@@ -51,7 +48,7 @@ def period_charges(
     for (metric, key), found in sorted(series.items()):
         spec = catalog.metrics.get(metric)
         aggregation = spec.aggregation if spec is not None else agg.SUM
-        days = agg.charge_days(aggregation, [e.day for e in found], _period_end(period), run_day)
+        days = agg.charge_days(aggregation, [e.day for e in found], month_end(period), run_day)
         quantities = agg.period_to_date(aggregation, found, days, spec.property if spec else None)
         out[(metric, key)] = list(
             zip(days, charges(plan.price_for(metric, key), plan.currency, quantities), strict=True)
@@ -70,7 +67,7 @@ def true_ups(
     end): the usage may still reach the minimum. Then each metric's ``min_spend`` shortfall (a metric
     without dimensions, used or not), and the plan's ``minimum_commitment`` shortfall of the
     usage charges plus those true-ups; only the positive ones."""
-    if run_day < _period_end(period):
+    if run_day < month_end(period):
         return {}
     usage = {m: rows[-1][1] for (m, key), rows in series.items() if rows and not key}
     out: dict[str, int] = {}
