@@ -931,3 +931,192 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     emu.start()  # the state written before SIGTERM is loaded again
     assert emu.client().v1.customers.retrieve(cus.id).email == "bye@example.com"
     assert emu.terminate() == 0
+
+
+# ----------------------------------------------------------------------------- credit notes
+
+
+def _error(excinfo: Any) -> dict[str, Any]:
+    return excinfo.value.json_body["error"]
+
+
+def test_credit_note_only_on_finalized_invoices_and_strict_params(
+    client: stripe.StripeClient,
+) -> None:
+    cus = _customer(client)
+    draft = _invoice(client, cus.id, 5000)
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:
+        client.v1.credit_notes.create(params={"invoice": draft.id, "amount": 100})
+    assert excinfo.value.http_status == 400
+    assert _error(excinfo)["type"] == "invalid_request_error"
+    assert "'draft'" in _error(excinfo)["message"]
+
+    inv = client.v1.invoices.finalize_invoice(draft.id)
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:
+        client.v1.credit_notes.create(params={"amount": 100})
+    assert (_error(excinfo)["code"], _error(excinfo)["param"]) == ("parameter_missing", "invoice")
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:
+        client.v1.credit_notes.create(params={"invoice": inv.id, "amount": 100, "colour": "red"})
+    assert (_error(excinfo)["code"], _error(excinfo)["param"]) == ("parameter_unknown", "colour")
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:
+        client.v1.credit_notes.create(params={"invoice": inv.id, "amount": 100, "reason": "oops"})
+    assert _error(excinfo)["param"] == "reason"
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:
+        client.v1.credit_notes.create(params={"invoice": inv.id})
+    assert "amount" in _error(excinfo)["message"]
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:  # more than amount_remaining
+        client.v1.credit_notes.create(params={"invoice": inv.id, "amount": 5001})
+    assert "5000" in _error(excinfo)["message"]
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:  # post-payment split on open
+        client.v1.credit_notes.create(
+            params={"invoice": inv.id, "amount": 100, "credit_amount": 100}
+        )
+    assert _error(excinfo)["param"] == "credit_amount"
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:  # amount != sum of lines
+        client.v1.credit_notes.create(
+            params={
+                "invoice": inv.id,
+                "amount": 99,
+                "lines": [
+                    {
+                        "type": "custom_line_item",
+                        "unit_amount": 50,
+                        "quantity": 2,
+                        "description": "x",
+                    }
+                ],
+            }
+        )
+    assert _error(excinfo)["param"] == "amount"
+    assert client.v1.credit_notes.list(params={"invoice": inv.id}).data == []
+    assert client.v1.invoices.retrieve(inv.id).amount_due == 5000
+
+
+def test_pre_payment_credit_note_reduces_amount_due_and_voids_back(
+    client: stripe.StripeClient,
+) -> None:
+    cus = _customer(client)
+    inv = client.v1.invoices.finalize_invoice(_invoice(client, cus.id, 3000, 2000).id)
+    preview = client.v1.credit_notes.preview(params={"invoice": inv.id, "amount": 700})
+    assert (preview.total, preview.type, preview.pre_payment_amount) == (700, "pre_payment", 700)
+    assert client.v1.invoices.retrieve(inv.id).amount_due == 5000  # a preview changes nothing
+
+    note = client.v1.credit_notes.create(
+        params={
+            "invoice": inv.id,
+            "lines": [
+                {
+                    "type": "custom_line_item",
+                    "unit_amount": 250,
+                    "quantity": 3,
+                    "description": "Correction for 2026-03: api_calls",
+                },
+            ],
+            "reason": "order_change",
+            "memo": "late events",
+            "metadata": {"period": "2026-03"},
+        },
+        options={"idempotency_key": f"cn-{_uid()}"},
+    )
+    assert note.id.startswith("cn_") and note.object == "credit_note"
+    assert (note.total, note.amount, note.subtotal, note.currency) == (750, 750, 750, "usd")
+    assert (note.type, note.status, note.reason, note.memo) == (
+        "pre_payment",
+        "issued",
+        "order_change",
+        "late events",
+    )
+    assert (note.invoice, note.customer, note.metadata["period"]) == (inv.id, cus.id, "2026-03")
+    assert note.number == f"{inv.number}-CN-01"
+    assert [(li.type, li.amount, li.quantity) for li in note.lines.data] == [
+        ("custom_line_item", 750, 3)
+    ]
+    after = client.v1.invoices.retrieve(inv.id)
+    assert (after.total, after.amount_due, after.amount_remaining) == (5000, 4250, 4250)
+    assert (after.pre_payment_credit_notes_amount, after.post_payment_credit_notes_amount) == (
+        750,
+        0,
+    )
+    assert client.v1.credit_notes.retrieve(note.id).total == 750
+    assert [cn.id for cn in client.v1.credit_notes.list(params={"invoice": inv.id}).data] == [
+        note.id
+    ]
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:  # 4250 left to credit
+        client.v1.credit_notes.create(params={"invoice": inv.id, "amount": 4251})
+    assert "4250" in _error(excinfo)["message"]
+
+    voided = client.v1.credit_notes.void_credit_note(note.id)
+    assert (voided.status, voided.voided_at is not None) == ("void", True)
+    assert client.v1.invoices.retrieve(inv.id).amount_due == 5000
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.credit_notes.void_credit_note(note.id)
+
+    full = client.v1.credit_notes.create(params={"invoice": inv.id, "amount": 5000})
+    assert full.number == f"{inv.number}-CN-02"
+    paid = client.v1.invoices.retrieve(inv.id)  # fully credited: Stripe marks it paid
+    assert (paid.status, paid.amount_due, paid.amount_paid, paid.amount_remaining) == (
+        "paid",
+        0,
+        0,
+        0,
+    )
+
+
+def test_post_payment_credit_note_needs_the_split_to_add_up(client: stripe.StripeClient) -> None:
+    cus = _customer(client)
+    inv = client.v1.invoices.finalize_invoice(_invoice(client, cus.id, 4000).id)
+    client.v1.invoices.pay(inv.id, params={"paid_out_of_band": True})
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:
+        client.v1.credit_notes.create(params={"invoice": inv.id, "amount": 1000})
+    assert "must equal the credit note total (1000)" in _error(excinfo)["message"]
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:
+        client.v1.credit_notes.create(
+            params={
+                "invoice": inv.id,
+                "amount": 1000,
+                "credit_amount": 600,
+                "out_of_band_amount": 300,
+            }
+        )
+    assert "(900)" in _error(excinfo)["message"]
+    note = client.v1.credit_notes.create(
+        params={"invoice": inv.id, "amount": 1000, "credit_amount": 600, "out_of_band_amount": 400}
+    )
+    assert (note.type, note.post_payment_amount, note.pre_payment_amount) == (
+        "post_payment",
+        1000,
+        0,
+    )
+    assert note.out_of_band_amount == 400
+    after = client.v1.invoices.retrieve(inv.id)
+    assert (after.status, after.amount_paid, after.post_payment_credit_notes_amount) == (
+        "paid",
+        4000,
+        1000,
+    )
+    with pytest.raises(stripe.InvalidRequestError) as excinfo:  # 3000 left
+        client.v1.credit_notes.create(
+            params={"invoice": inv.id, "amount": 3001, "out_of_band_amount": 3001}
+        )
+    assert "(3000)" in _error(excinfo)["message"]
+
+
+def test_credit_note_idempotency(client: stripe.StripeClient) -> None:
+    cus = _customer(client)
+    inv = client.v1.invoices.finalize_invoice(_invoice(client, cus.id, 2500).id)
+    key = f"cn-idem-{_uid()}"
+    first = client.v1.credit_notes.create(
+        params={"invoice": inv.id, "amount": 300}, options={"idempotency_key": key}
+    )
+    again = client.v1.credit_notes.create(
+        params={"invoice": inv.id, "amount": 300}, options={"idempotency_key": key}
+    )
+    assert again.id == first.id
+    assert _headers(again)["idempotent-replayed"] == "true"
+    with pytest.raises(stripe.IdempotencyError) as excinfo:
+        client.v1.credit_notes.create(
+            params={"invoice": inv.id, "amount": 301}, options={"idempotency_key": key}
+        )
+    assert _error(excinfo)["type"] == "idempotency_error"
+    assert len(client.v1.credit_notes.list(params={"invoice": inv.id}).data) == 1
+    assert client.v1.invoices.retrieve(inv.id).amount_due == 2200

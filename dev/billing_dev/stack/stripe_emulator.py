@@ -28,6 +28,12 @@ in front of them, what localstripe lacks or gets wrong for this project:
   documented bound) after its creation. List and retrieve endpoints are always current.
 * ``GET /v1/customers`` with Stripe's filters (``email``, ``created``) and cursors, newest
   first.
+* Credit notes (``POST /v1/credit_notes``, ``GET /v1/credit_notes[/preview|/{id}]``,
+  ``POST /v1/credit_notes/{id}/void``) on finalized one-off invoices only: pre-payment on an
+  open invoice (at most its ``amount_remaining``; reduces ``amount_due`` and adds to
+  ``pre_payment_credit_notes_amount``, a fully credited invoice turns paid), post-payment on
+  a paid one (``credit_amount + refund_amount + out_of_band_amount`` must equal the total, at
+  most ``amount_paid`` minus earlier post-payment notes). Balances and refunds are not moved.
 * Test hooks under ``/_emulator/`` (no key, loopback only): ``POST clock/advance``
   (``seconds``: moves the emulator clock that ages idempotency records and the search
   index), ``POST search/flush`` (index everything now), ``POST search/lag`` (``seconds``),
@@ -535,7 +541,16 @@ class EmuInvoice(ls.Invoice):
 
     @property
     def amount_due(self) -> int:
-        return max(0, self.total + self.starting_balance)
+        # Pre-payment credit notes reduce what is due (Stripe keeps ``total`` unchanged).
+        return max(0, self.total + self.starting_balance - self.pre_payment_credit_notes_amount)
+
+    @property
+    def pre_payment_credit_notes_amount(self) -> int:
+        return getattr(self, "_pre_payment_credit", 0)
+
+    @property
+    def post_payment_credit_notes_amount(self) -> int:
+        return getattr(self, "_post_payment_credit", 0)
 
     @property
     def amount_paid(self) -> int:
@@ -1615,6 +1630,339 @@ async def list_customers(request: web.Request) -> web.Response:
 
 
 # --------------------------------------------------------------------------------------
+# Credit notes
+# --------------------------------------------------------------------------------------
+
+CREDIT_NOTE_PARAMS = {
+    "amount",
+    "credit_amount",
+    "effective_at",
+    "email_type",
+    "invoice",
+    "lines",
+    "memo",
+    "metadata",
+    "out_of_band_amount",
+    "reason",
+    "refund_amount",
+}
+CREDIT_NOTE_REASONS = ("duplicate", "fraudulent", "order_change", "product_unsatisfactory")
+CREDIT_NOTE_LINE_PARAMS = {
+    "amount",
+    "description",
+    "invoice_line_item",
+    "quantity",
+    "type",
+    "unit_amount",
+    "unit_amount_decimal",
+}
+POST_PAYMENT_PARAMS = ("credit_amount", "refund_amount", "out_of_band_amount")
+
+
+class EmuCreditNote(ls.StripeObject):
+    """A credit note against a finalized one-off invoice (``cn_``): pre-payment on an open
+    invoice (reduces its ``amount_due``), post-payment on a paid one (split into credit,
+    refund and out-of-band amounts). Customer balances and refunds are recorded, not moved."""
+
+    object = "credit_note"
+    _id_prefix = "cn_"
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        ls.StripeObject.__init__(self)
+        for key, value in fields.items():
+            setattr(self, key, value)
+        self.lines["url"] = f"/v1/credit_notes/{self.id}/lines"
+        for line in self.lines["data"]:
+            line["id"] = _random_id("cnli_")
+            line["credit_note"] = self.id  # not a Stripe field; harmless, keeps lines traceable
+
+
+def _credit_note_lines(params: dict[str, Any], invoice: Any) -> list[dict[str, Any]]:
+    lines = params.get("lines")
+    if isinstance(lines, dict):
+        lines = [lines]
+    if lines in (None, ""):
+        return []
+    if not isinstance(lines, list):
+        raise _invalid("lines", "Invalid array: lines")
+    result = []
+    for i, line in enumerate(lines):
+        name = f"lines[{i}]"
+        if not isinstance(line, dict):
+            raise _invalid(name, f"Invalid object: {name}")
+        _reject_unknown(line, CREDIT_NOTE_LINE_PARAMS)
+        kind = line.get("type")
+        if kind in (None, ""):
+            raise _missing(f"{name}[type]")
+        quantity = _as_int(line.get("quantity", 1), f"{name}[quantity]", minimum=1)
+        if kind == "custom_line_item":
+            if not line.get("description"):
+                raise _missing(f"{name}[description]")
+            unit = _unit_amount(line)
+            if unit is None:
+                raise _missing(f"{name}[unit_amount]")
+            if unit < 0:
+                raise _invalid(f"{name}[unit_amount]", "unit_amount must be at least 0.")
+            amount = _rounded(unit * quantity)
+            result.append(
+                {
+                    "object": "credit_note_line_item",
+                    "type": "custom_line_item",
+                    "amount": amount,
+                    "description": _as_str(line["description"], f"{name}[description]"),
+                    "quantity": quantity,
+                    "unit_amount": int(unit) if unit == unit.to_integral_value() else None,
+                    "unit_amount_decimal": format(unit.normalize(), "f"),
+                    "invoice_line_item": None,
+                    "livemode": False,
+                }
+            )
+        elif kind == "invoice_line_item":
+            line_id = line.get("invoice_line_item")
+            if not line_id:
+                raise _missing(f"{name}[invoice_line_item]")
+            inv_line = next((x for x in invoice.lines._list if x.id == line_id), None)
+            if inv_line is None:
+                raise _invalid(
+                    f"{name}[invoice_line_item]",
+                    f"Invoice line item {line_id} is not on invoice {invoice.id}.",
+                )
+            amount = (
+                _as_int(line["amount"], f"{name}[amount]", minimum=0)
+                if line.get("amount") not in (None, "")
+                else inv_line.amount
+            )
+            if amount > inv_line.amount:
+                raise _invalid(
+                    f"{name}[amount]",
+                    f"The amount ({amount}) exceeds the line's amount ({inv_line.amount}).",
+                )
+            result.append(
+                {
+                    "object": "credit_note_line_item",
+                    "type": "invoice_line_item",
+                    "amount": amount,
+                    "description": line.get("description") or inv_line.description,
+                    "quantity": quantity,
+                    "unit_amount": None,
+                    "unit_amount_decimal": None,
+                    "invoice_line_item": line_id,
+                    "livemode": False,
+                }
+            )
+        else:
+            raise _invalid(
+                f"{name}[type]",
+                f"Invalid {name}[type]: must be one of invoice_line_item or custom_line_item",
+            )
+    return result
+
+
+def _credit_note_fields(params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Validate a create/preview request as Stripe does; return the invoice and the note's
+    fields (nothing is changed)."""
+    _reject_unknown(params, CREDIT_NOTE_PARAMS)
+    if not params.get("invoice"):
+        raise _missing("invoice")
+    invoice = _retrieve(ls.Invoice, params["invoice"], "invoice", "invoice")
+    if not isinstance(invoice, EmuInvoice) or invoice.status not in ("open", "paid"):
+        raise StripeAPIError(
+            400,
+            f"Invoice {invoice.id} is '{invoice.status}': credit notes can only be issued "
+            "for finalized invoices whose status is 'open' or 'paid'.",
+            code="invoice_not_editable" if invoice.status == "draft" else None,
+            param="invoice",
+        )
+    reason = params.get("reason") or None
+    if reason is not None and reason not in CREDIT_NOTE_REASONS:
+        raise _invalid("reason", f"Invalid reason: must be one of {', '.join(CREDIT_NOTE_REASONS)}")
+    lines = _credit_note_lines(params, invoice)
+    amount = (
+        _as_int(params["amount"], "amount", minimum=0)
+        if params.get("amount") not in (None, "")
+        else None
+    )
+    if not lines and amount is None:
+        raise StripeAPIError(400, "You must pass either `amount` or `lines`.", param="amount")
+    total = sum(line["amount"] for line in lines) if lines else amount
+    if lines and amount is not None and amount != total:
+        raise _invalid(
+            "amount",
+            f"The amount ({amount}) must equal the sum of the credit note lines ({total}).",
+        )
+    if total <= 0:
+        raise _invalid("amount", "The credit note total must be greater than 0.")
+    splits = {
+        name: _as_int(params[name], name, minimum=0)
+        for name in POST_PAYMENT_PARAMS
+        if params.get(name) not in (None, "")
+    }
+    if invoice.status == "open":
+        kind = "pre_payment"
+        limit = invoice.amount_remaining
+        if any(splits.values()):
+            name = next(n for n, v in splits.items() if v)
+            raise _invalid(
+                name,
+                f"{name} applies to paid invoices only; invoice {invoice.id} is 'open' "
+                "(the credit note reduces its amount due).",
+            )
+    else:
+        kind = "post_payment"
+        limit = invoice.amount_paid - invoice.post_payment_credit_notes_amount
+        if sum(splits.values()) != total:
+            raise _invalid(
+                "credit_amount",
+                f"The sum of credit_amount, refund_amount and out_of_band_amount "
+                f"({sum(splits.values())}) must equal the credit note total ({total}).",
+            )
+    if total > limit:
+        raise _invalid(
+            "amount" if not lines else "lines",
+            f"The credit note total ({total}) is greater than the amount that can still be "
+            f"credited on invoice {invoice.id} ({limit}).",
+        )
+    if not lines:
+        lines = [
+            {
+                "object": "credit_note_line_item",
+                "type": "custom_line_item",
+                "amount": total,
+                "description": "Credit",
+                "quantity": 1,
+                "unit_amount": total,
+                "unit_amount_decimal": str(total),
+                "invoice_line_item": None,
+                "livemode": False,
+            }
+        ]
+    now = int(time.time())
+    effective_at = (
+        _as_int(params["effective_at"], "effective_at")
+        if params.get("effective_at") not in (None, "")
+        else now
+    )
+    fields = {
+        "amount": total,
+        "amount_shipping": 0,
+        "currency": invoice.currency,
+        "customer": invoice.customer,
+        "customer_balance_transaction": None,
+        "discount_amount": 0,
+        "discount_amounts": [],
+        "effective_at": effective_at,
+        "invoice": invoice.id,
+        "lines": {"object": "list", "data": lines, "has_more": False, "url": None},
+        "memo": params.get("memo") or None,
+        "metadata": _new_metadata(params.get("metadata")),
+        "out_of_band_amount": splits.get("out_of_band_amount") or None,
+        "pre_payment_amount": total if kind == "pre_payment" else 0,
+        "post_payment_amount": total if kind == "post_payment" else 0,
+        "reason": reason,
+        "refund": None,
+        "_refund_amount": splits.get("refund_amount", 0),  # not Stripe fields: kept private
+        "_credit_amount": splits.get("credit_amount", 0),
+        "shipping_cost": None,
+        "status": "issued",
+        "subtotal": total,
+        "subtotal_excluding_tax": total,
+        "tax_amounts": [],
+        "total": total,
+        "total_excluding_tax": total,
+        "type": kind,
+        "voided_at": None,
+    }
+    return invoice, fields
+
+
+async def create_credit_note(request: web.Request) -> web.Response:
+    params = await _post_params(request)
+    expand = _pop_expand(params)
+    invoice, fields = _credit_note_fields(params)
+    count = sum(1 for cn in _objects(EmuCreditNote) if cn.invoice == invoice.id)
+    fields["number"] = f"{invoice.number}-CN-{count + 1:02d}"
+    fields["pdf"] = None
+    note = EmuCreditNote(fields)
+    note.pdf = f"https://pay.stripe.com/credit_notes/emulator/{note.id}/pdf"
+    if note.type == "pre_payment":
+        invoice._pre_payment_credit = invoice.pre_payment_credit_notes_amount + note.total
+        if invoice.amount_remaining == 0:
+            invoice._mark_paid()  # Stripe marks a fully credited invoice paid
+    else:
+        invoice._post_payment_credit = invoice.post_payment_credit_notes_amount + note.total
+    _event("credit_note.created", note)
+    _event("invoice.updated", invoice)
+    return _json(note._export(expand=expand))
+
+
+async def preview_credit_note(request: web.Request) -> web.Response:
+    params = _query_params(request)
+    _pop_expand(params)
+    invoice, fields = _credit_note_fields(params)
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+    fields.update(
+        id=_random_id("cnpreview_"),
+        object="credit_note",
+        created=int(time.time()),
+        livemode=False,
+        number=None,
+        pdf=None,
+    )
+    return _json(fields)
+
+
+async def retrieve_credit_note(request: web.Request) -> web.Response:
+    params = _query_params(request)
+    expand = _pop_expand(params)
+    _reject_unknown(params, set())
+    note = _retrieve(EmuCreditNote, request.match_info["id"], "credit_note")
+    return _json(note._export(expand=expand))
+
+
+async def list_credit_notes(request: web.Request) -> web.Response:
+    params = _query_params(request)
+    filters: list[Callable[[Any], bool]] = []
+    if "invoice" in params:
+        invoice_id = params.pop("invoice")
+        filters.append(lambda cn: cn.invoice == invoice_id)
+    if "customer" in params:
+        customer_id = params.pop("customer")
+        filters.append(lambda cn: cn.customer == customer_id)
+    if "created" in params:
+        created_ok = _created_filter(params.pop("created"))
+        filters.append(lambda cn: created_ok(cn.created))
+    _reject_unknown(params, {"limit", "starting_after", "ending_before", "expand"})
+    notes = [cn for cn in _objects(EmuCreditNote) if all(f(cn) for f in filters)]
+    return _json(_export_list(notes, params, "/v1/credit_notes"))
+
+
+async def void_credit_note(request: web.Request) -> web.Response:
+    note = _retrieve(EmuCreditNote, request.match_info["id"], "credit_note")
+    params = await _post_params(request)
+    expand = _pop_expand(params)
+    _reject_unknown(params, set())
+    if note.status != "issued":
+        raise StripeAPIError(400, f"Credit note {note.id} is already void.")
+    invoice = _retrieve_invoice(note.invoice)
+    if note.type == "pre_payment":
+        if invoice.status != "open":
+            raise StripeAPIError(
+                400,
+                f"You can only void a pre-payment credit note while its invoice is 'open'; "
+                f"invoice {invoice.id} is '{invoice.status}'.",
+            )
+        invoice._pre_payment_credit = invoice.pre_payment_credit_notes_amount - note.total
+    else:
+        if note._refund_amount:
+            raise StripeAPIError(400, f"Credit note {note.id} has a refund and can't be voided.")
+        invoice._post_payment_credit = invoice.post_payment_credit_notes_amount - note.total
+    note.status = "void"
+    note.voided_at = int(time.time())
+    _event("credit_note.voided", note)
+    return _json(note._export(expand=expand))
+
+
+# --------------------------------------------------------------------------------------
 # Emulator-only routes
 # --------------------------------------------------------------------------------------
 
@@ -1749,6 +2097,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/invoiceitems", list_invoice_items),
     ("POST", "/v1/invoiceitems/{id}", update_invoice_item),
     ("DELETE", "/v1/invoiceitems/{id}", delete_invoice_item),
+    ("POST", "/v1/credit_notes", create_credit_note),
+    ("GET", "/v1/credit_notes", list_credit_notes),
+    ("GET", "/v1/credit_notes/preview", preview_credit_note),
+    ("GET", "/v1/credit_notes/{id}", retrieve_credit_note),
+    ("POST", "/v1/credit_notes/{id}/void", void_credit_note),
 ]
 
 
