@@ -54,11 +54,13 @@ def _snapshot(cx, n_orgs: int, n_metrics: int) -> None:
     cx.execute(
         f"""CREATE TABLE {SCHEMA}.fct_daily_charges (org_id text, metric text, usage_date date,
                 period_start date, currency text, cumulative_charge_cents bigint,
-                dimension_key text NOT NULL DEFAULT '')"""
+                dimension_key text NOT NULL DEFAULT '',
+                charge_label text GENERATED ALWAYS AS (metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key ELSE '' END) STORED)"""
     )
     cx.execute(  # the true-up lines the push reads of ended periods (none here)
         f"""CREATE TABLE {SCHEMA}.fct_invoice_lines (org_id text, period_start date,
-                line_type text, metric text, currency text, amount_cents bigint)"""
+                line_type text, metric text, currency text, amount_cents bigint,
+                charge_label text GENERATED ALWAYS AS (line_type || coalesce('.' || metric, '')) STORED)"""
     )
     cx.execute(
         f"""CREATE TABLE {SCHEMA}.fct_invoices (org_id text, period_start date, plan text,

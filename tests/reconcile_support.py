@@ -38,13 +38,16 @@ def prepare(monkeypatch) -> dt.date:
                     quantity numeric, amount_cents bigint, currency text, tiers jsonb,
                     catalog_version text, aggregation text, credited_cents bigint NOT NULL DEFAULT 0,
                     credited_days integer NOT NULL DEFAULT 0, dimension_key text NOT NULL DEFAULT '',
-                    dimensions jsonb NOT NULL DEFAULT '{{}}')"""
+                    dimensions jsonb NOT NULL DEFAULT '{{}}', segment_start date, segment_end date, plan text,
+    charge_label text GENERATED ALWAYS AS (CASE WHEN line_type = 'usage' THEN metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key ELSE '' END
+        ELSE line_type || coalesce('.' || metric, '') END) STORED)"""
         )
         cx.execute(
             f"""CREATE TABLE {SCHEMA}.fct_daily_charges (
                     org_id text, metric text, usage_date date, period_start date, currency text,
                     cumulative_charge_cents bigint, daily_charge_cents bigint,
-                    dimension_key text NOT NULL DEFAULT '')"""
+                    dimension_key text NOT NULL DEFAULT '',
+                    charge_label text GENERATED ALWAYS AS (metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key ELSE '' END) STORED)"""
         )
     from billing.stripe_sync import mode, parking
 

@@ -63,12 +63,14 @@ def reset_state() -> None:
             f"""CREATE TABLE {SNAPSHOT_SCHEMA}.fct_daily_charges (
                     org_id text, metric text, usage_date date, period_start date, currency text,
                     cumulative_charge_cents bigint, daily_charge_cents bigint,
-                    dimension_key text NOT NULL DEFAULT '')"""
+                    dimension_key text NOT NULL DEFAULT '',
+                    charge_label text GENERATED ALWAYS AS (metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key ELSE '' END) STORED)"""
         )
         cx.execute(  # the true-up lines the push reads of ended periods (none here)
             f"""CREATE TABLE {SNAPSHOT_SCHEMA}.fct_invoice_lines (
                     org_id text, period_start date, line_type text, metric text,
-                    currency text, amount_cents bigint)"""
+                    currency text, amount_cents bigint,
+                    charge_label text GENERATED ALWAYS AS (line_type || coalesce('.' || metric, '')) STORED)"""
         )
         cx.execute(
             f"""CREATE TABLE {SNAPSHOT_SCHEMA}.fct_invoices (

@@ -86,3 +86,16 @@
 {% macro day_end(day_expr) -%}
     (({{ day_expr }}) + 1)::timestamp at time zone 'UTC'
 {%- endmacro %}
+
+{#- The first instant of a UTC day, as timestamptz. -#}
+{% macro day_start(day_expr) -%}
+    ({{ day_expr }})::timestamp at time zone 'UTC'
+{%- endmacro %}
+
+{#- A charge's label (billing.pricing.charge_label): the metric, its dimension key when it
+    has one, and the segment's " from YYYY-MM-DD" when the segment starts after the period;
+    it names the Stripe items (metadata.metric) and the reconciliation's lines. -#}
+{% macro charge_label(metric, dimension_key, label_suffix) -%}
+    {{ metric }} || case when {{ dimension_key }} <> '' then ' ' || {{ dimension_key }} else '' end
+        || {{ label_suffix }}
+{%- endmacro %}

@@ -72,3 +72,11 @@
     {#- round(Decimal) rounds half away from zero in ClickHouse (banker's only for floats). -#}
     toInt64(round(({{ amount }}) * toDecimal64(intExp10({{ minor_exponent }}), 0), 0))
 {%- endmacro %}
+
+{#- A plan amount in minor units for the days of a segment (docs/SUBSCRIPTIONS.md
+    "Proration"): round_half_up(amount x days / period_days), exact on numeric; the whole
+    amount for a whole period. -#}
+{% macro prorate(amount_minor, days, period_days) -%}
+    case when {{ days }} = {{ period_days }} then {{ amount_minor }}
+         else round(({{ amount_minor }})::numeric * {{ days }} / {{ period_days }})::bigint end
+{%- endmacro %}

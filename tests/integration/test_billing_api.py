@@ -39,7 +39,10 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.fct_invoice_lines (
     period_start date, line_type text, metric text, pricing_mode text, quantity numeric,
     amount_cents bigint, currency text, tiers jsonb, catalog_version text, aggregation text,
     credited_cents bigint NOT NULL DEFAULT 0, credited_days integer NOT NULL DEFAULT 0,
-    dimension_key text NOT NULL DEFAULT '', dimensions jsonb NOT NULL DEFAULT '{{}}');
+    dimension_key text NOT NULL DEFAULT '', dimensions jsonb NOT NULL DEFAULT '{{}}',
+    segment_start date, segment_end date, plan text,
+    charge_label text GENERATED ALWAYS AS (CASE WHEN line_type = 'usage' THEN metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key ELSE '' END
+        ELSE line_type || coalesce('.' || metric, '') END) STORED);
 """
 
 

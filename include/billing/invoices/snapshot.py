@@ -53,17 +53,21 @@ class Line:
     credited_days: int = 0
     dimension_key: str = ""  # the combination of dimension values the line prices
     dimensions: dict[str, str | None] = field(default_factory=dict)
+    # the subscription segment [segment_start, segment_end) the line belongs to, its plan
+    # and the snapshot's charge label (docs/SUBSCRIPTIONS.md)
+    segment_start: dt.date | None = None
+    segment_end: dt.date | None = None
+    plan: str | None = None
+    charge_label: str = ""
 
     @property
     def charge(self) -> str:
-        """The line's charge label (``billing.pricing.charge_label``), as Stripe items name it."""
-        from billing.pricing.catalog import charge_label, true_up_label
-
+        """The line's charge, as Stripe items name it (``metadata.metric``): the snapshot's
+        charge label; every segment's base fee is the one ``base_fee`` charge (pushed as the
+        period's total)."""
         if self.line_type == "base_fee":
             return "base_fee"
-        if self.line_type != "usage":  # a true-up: minimum_spend.<metric>, minimum_commitment
-            return true_up_label(self.line_type, self.metric)
-        return charge_label(str(self.metric), self.dimension_key)
+        return self.charge_label
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ def _fetch(cx, where: sql.Composable, params: tuple) -> list[Invoice]:
     q = sql.SQL(
         "SELECT {cols}, l.line_number, l.line_type, l.metric, l.pricing_mode, l.quantity,"
         " l.amount_cents, l.tiers::text, l.aggregation, l.credited_cents, l.credited_days,"
-        " l.dimension_key, l.dimensions"
+        " l.dimension_key, l.dimensions, l.segment_start, l.segment_end, l.plan,"
+        " l.charge_label"
         " FROM (SELECT * FROM {inv} WHERE {where}) AS i"
         " LEFT JOIN {lines} AS l ON l.invoice_id = i.invoice_id"
         " ORDER BY i.org_id, i.period_start, l.line_number"

@@ -109,16 +109,24 @@ def event_dimension_key(dimensions: Sequence[str], properties: Mapping[str, Any]
 
 
 def charge_days(
-    aggregation: str, event_days: Iterable[dt.date], period_end: dt.date, run_day: dt.date
+    aggregation: str,
+    event_days: Iterable[dt.date],
+    period_end: dt.date,
+    run_day: dt.date,
+    segment: tuple[dt.date, dt.date] | None = None,
 ) -> list[dt.date]:
     """The days of one period that carry a ``C(d)`` row: the days with events, and for a
     time-weighted metric every day from its first event through the period's end, or
-    through the later of ``run_day`` and the last event day while the period is open."""
+    through the later of ``run_day`` and the last event day while the period is open; cut
+    to a subscription ``segment`` ``[first day, day after its last)`` when given (for a
+    time-weighted metric ``event_days`` are the period's, so a held value carries in)."""
     days = sorted(set(event_days))
+    lo, hi = segment or (dt.date.min, dt.date.max)
     if aggregation != TIME_WEIGHTED or not days:
-        return days
-    through = min(period_end, max(run_day, days[-1]))
-    return [days[0] + dt.timedelta(days=k) for k in range((through - days[0]).days + 1)]
+        return [d for d in days if lo <= d < hi]
+    first = max(days[0], lo)
+    through = min(period_end, max(run_day, days[-1]), hi - dt.timedelta(days=1))
+    return [first + dt.timedelta(days=k) for k in range((through - first).days + 1)]
 
 
 def period_to_date(
@@ -126,14 +134,21 @@ def period_to_date(
     events: Iterable[BillableEvent],
     days: Sequence[dt.date],
     prop: str | None = None,
+    since: dt.date | None = None,
 ) -> list[Decimal]:
-    """``[Q(d) for d in days]``: the aggregate of the events on or before each day."""
+    """``[Q(d) for d in days]``: the aggregate of the events on or before each day; a
+    time-weighted quantity counts from the first instant of ``since`` (a segment's first
+    day) when given, the value held then included."""
     ordered = sorted(events, key=lambda e: (e.occurred_at, e.event_id))
-    return [_aggregate(aggregation, ordered, d, prop) for d in days]
+    return [_aggregate(aggregation, ordered, d, prop, since) for d in days]
 
 
 def _aggregate(
-    aggregation: str, ordered: list[BillableEvent], day: dt.date, prop: str | None
+    aggregation: str,
+    ordered: list[BillableEvent],
+    day: dt.date,
+    prop: str | None,
+    since: dt.date | None = None,
 ) -> Decimal:
     upto = [e for e in ordered if e.day <= day]
     if aggregation == SUM:
@@ -150,7 +165,7 @@ def _aggregate(
     if aggregation == LATEST:
         return upto[-1].quantity if upto else Decimal(0)
     if aggregation == TIME_WEIGHTED:
-        return _time_weighted(upto, day)
+        return _time_weighted(upto, day, since)
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
@@ -158,15 +173,19 @@ def _micros(delta: dt.timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _time_weighted(upto: list[BillableEvent], day: dt.date) -> Decimal:
+def _time_weighted(upto: list[BillableEvent], day: dt.date, since: dt.date | None) -> Decimal:
     horizon = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+    start = None if since is None else dt.datetime.combine(since, dt.time(), dt.UTC)
     scaled = 0  # Σ v_i × 10^9 × µs_i, an exact integer
     for event, nxt in zip(upto, [*upto[1:], None], strict=True):
         end = horizon if nxt is None else min(nxt.occurred_at, horizon)
+        begin = event.occurred_at if start is None else max(event.occurred_at, start)
+        if end <= begin:
+            continue
         nano = event.quantity.scaleb(9)
         if nano != nano.to_integral_value():
             raise ValueError(f"event {event.event_id}: more than 9 decimal places")
-        scaled += int(nano) * _micros(end - event.occurred_at)
+        scaled += int(nano) * _micros(end - begin)
     # round half up of scaled / 3.6e9 to an integer count of 10^-9 units, exactly
     nanos = (2 * scaled + _MICROS_PER_HOUR) // (2 * _MICROS_PER_HOUR)
     return Decimal(nanos).scaleb(-9)

@@ -20,6 +20,7 @@ of being silently wrong.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -234,6 +235,9 @@ class Metric:
 class Catalog:
     metrics: Mapping[str, Metric] = field(hash=False)
     plans: Mapping[str, Plan] = field(hash=False)
+    #: the UTC day its prices take effect (docs/SUBSCRIPTIONS.md "Catalog versions"); None:
+    #: from the first day no closed period covers
+    effective_from: dt.date | None = None
 
     def plan(self, name: str) -> Plan:
         try:
@@ -870,7 +874,8 @@ def parse_catalog(data: Any, source: str = "catalog") -> Catalog:
                 "top level",
                 f"must be a mapping with 'metrics' and 'plans', got {_describe(data)}",
             )
-        _check_keys(data, "", {"metrics", "plans"}, set())
+        _check_keys(data, "", {"metrics", "plans"}, {"effective_from"})
+        effective_from = _effective_from(data.get("effective_from"))
         metrics_raw = data["metrics"]
         if not isinstance(metrics_raw, dict) or not metrics_raw:
             raise _Invalid("metrics", f"must be a non-empty mapping, got {_describe(metrics_raw)}")
@@ -887,7 +892,24 @@ def parse_catalog(data: Any, source: str = "catalog") -> Catalog:
             plans[name] = _parse_plan(name, spec, metrics)
     except _Invalid as exc:
         raise ConfigError(f"{source}: {exc.where}: {exc.message}") from None
-    return Catalog(metrics=MappingProxyType(metrics), plans=MappingProxyType(plans))
+    return Catalog(
+        metrics=MappingProxyType(metrics),
+        plans=MappingProxyType(plans),
+        effective_from=effective_from,
+    )
+
+
+def _effective_from(value: Any) -> dt.date | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime) or not isinstance(value, dt.date | str):
+        raise _Invalid("effective_from", f"must be a date YYYY-MM-DD, got {_describe(value)}")
+    if isinstance(value, str):
+        try:
+            value = dt.date.fromisoformat(value)
+        except ValueError:
+            raise _Invalid("effective_from", f"must be a date YYYY-MM-DD, got {value!r}") from None
+    return value
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:
@@ -1060,7 +1082,10 @@ def _canonical(catalog: Catalog) -> dict[str, Any]:
             )
             for p in catalog.plans.values()
         },
-    }
+    } | (
+        # only when set: catalogs without a date keep their version
+        {"effective_from": catalog.effective_from.isoformat()} if catalog.effective_from else {}
+    )
 
 
 def catalog_version(catalog_or_path: Catalog | str | Path | None) -> str:

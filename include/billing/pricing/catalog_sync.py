@@ -3,10 +3,19 @@
 The rows come from :func:`billing.pricing.catalog.catalog_tables`, keyed by
 :func:`billing.pricing.catalog.catalog_version`: a version is content-addressed, so it is written
 once and only the ``is_current`` flag moves. Safe to call on every run.
+
+A version prices the days from its activation's ``effective_from`` (docs/SUBSCRIPTIONS.md
+"Catalog versions"): the catalog's own ``effective_from``, else the first day no closed
+period covers (since always before any month closed). A closed period is never re-priced
+by a later catalog: a date inside one is refused.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+
+from billing.platform.dates import month_end
+from billing.platform.errors import ConfigError
 from billing.pricing import catalog as pricing
 
 SYNC_LOCK = 7_203_003  # advisory lock key: one sync at a time
@@ -50,6 +59,7 @@ def sync(cx, catalog: pricing.Catalog) -> str:
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [(version, *row) for row in tables["plan_tiers"]],
             )
+        _activate(cur, version, catalog.effective_from)
         cur.execute(
             "UPDATE billing.catalog_versions SET is_current = false "
             "WHERE is_current AND catalog_version <> %s",
@@ -61,6 +71,50 @@ def sync(cx, catalog: pricing.Catalog) -> str:
             (version,),
         )
     return version
+
+
+def _first_open_day(cur) -> dt.date | None:
+    """The day after the last closed period, or None when no period has closed."""
+    cur.execute("SELECT max(period) FROM billing.period_closes")
+    (last,) = cur.fetchone()
+    return None if last is None else month_end(last) + dt.timedelta(days=1)
+
+
+def _activate(cur, version: str, effective_from: dt.date | None) -> None:
+    """Put ``version`` in force from ``effective_from`` unless the newest activation is it."""
+    cur.execute(
+        "SELECT catalog_version FROM billing.catalog_activations "
+        "ORDER BY activation_id DESC LIMIT 1"
+    )
+    newest = cur.fetchone()
+    if newest is not None and newest[0] == version:
+        return
+    first_open = _first_open_day(cur)
+    if effective_from is not None and first_open is not None and effective_from < first_open:
+        raise ConfigError(
+            f"catalog effective_from {effective_from.isoformat()} falls in a closed period "
+            f"(closed through {(first_open - dt.timedelta(days=1)).isoformat()}): a finalized "
+            f"period is never re-priced; use {first_open.isoformat()} or later "
+            "(corrections of a closed period: billing rerate)"
+        )
+    day = effective_from or first_open or dt.date.min
+    cur.execute(
+        "INSERT INTO billing.catalog_activations (catalog_version, effective_from) "
+        "VALUES (%s, %s)",
+        (version, "-infinity" if day == dt.date.min else day),
+    )
+
+
+def activations(cx) -> list[tuple[str, dt.date | None, dt.datetime]]:
+    """``(catalog_version, effective_from or None for since always, activated_at)``, oldest
+    first: which catalog priced which days."""
+    rows = cx.execute(
+        "SELECT catalog_version, effective_from::text, activated_at FROM "
+        "billing.catalog_activations ORDER BY activation_id"
+    ).fetchall()
+    return [
+        (v, None if d == "-infinity" else dt.date.fromisoformat(d), at) for v, d, at in rows
+    ]
 
 
 def current_version(cx) -> str | None:

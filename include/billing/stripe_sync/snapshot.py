@@ -37,26 +37,25 @@ class BaseFee:
 
 def cumulative_through(cx, period: dt.date, day: dt.date) -> list[Cumulative]:
     """C_now(day) per org and charge: the latest usage day's cumulative charge up to ``day``.
-    A charge is a metric, or a metric and one combination of its dimension values
-    (``billing.pricing.charge_label``: ``ai_tokens ["gpt-4o", "input"]``)."""
+    A charge is a metric, or a metric and one combination of its dimension values, in one
+    subscription segment (the snapshot's ``charge_label``: ``ai_tokens ["gpt-4o", "input"]``,
+    ``api_calls from 2026-03-15``)."""
     q = sql.SQL(
-        """SELECT DISTINCT ON (org_id, metric, dimension_key) org_id,
-                  metric || CASE WHEN dimension_key <> '' THEN ' ' || dimension_key ELSE '' END,
+        """SELECT DISTINCT ON (org_id, charge_label) org_id, charge_label,
                   lower(currency), cumulative_charge_cents
              FROM {t}
             WHERE period_start = %s AND usage_date <= %s
-            ORDER BY org_id, metric, dimension_key, usage_date DESC"""
+            ORDER BY org_id, charge_label, usage_date DESC"""
     ).format(t=_rel("fct_daily_charges"))
     return [Cumulative(*r) for r in cx.execute(q, (period, day)).fetchall()]
 
 
 def true_ups(cx, period: dt.date) -> list[Cumulative]:
     """The period's true-up lines (minimum spend, commitment) per org, labelled as their
-    Stripe items are (``minimum_spend.<metric>``, ``minimum_commitment``)."""
+    Stripe items are (``minimum_spend.<metric>``, ``minimum_commitment``, plus a later
+    segment's `` from YYYY-MM-DD``)."""
     q = sql.SQL(
-        """SELECT org_id,
-                  line_type || CASE WHEN metric IS NULL THEN '' ELSE '.' || metric END,
-                  lower(currency), amount_cents
+        """SELECT org_id, charge_label, lower(currency), amount_cents
              FROM {t}
             WHERE period_start = %s AND line_type IN ('minimum_spend', 'minimum_commitment')
             ORDER BY 1, 2"""

@@ -287,7 +287,9 @@ def prepare(cx, catalog=None) -> str:
     """Sync the catalog and check every org against it; return the catalog version.
 
     Fails with one clear message (and nothing written by dbt) on a catalog error, an org
-    on an unknown plan or an org whose currency differs from its plan's.
+    subscribed to an unknown plan or one whose currency differs from its plan's (the
+    subscriptions not over before the first day no closed period covers: the catalog may
+    have dropped an old plan).
     """
     from billing import pricing
     from billing.pricing import catalog_sync
@@ -295,7 +297,11 @@ def prepare(cx, catalog=None) -> str:
     catalog = catalog or pricing.load_catalog()
     problems = []
     for org_id, plan, currency in cx.execute(
-        "SELECT org_id, plan, lower(currency) FROM billing.organizations ORDER BY org_id"
+        """SELECT DISTINCT s.org_id, s.plan, lower(o.currency)
+             FROM billing.subscriptions s JOIN billing.organizations o USING (org_id)
+            WHERE s.ends_at IS NULL OR s.ends_at > coalesce(
+                  (SELECT max(period) + interval '1 month' FROM billing.period_closes), '-infinity')
+            ORDER BY 1, 2"""
     ).fetchall():
         if plan not in catalog.plans:
             known = ", ".join(sorted(catalog.plans))

@@ -8,10 +8,13 @@
     )
 }}
 {#-
-  Invoices exist for every org that had billable usage in the period or existed by its
-  end. Lines: the base fee, then one per metric the plan prices or the org used (one per
-  combination of dimension values used, for a dimensioned metric), with amount_cents =
-  C(last day) from fct_daily_charges.
+  Invoices exist for every org subscribed for some day of the period that had billable
+  usage in it or existed by its end. Lines, per subscription segment (docs/SUBSCRIPTIONS.md):
+  the base fee prorated to the segment's days, then one per metric the segment's plan
+  prices or the org used in it (one per combination of dimension values used, for a
+  dimensioned metric), with amount_cents = C(last day) from fct_daily_charges, then the
+  segment's true-ups. A segment that starts after the period's first day names its start in
+  the line id ("@YYYY-MM-DD") and charge label (" from YYYY-MM-DD").
 -#}
 with periods as (
     select
@@ -20,18 +23,25 @@ with periods as (
     from {{ ref('int_periods_affected') }}
 ),
 
+segments as (
+    select *
+    from {{ ref('int_subscription_segments') }}
+    where period_start in (select period_start from periods)
+),
+
 month_usage as (
-    select distinct on (org_id, metric, dimension_key, period_start)
+    select distinct on (org_id, metric, dimension_key, period_start, segment_start)
         org_id,
         metric,
         dimension_key,
         period_start,
+        segment_start,
         cumulative_quantity as quantity,
         cumulative_amount as exact_amount,
         cumulative_charge_cents as amount_cents
     from {{ ref('fct_daily_charges') }}
     where period_start in (select period_start from periods)
-    order by org_id, metric, dimension_key, period_start, usage_date desc
+    order by org_id, metric, dimension_key, period_start, segment_start, usage_date desc
 ),
 
 {#- The days whose charge was negative (a cheaper volume tier, a latest value that fell):
@@ -42,48 +52,66 @@ month_credits as (
         metric,
         dimension_key,
         period_start,
+        segment_start,
         sum(daily_charge_cents) as credited_cents,
         count(*) as credited_days
     from {{ ref('fct_daily_charges') }}
     where period_start in (select period_start from periods)
       and daily_charge_cents < 0
-    group by org_id, metric, dimension_key, period_start
+    group by org_id, metric, dimension_key, period_start, segment_start
 ),
 
-invoices as (
-    select
-        {{ invoice_id('o.org_id', 'p.period_start') }} as invoice_id,
-        o.org_id,
-        p.period_start,
-        o.plan,
-        o.currency,
-        o.base_fee_cents,
-        o.minimum_commitment_cents,
-        o.catalog_version
-    from {{ ref('int_orgs_priced') }} as o
-    cross join periods as p
-    where (o.created_at at time zone 'UTC')::date <= p.period_end
+invoiced as (
+    select distinct s.org_id, s.period_start
+    from segments as s
+    inner join periods as p on p.period_start = s.period_start
+    where (s.created_at at time zone 'UTC')::date <= p.period_end
        or exists (
            select 1 from month_usage as u
-           where u.org_id = o.org_id and u.period_start = p.period_start
+           where u.org_id = s.org_id and u.period_start = s.period_start
        )
 ),
 
-{#- A line per metric the plan prices (one at 0 when unused), and per metric and
-    combination of dimension values the org used. -#}
+{#- One row per invoice segment: the segment's plan, version and prorated amounts. -#}
+invoices as (
+    select
+        {{ invoice_id('s.org_id', 's.period_start') }} as invoice_id,
+        s.org_id,
+        s.period_start,
+        s.segment_start,
+        s.segment_end,
+        s.label_suffix,
+        case when s.segment_start = s.period_start then ''
+             else '@' || to_char(s.segment_start, 'YYYY-MM-DD') end as id_suffix,
+        s.segment_days,
+        s.period_days,
+        s.plan,
+        s.currency,
+        s.prorated_base_fee_cents as base_fee_cents,
+        s.prorated_commitment_cents as minimum_commitment_cents,
+        s.catalog_version
+    from segments as s
+    inner join invoiced as v on v.org_id = s.org_id and v.period_start = s.period_start
+),
+
+{#- A line per metric the segment's plan prices (one at 0 when unused), and per metric and
+    combination of dimension values the org used in the segment. -#}
 invoice_metrics as (
-    select i.invoice_id, pm.metric, '' as dimension_key
+    select i.invoice_id, i.segment_start, pm.metric, '' as dimension_key
     from invoices as i
     inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
-        on pm.plan = i.plan and pm.price_key = ''
+        on pm.catalog_version = i.catalog_version and pm.plan = i.plan and pm.price_key = ''
     where not exists (
         select 1 from month_usage as u
-        where u.org_id = i.org_id and u.period_start = i.period_start and u.metric = pm.metric
+        where u.org_id = i.org_id and u.period_start = i.period_start
+          and u.segment_start = i.segment_start and u.metric = pm.metric
     )
     union
-    select i.invoice_id, u.metric, u.dimension_key
+    select i.invoice_id, i.segment_start, u.metric, u.dimension_key
     from invoices as i
-    inner join month_usage as u on u.org_id = i.org_id and u.period_start = i.period_start
+    inner join month_usage as u
+        on u.org_id = i.org_id and u.period_start = i.period_start
+       and u.segment_start = i.segment_start
 ),
 
 usage_lines as (
@@ -91,6 +119,12 @@ usage_lines as (
         i.invoice_id,
         i.org_id,
         i.period_start,
+        i.segment_start,
+        i.segment_end,
+        i.label_suffix,
+        i.id_suffix,
+        i.segment_days,
+        i.period_days,
         i.plan,
         i.currency,
         i.catalog_version,
@@ -114,20 +148,25 @@ usage_lines as (
         pm.free_units,
         pm.max_spend
     from invoice_metrics as im
-    inner join invoices as i on i.invoice_id = im.invoice_id
+    inner join invoices as i
+        on i.invoice_id = im.invoice_id and i.segment_start = im.segment_start
     left join month_usage as u
-        on u.org_id = i.org_id and u.period_start = i.period_start and u.metric = im.metric
+        on u.org_id = i.org_id and u.period_start = i.period_start
+       and u.segment_start = i.segment_start and u.metric = im.metric
        and u.dimension_key = im.dimension_key
     left join month_credits as c
-        on c.org_id = i.org_id and c.period_start = i.period_start and c.metric = im.metric
+        on c.org_id = i.org_id and c.period_start = i.period_start
+       and c.segment_start = i.segment_start and c.metric = im.metric
        and c.dimension_key = im.dimension_key
-    left join {{ ref('stg_billing__catalog_metrics') }} as m on m.metric = im.metric
+    left join {{ ref('stg_billing__catalog_metrics') }} as m
+        on m.catalog_version = i.catalog_version and m.metric = im.metric
     {# the listed price of the line's dimension values, else the metric's default #}
     left join {{ ref('stg_billing__catalog_plan_metrics') }} as listed
-        on listed.plan = i.plan and listed.metric = im.metric
+        on listed.catalog_version = i.catalog_version and listed.plan = i.plan
+       and listed.metric = im.metric
        and im.dimension_key <> '' and listed.price_key = im.dimension_key
     left join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
-        on pm.plan = i.plan and pm.metric = im.metric
+        on pm.catalog_version = i.catalog_version and pm.plan = i.plan and pm.metric = im.metric
        and pm.price_key = coalesce(listed.price_key, '')
 ),
 
@@ -142,6 +181,7 @@ usage_lines as (
 tier_breakdown as (
     select
         l.invoice_id,
+        l.segment_start,
         l.metric,
         l.dimension_key,
         jsonb_agg(
@@ -171,44 +211,52 @@ tier_breakdown as (
         sum({{ amount }}) as amount
     from usage_lines as l
     inner join {{ ref('stg_billing__catalog_plan_tiers') }} as t
-        on t.plan = l.plan and t.metric = l.metric and t.price_key = l.price_key
-    group by l.invoice_id, l.metric, l.dimension_key
+        on t.catalog_version = l.catalog_version and t.plan = l.plan
+       and t.metric = l.metric and t.price_key = l.price_key
+    group by l.invoice_id, l.segment_start, l.metric, l.dimension_key
 ),
 
-{#- Minimum spend and commitment (docs/PRICING.md): true-up lines from the run of the
-    period's last day on (before it the usage may still reach the minimum), positive only. A metric's
-    min_spend covers its usage line (used or not; dimensioned metrics take none); the plan's
-    minimum_commitment covers the usage lines plus those true-ups. #}
+{#- Minimum spend and commitment (docs/PRICING.md), per segment and prorated to its days
+    like the base fee: true-up lines from the run of the period's last day on (before it
+    the usage may still reach the minimum), positive only. A metric's min_spend covers its
+    usage line (used or not; dimensioned metrics take none); the plan's minimum_commitment
+    covers the segment's usage lines plus those true-ups. #}
+{%- set segment_cols = 'invoice_id, org_id, period_start, segment_start, segment_end, label_suffix, id_suffix, plan, currency, catalog_version' %}
 min_spend_lines as (
     select
         l.invoice_id,
         l.org_id,
         l.period_start,
+        l.segment_start,
+        l.segment_end,
+        l.label_suffix,
+        l.id_suffix,
+        l.plan,
         l.currency,
         l.catalog_version,
         l.metric,
-        pm.min_spend_cents - l.amount_cents as amount_cents
+        {{ prorate('pm.min_spend_cents', 'l.segment_days', 'l.period_days') }} - l.amount_cents as amount_cents
     from usage_lines as l
     inner join periods as p on p.period_start = l.period_start
     inner join {{ ref('stg_billing__catalog_plan_metrics') }} as pm
-        on pm.plan = l.plan and pm.metric = l.metric and pm.price_key = ''
+        on pm.catalog_version = l.catalog_version and pm.plan = l.plan
+       and pm.metric = l.metric and pm.price_key = ''
     where l.dimension_key = ''
       and {{ run_day() }} >= p.period_end
-      and pm.min_spend_cents > l.amount_cents
+      and {{ prorate('pm.min_spend_cents', 'l.segment_days', 'l.period_days') }} > l.amount_cents
 ),
 
 commitment_lines as (
     select
-        i.invoice_id,
-        i.org_id,
-        i.period_start,
-        i.currency,
-        i.catalog_version,
+        i.invoice_id, i.org_id, i.period_start, i.segment_start, i.segment_end, i.label_suffix,
+        i.id_suffix, i.plan, i.currency, i.catalog_version,
         i.minimum_commitment_cents
             - coalesce((select sum(u.amount_cents) from usage_lines as u
-                         where u.invoice_id = i.invoice_id), 0)
+                         where u.invoice_id = i.invoice_id
+                           and u.segment_start = i.segment_start), 0)
             - coalesce((select sum(m.amount_cents) from min_spend_lines as m
-                         where m.invoice_id = i.invoice_id), 0) as amount_cents
+                         where m.invoice_id = i.invoice_id
+                           and m.segment_start = i.segment_start), 0) as amount_cents
     from invoices as i
     inner join periods as p on p.period_start = i.period_start
     where i.minimum_commitment_cents is not null
@@ -219,7 +267,7 @@ true_ups as (
     select *, 'minimum_spend' as line_type from min_spend_lines
     union all
     select
-        invoice_id, org_id, period_start, currency, catalog_version,
+        {{ segment_cols }},
         cast(null as text) as metric, amount_cents, 'minimum_commitment' as line_type
     from commitment_lines
     where amount_cents > 0
@@ -227,11 +275,7 @@ true_ups as (
 
 lines as (
     select
-        invoice_id,
-        org_id,
-        period_start,
-        currency,
-        catalog_version,
+        {{ segment_cols }},
         'base_fee' as line_type,
         cast(null as text) as metric,
         '' as dimension_key,
@@ -246,11 +290,8 @@ lines as (
     from invoices
     union all
     select
-        l.invoice_id,
-        l.org_id,
-        l.period_start,
-        l.currency,
-        l.catalog_version,
+        l.invoice_id, l.org_id, l.period_start, l.segment_start, l.segment_end, l.label_suffix,
+        l.id_suffix, l.plan, l.currency, l.catalog_version,
         'usage' as line_type,
         l.metric,
         l.dimension_key,
@@ -283,15 +324,11 @@ lines as (
         l.credited_days
     from usage_lines as l
     left join tier_breakdown as tb
-        on tb.invoice_id = l.invoice_id and tb.metric = l.metric
-       and tb.dimension_key = l.dimension_key
+        on tb.invoice_id = l.invoice_id and tb.segment_start = l.segment_start
+       and tb.metric = l.metric and tb.dimension_key = l.dimension_key
     union all
     select
-        invoice_id,
-        org_id,
-        period_start,
-        currency,
-        catalog_version,
+        {{ segment_cols }},
         line_type,
         metric,
         '' as dimension_key,
@@ -313,17 +350,26 @@ select
         when line_type = 'minimum_spend' then '.minimum_spend.' || metric
         when dimension_key = '' then '.usage.' || metric
         else '.usage.' || metric || '.' || dimension_key
-    end as invoice_line_id,
+    end || id_suffix as invoice_line_id,
     invoice_id,
     (row_number() over (
         partition by invoice_id
         order by
+            segment_start,
             case line_type when 'base_fee' then 0 when 'usage' then 1 when 'minimum_spend' then 2 else 3 end,
             metric,
             dimension_key
     ))::integer as line_number,
     org_id,
     period_start,
+    segment_start,
+    segment_end,
+    plan,
+    case
+        when line_type = 'usage' then {{ charge_label('metric', 'dimension_key', 'label_suffix') }}
+        when line_type = 'minimum_spend' then 'minimum_spend.' || metric || label_suffix
+        else line_type || label_suffix
+    end as charge_label,
     line_type,
     metric,
     dimension_key,

@@ -25,14 +25,20 @@ invoices as (
         org_id,
         period_start,
         min(currency) as currency,
-        min(catalog_version) as catalog_version,
+        {#- the plan and catalog version of the period's last segment -#}
+        (array_agg(plan order by segment_start desc))[1] as plan,
+        (array_agg(catalog_version order by segment_start desc))[1] as catalog_version,
         sum(amount_cents) filter (where line_type = 'base_fee') as base_fee_cents,
         -- usage lines and their true-ups (minimum spend and commitment)
         coalesce(sum(amount_cents) filter (where line_type <> 'base_fee'), 0) as usage_cents,
         sum(amount_cents) as total_cents,
         count(*) as line_count,
         string_agg(
-            line_type || ':' || coalesce(metric, '') || dimension_key || ':' || quantity::text || ':' || amount_cents::text
+            line_type || ':' || coalesce(metric, '') || dimension_key
+                -- a later segment's start, and its plan (invoices of one segment keep their hash)
+                || case when segment_start <> period_start
+                        then '@' || segment_start::text || ':' || plan else '' end
+                || ':' || quantity::text || ':' || amount_cents::text
                 -- credits only when there are some: invoices without keep their hash
                 || case when credited_days > 0
                         then ':' || credited_cents::text || ':' || credited_days::text else '' end,
@@ -42,14 +48,9 @@ invoices as (
     group by invoice_id, org_id, period_start
 ),
 
-plans as (
-    select org_id, plan from {{ ref('int_orgs_priced') }}
-),
-
 stated as (
     select
         i.*,
-        p.plan,
         (i.period_start + interval '1 month' - interval '1 day')::date as period_end,
         case
             when {{ run_day() }} > (i.period_start + interval '1 month' - interval '1 day')::date
@@ -58,7 +59,6 @@ stated as (
             else 'draft'
         end as status
     from invoices as i
-    left join plans as p on p.org_id = i.org_id
 )
 
 select

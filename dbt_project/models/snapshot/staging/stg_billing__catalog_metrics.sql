@@ -7,4 +7,4 @@ select
     property,
     dimensions
 from {{ source('billing', 'catalog_metrics') }}
-where {{ catalog_version_filter('catalog_version', source('billing', 'catalog_versions')) }}
+where catalog_version in (select catalog_version from {{ ref('stg_billing__catalog_versions_in_force') }})

@@ -11,4 +11,4 @@ select
     free_units,
     max_spend
 from {{ source('billing', 'catalog_plan_metrics') }}
-where {{ catalog_version_filter('catalog_version', source('billing', 'catalog_versions')) }}
+where catalog_version in (select catalog_version from {{ ref('stg_billing__catalog_versions_in_force') }})

@@ -11,4 +11,4 @@ select
     block_price,
     flat_amount
 from {{ source('billing', 'catalog_plan_tiers') }}
-where {{ catalog_version_filter('catalog_version', source('billing', 'catalog_versions')) }}
+where catalog_version in (select catalog_version from {{ ref('stg_billing__catalog_versions_in_force') }})
