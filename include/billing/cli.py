@@ -82,6 +82,102 @@ def cmd_orgs_import(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- subscriptions
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name (a container's numeric uid)
+        return f"cli:uid{os.getuid()}"
+
+
+def _subscription_rows(subs) -> list[tuple]:
+    return [
+        (s.org_id, s.plan, s.as_json()["starts_at"], s.as_json()["ends_at"] or "open") for s in subs
+    ]
+
+
+def _print_changes(written: list[dict]) -> None:
+    def show(iv):
+        return "-" if iv is None else f"{iv['plan']} [{iv['starts_at']}, {iv['ends_at'] or 'open'})"
+
+    for c in written:
+        print(f"  {show(c['before'])} -> {show(c['after'])}")
+
+
+def cmd_subscriptions(args) -> int:
+    from billing import subscriptions as subs
+    from billing.platform import db
+    from billing.platform.tables import render
+
+    c = args.subscriptions_command
+    cols = ("org_id", "plan", "starts_at", "ends_at")
+    if c in ("list", "history"):
+        with db.connect() as cx:
+            if c == "list":
+                on = args.on or dt.datetime.now(dt.UTC).date()  # a shell command, not a task
+                found = subs.list_in_force(cx, on, args.org)
+                log = None
+            else:
+                found, log = subs.history(cx, args.org), subs.changes(cx, args.org)
+        if args.format == "json":
+            out = [s.as_json() for s in found]
+            _print_json(out if log is None else {"intervals": out, "changes": log})
+            return 0
+        print(render(cols, _subscription_rows(found), empty="(no subscriptions)"))
+        if log is not None:
+            rows = [
+                (
+                    f"#{e['change_id']}",
+                    e["changed_at"].strftime("%Y-%m-%d %H:%M:%S"),
+                    e["changed_by"],
+                    e["source"],
+                    e["action"],
+                    _interval_text(e["before"]),
+                    _interval_text(e["after"]),
+                    e["reason"] or "",
+                )
+                for e in log
+            ]
+            print()
+            heads = ("change", "when (UTC)", "who", "source", "action", "before", "after", "reason")
+            print(render(heads, rows, empty="(no changes)"))
+        return 0
+    actor = _cli_actor()
+    with db.transaction() as cx:
+        if c == "import":
+            counts = subs.import_csv(cx, args.file, actor)
+            print(
+                f"{args.file}: {counts['inserted']} inserted, {counts['updated']} updated, "
+                f"{counts['unchanged']} unchanged"
+            )
+            return 0
+        if c == "change":
+            written = subs.change_plan(
+                cx, args.org, args.plan, args.effective, actor, "cli", args.reason
+            )
+            what = f"plan {args.plan!r} from {args.effective}"
+        elif c == "start":
+            written = subs.start(
+                cx, args.org, args.plan, args.starts, args.ends, actor, "cli", args.reason
+            )
+            what = f"plan {args.plan!r} from {args.starts} to {args.ends or 'open'}"
+        else:
+            written = subs.cancel(cx, args.org, args.ends, actor, "cli", args.reason)
+            what = f"no subscription from {args.ends}"
+    if not written:
+        print(f"no change: org {args.org!r} already has {what}")
+        return 0
+    print(f"org {args.org!r}: {what} ({len(written)} change(s) logged as {actor})")
+    _print_changes(written)
+    return 0
+
+
+def _interval_text(iv) -> str:
+    return "" if iv is None else f"{iv['plan']} [{iv['starts_at']}, {iv['ends_at'] or 'open'})"
+
+
 def cmd_ingest_run(args) -> int:
     from billing import ingest
     from billing.platform.dates import arrival_interval
@@ -433,6 +529,39 @@ def build_parser(found: list | None = None) -> argparse.ArgumentParser:
     )
     oi.add_argument("file", type=_existing_file)
     oi.set_defaults(func=cmd_orgs_import)
+
+    sb = sub.add_parser(
+        "subscriptions", help="plans over time: list, history, change, start, cancel"
+    )
+    sbsub = sb.add_subparsers(dest="subscriptions_command", required=True, parser_class=_Parser)
+    sbl = sbsub.add_parser("list", help="the subscriptions in force on a day")
+    sbl.add_argument("--org", default=None, help="only this org_id")
+    sbl.add_argument("--on", type=_day, default=None, help="YYYY-MM-DD (default: today UTC)")
+    sbl.add_argument("--format", choices=["table", "json"], default="table")
+    sbh = sbsub.add_parser("history", help="an org's intervals and every change: who, when, why")
+    sbh.add_argument("--org", required=True, help="org_id")
+    sbh.add_argument("--format", choices=["table", "json"], default="table")
+    sbc = sbsub.add_parser("change", help="move an org to another plan from a day on")
+    sbc.add_argument("--org", required=True, help="org_id")
+    sbc.add_argument("--plan", required=True, help="a catalog plan in the org's currency")
+    sbc.add_argument("--effective", type=_day, required=True, help="first day on the plan")
+    sbc.add_argument("--reason", default=None)
+    sbs = sbsub.add_parser("start", help="a subscription for days the org has none")
+    sbs.add_argument("--org", required=True, help="org_id")
+    sbs.add_argument("--plan", required=True, help="a catalog plan in the org's currency")
+    sbs.add_argument("--starts", type=_day, required=True, help="first day (YYYY-MM-DD)")
+    sbs.add_argument("--ends", type=_day, default=None, help="first day without (default: open)")
+    sbs.add_argument("--reason", default=None)
+    sbx = sbsub.add_parser("cancel", help="end an org's subscription (later ones are removed)")
+    sbx.add_argument("--org", required=True, help="org_id")
+    sbx.add_argument("--ends", type=_day, required=True, help="first day without a plan")
+    sbx.add_argument("--reason", default=None)
+    sbi = sbsub.add_parser(
+        "import", help="upsert intervals from CSV (org_id,plan,starts_at,ends_at)"
+    )
+    sbi.add_argument("file", type=_existing_file)
+    for sp in (sbl, sbh, sbc, sbs, sbx, sbi):
+        sp.set_defaults(func=cmd_subscriptions)
 
     ing = sub.add_parser("ingest", help="usage ingestion: load a day, report on it")
     ingsub = ing.add_subparsers(dest="ingest_command", required=True, parser_class=_Parser)

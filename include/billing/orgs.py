@@ -1,4 +1,5 @@
-"""Organisations: the customers we bill. Imported from CSV, upserted by org_id."""
+"""Organisations: the customers we bill. Imported from CSV, upserted by org_id; their plans
+over time are billing.subscriptions."""
 
 from __future__ import annotations
 
@@ -66,15 +67,34 @@ def _validate(org: Org, catalog, where: str) -> None:
 
 
 def upsert(cx, orgs: Sequence[Org]) -> int:
+    """Insert new orgs (each starts on its plan, since always: a trigger creates the first
+    subscription) and update name, email and currency of known ones. The plan of a known org
+    is not changed here: an org whose CSV plan differs from its latest subscription's refuses
+    the whole file (plan changes keep their history: ``billing subscriptions change``)."""
+    if not orgs:
+        return 0
+    latest = dict(
+        cx.execute(
+            """SELECT DISTINCT ON (org_id) org_id, plan FROM billing.subscriptions
+                WHERE org_id = ANY(%s) ORDER BY org_id, starts_at DESC""",
+            ([o.org_id for o in orgs],),
+        ).fetchall()
+    )
+    for o in sorted(orgs, key=lambda o: o.org_id):
+        if o.org_id in latest and latest[o.org_id] != o.plan:
+            raise ConfigError(
+                f"org {o.org_id!r} is on plan {latest[o.org_id]!r}; plan changes go through "
+                "'billing subscriptions change' (history is kept)"
+            )
     with cx.cursor() as cur:
         cur.executemany(
             """INSERT INTO billing.organizations (org_id, name, email, plan, currency)
                VALUES (%s, %s, %s, %s, %s)
                ON CONFLICT (org_id) DO UPDATE SET
-                 name = EXCLUDED.name, email = EXCLUDED.email, plan = EXCLUDED.plan,
+                 name = EXCLUDED.name, email = EXCLUDED.email,
                  currency = EXCLUDED.currency, updated_at = now()
-               WHERE (organizations.name, organizations.email, organizations.plan, organizations.currency)
-                     IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.email, EXCLUDED.plan, EXCLUDED.currency)""",
+               WHERE (organizations.name, organizations.email, organizations.currency)
+                     IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.email, EXCLUDED.currency)""",
             [(o.org_id, o.name, o.email, o.plan, o.currency) for o in orgs],
         )
     return len(orgs)
