@@ -508,6 +508,48 @@ def cmd_incidents(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- prepaid credits
+def _amount(value: str) -> str:
+    try:
+        ok = Decimal(value).is_finite()
+    except ArithmeticError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"invalid amount {value!r}: expected a decimal like 50.00")
+    return value
+
+
+def cmd_credits(args) -> int:
+    from billing import credits
+    from billing.platform import db
+
+    actor = f"cli:{os.environ.get('USER', '?')}"
+    c = args.credits_command
+    with db.transaction() as cx:
+        if c == "grant":
+            result = credits.grant(
+                cx,
+                args.org,
+                args.amount,
+                args.currency,
+                reason=args.reason,
+                actor=actor,
+                valid_through=args.expires,
+            )
+        elif c == "void":
+            result = credits.void(cx, args.grant_id, reason=args.reason, actor=actor)
+        else:
+            as_of = args.as_of or dt.datetime.now(dt.UTC).date()  # a shell command, not a task
+            result = credits.statement(cx, args.org, as_of)
+    if c == "list" and args.format == "table":
+        print(credits.format_statement(result))
+    elif c == "list":
+        _print_json(result)
+    else:
+        print(credits.format_change(result))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser(found: list | None = None) -> argparse.ArgumentParser:
     p = _Parser(
@@ -690,6 +732,27 @@ def build_parser(found: list | None = None) -> argparse.ArgumentParser:
     ds.add_argument("--as-of", type=_day, default=None, help="overdue as of (default: today UTC)")
     ds.add_argument("--format", choices=["table", "json"], default="table")
     ds.set_defaults(func=cmd_dunning)
+
+    cr = sub.add_parser(
+        "credits", help="prepaid credits: grant, list, void (docs/SUBSCRIPTIONS.md)"
+    )
+    crsub = cr.add_subparsers(dest="credits_command", required=True, parser_class=_Parser)
+    crg = crsub.add_parser("grant", help="grant an org credit in its currency (major units)")
+    crg.add_argument("--org", required=True, help="org_id")
+    crg.add_argument("--amount", type=_amount, required=True, help="e.g. 50.00 (exact)")
+    crg.add_argument("--currency", required=True, help="the org's currency, e.g. usd")
+    crg.add_argument("--expires", type=_day, default=None, help="usable through YYYY-MM-DD (UTC)")
+    crg.add_argument("--reason", required=True, help="printed on the invoice")
+    crg.set_defaults(func=cmd_credits)
+    crl = crsub.add_parser("list", help="an org's credit balance and every movement")
+    crl.add_argument("--org", required=True, help="org_id")
+    crl.add_argument("--as-of", type=_day, default=None, help="expiries as of (default: today UTC)")
+    crl.add_argument("--format", choices=["table", "json"], default="table")
+    crl.set_defaults(func=cmd_credits)
+    crv = crsub.add_parser("void", help="void what a grant has not given yet")
+    crv.add_argument("grant_id", type=_positive)
+    crv.add_argument("--reason", required=True)
+    crv.set_defaults(func=cmd_credits)
     for plugin in plugins() if found is None else found:
         plugin.register(sub)
     return p

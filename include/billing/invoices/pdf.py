@@ -88,6 +88,11 @@ class PdfInvoice:
     lines: tuple[PdfLine, ...] = field(default_factory=tuple)
     issued_on: date | None = None  # Stripe's finalization date; None while a draft
     due_on: date | None = None  # Stripe's due date; None while a draft
+    credits_applied_cents: int = 0  # prepaid credits the close applied (>= 0)
+
+    @property
+    def amount_due_cents(self) -> int:
+        return self.total_cents - self.credits_applied_cents
 
     @property
     def usage_cents(self) -> int:
@@ -274,6 +279,11 @@ def render(invoice: PdfInvoice) -> bytes:
         ("Usage", money(invoice.usage_cents), ""),
         (f"Total ({invoice.currency.upper()})", money(invoice.total_cents), "B"),
     ]
+    if invoice.credits_applied_cents:
+        totals += [
+            ("Credits applied", money(-invoice.credits_applied_cents), ""),
+            (f"Amount due ({invoice.currency.upper()})", money(invoice.amount_due_cents), "B"),
+        ]
     for label, value, style in totals:
         pdf.set_font("DejaVu", style, 10)
         pdf.set_x(110)

@@ -2,7 +2,8 @@
 
 - :func:`lookup` reads the few columns that identify an invoice's PDF (one indexed row);
 - :func:`etag_for` derives the strong ETag from them: the snapshot hash, the org's name and
-  email, Stripe's dates, the catalog's metric names and the renderer's layout version.
+  email, Stripe's dates, the catalog's metric names, the prepaid credits applied to the
+  invoice (``billing.credit_applications``) and the renderer's layout version.
   The renderer is a pure, deterministic function of those inputs (fixed creation date,
   deterministic font subsetting), so **same ETag => byte-identical PDF**;
 - :class:`PdfStore` keeps rendered PDFs under their ETag in object storage
@@ -49,7 +50,10 @@ _LOOKUP = """SELECT i.invoice_id, i.org_id, i.period, i.currency, i.status,
                   (s.due_at AT TIME ZONE 'UTC')::date AS due_on,
                   (SELECT coalesce(jsonb_object_agg(m.metric, m.description), '{{}}')
                      FROM billing.catalog_metrics AS m
-                    WHERE m.catalog_version = i.catalog_version) AS metric_names
+                    WHERE m.catalog_version = i.catalog_version) AS metric_names,
+                  (SELECT coalesce(sum(c.amount_cents), 0)::bigint
+                     FROM billing.credit_applications AS c
+                    WHERE c.org_id = i.org_id AND c.period = i.period_start) AS credits_applied_cents
            FROM {inv} AS i
            LEFT JOIN billing.organizations AS o ON o.org_id = i.org_id
            LEFT JOIN billing.stripe_invoices AS s
@@ -89,6 +93,8 @@ def etag_for(row: dict) -> str:
         json.dumps(row.get("metric_names") or {}, sort_keys=True),
         os.pathsep.join(str(p) for p in settings.pdf_fallback_fonts()),
     ]
+    if row.get("credits_applied_cents"):  # a part only when credits apply: other ETags stay
+        parts.append(f"credits:{int(row['credits_applied_cents'])}")
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
     return f'"{digest}"'
 
@@ -187,6 +193,7 @@ def to_pdf_invoice(inv: invoices.Invoice, row: dict):
         base_fee_cents=int(inv.base_fee_cents or 0),
         total_cents=int(inv.total_cents),
         snapshot_version=inv.snapshot_hash,
+        credits_applied_cents=int(row.get("credits_applied_cents") or 0),
         lines=tuple(
             PdfLine(
                 metric=line.metric or "",

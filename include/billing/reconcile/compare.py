@@ -42,6 +42,8 @@ ONE_SIDED = ("missing_in_stripe", "missing_internal", "currency_mismatch")
 # billing.billing_audit.status (migration 0030): the outcome labels of
 # billing_reconcile_checks_total, exported from 0.
 OUTCOMES = ("match", "within_tolerance", "mismatch", *ONE_SIDED)
+# Prepaid credits: Stripe items of metadata.kind credit vs billing.credit_applications.
+CREDIT_LINE = "credit"
 EXPECTATIONS = ("rel_diff_within_tolerance", "in_snapshot", "in_stripe", "currencies_equal")
 
 
@@ -78,8 +80,12 @@ class Side:
 
 
 def _internal(cx, period: dt.date, org_ids: Sequence[str] | None) -> dict[str, Side]:
+    """The snapshot's invoices less the prepaid credits the close applied to them (line
+    ``credit``, compared with Stripe's credit items)."""
+    from billing import credits
     from billing.invoices.snapshot import list_invoices
 
+    applied = credits.applied(cx, period, org_ids)
     out: dict[str, Side] = {}
     for inv in list_invoices(cx, period):
         if org_ids is not None and inv.org_id not in org_ids:
@@ -87,8 +93,11 @@ def _internal(cx, period: dt.date, org_ids: Sequence[str] | None) -> dict[str, S
         lines: dict[str, int] = defaultdict(int)
         for line in inv.lines:
             lines[line.charge] += line.amount_cents
+        credit = applied.get(inv.org_id, 0)
+        if credit:
+            lines[CREDIT_LINE] -= credit
         out[inv.org_id] = Side(
-            int(inv.total_cents), {inv.currency.strip().lower()}, dict(lines), "snapshot"
+            int(inv.total_cents) - credit, {inv.currency.strip().lower()}, dict(lines), "snapshot"
         )
     return out
 
@@ -177,7 +186,11 @@ class StripeReader:
         for ii in items:
             meta = _field(ii, "metadata", {})
             kind = _field(meta, "kind")
-            line = "base_fee" if kind == "base_fee" else _field(meta, "metric", "unattributed")
+            line = (
+                kind
+                if kind in ("base_fee", CREDIT_LINE)
+                else _field(meta, "metric", "unattributed")
+            )
             lines[line] += int(ii["amount"])
             currencies.add(str(ii["currency"]).lower())
             if not finalized or _field(ii, "invoice") != invoice_id:

@@ -154,6 +154,14 @@ class Engine:
                 WHERE kind = 'invoice' AND status = 'parked' GROUP BY org_id"""
             ).fetchall()
         )
+        # An invoice whose credit item is parked waits for it: finalized without it, the
+        # customer would pay what the credit covers.
+        credit_parked = set(
+            cx.execute(
+                """SELECT DISTINCT org_id, period FROM billing.stripe_outbox
+                    WHERE kind = 'credit' AND status = 'parked'"""
+            ).fetchall()
+        )
         return [
             r
             for r in rows
@@ -161,6 +169,9 @@ class Engine:
                 r["org_id"] in held
                 and r["kind"] in ("usage_item", "base_fee")
                 and r["outbox_id"] > held[r["org_id"]]
+            )
+            and not (
+                r["kind"] in ("invoice", "finalize") and (r["org_id"], r["period"]) in credit_parked
             )
         ]
 
@@ -278,7 +289,7 @@ class Engine:
         kind = row["kind"]
         if kind == "customer":
             return v1.customers.create(params=params, options=opts)
-        if kind in ("usage_item", "base_fee"):
+        if kind in ("usage_item", "base_fee", "credit"):
             return v1.invoice_items.create(params={**params, "customer": customer_id}, options=opts)
         if kind == "invoice":
             # pending_invoice_items_behavior=exclude (the payload): the invoice takes no
@@ -358,7 +369,7 @@ class Engine:
                 if field(field(c, "metadata", {}), "org_id") == row["org_id"]:
                     return c["id"]
             return None
-        if kind in ("usage_item", "base_fee"):
+        if kind in ("usage_item", "base_fee", "credit"):
             for ii in self._iter_list(
                 lambda p: self.gw.v1.invoice_items.list(params=p),
                 {"customer": customer_id, "created": created},

@@ -20,7 +20,7 @@ import datetime as dt
 from collections import defaultdict
 
 from billing.platform.dates import month_end, period_of
-from billing.stripe_sync import snapshot
+from billing.stripe_sync import credit_items, snapshot
 from billing.stripe_sync.outbox import Write, key_for
 
 
@@ -235,6 +235,8 @@ def plan_close(cx, period: dt.date, days_until_due: int) -> tuple[list[Write], d
         if open_states:
             blocked[org] = f"items still {', '.join(sorted(open_states))}"
             continue
+        # prepaid credits first (claimed once), so the finalize attaches them
+        writes += credit_items.plan(cx, org, period, currency.get(org))
         key = key_for("invoice", org, period)
         writes.append(
             Write(

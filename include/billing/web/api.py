@@ -302,9 +302,11 @@ def create_app() -> FastAPI:
     from billing.observability import export as metrics_export
 
     metrics_export.instrument(app)  # RED middleware + GET /billing/metrics (same auth)
+    from billing.web import credits as web_credits
     from billing.web import page as billing_page
 
     billing_page.install(app)  # the Billing page (GET /billing/ui) and its actions
+    web_credits.install(app)  # GET /billing/orgs/{org_id}/credits
     _invoice_routes(app)
     _meta_routes(app)
     return app

@@ -433,7 +433,14 @@ def overview(request: Request) -> dict:
         "reconcile": rec,
         "default_period": default_period(rec),
         "reconcile_dag": RECONCILE_DAG,
+        "credits": _credits_panel(request.query_params.get("org")),
     }
+
+
+def _credits_panel(org_id: str | None) -> dict | None:
+    from billing.web import credits
+
+    return credits.panel(org_id)
 
 
 # ---------------------------------------------------------------- rendering
