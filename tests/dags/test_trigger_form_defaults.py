@@ -43,6 +43,17 @@ def test_no_empty_default_is_required(dagbag):
         ("billing_reconcile", {"period": None, "org_ids": [], "idempotency_key": None}),
         ("billing_retention_purge", {"dry_run": True, "confirm": None}),
         ("billing_retry_parked", {"keys": [], "all": False}),
+        (
+            "billing_subscriptions",
+            {
+                "action": "change",
+                "org_id": None,
+                "plan": None,
+                "effective": None,
+                "ends": None,
+                "reason": None,
+            },
+        ),
     ],
 )
 def test_defaults_validate_to_derive(dagbag, dag_id, resolved):
@@ -56,6 +67,7 @@ def test_emptied_fields_validate(dagbag):
         "billing_reconcile": ["period", "org_ids", "idempotency_key"],
         "billing_retention_purge": ["confirm"],
         "billing_retry_parked": ["keys"],
+        "billing_subscriptions": ["org_id", "plan", "effective", "ends", "reason"],
     }.items():
         params = copy.deepcopy(dagbag.dags[dag_id].params)
         for name in names:
