@@ -551,6 +551,39 @@ def cmd_credits(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
+def _period_strict(value: str) -> dt.date:
+    from billing.platform.dates import parse_period
+
+    try:
+        return parse_period(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_rerate(args) -> int:
+    from billing.platform.tables import render
+    from billing.stripe_sync import corrections
+
+    result = corrections.rerate(args.period, args.org, apply=args.apply)
+    if args.format == "json":
+        _print_json(result)
+        return 0
+    keys = ("org_id", "label", "currency", "billed_cents", "want_cents", "diff_cents")
+    rows = [tuple(d[k] for k in keys) for d in result["diffs"] if d["diff_cents"]]
+    print(f"rerate {result['period']}: billed vs re-rated, minor units (non-zero diffs)")
+    cols = ("org", "label", "currency", "billed", "want", "diff")
+    print(render(cols, rows, right=("billed", "want", "diff"), empty="(no difference)"))
+    if result["corrections"]:
+        verb = "enqueued" if args.apply else "would write (dry run; --apply to write)"
+        print(f"corrections {verb}:")
+        for c in result["corrections"]:
+            note = "" if not args.apply or c["enqueued"] else " (already in the outbox)"
+            print(f"  {c['org_id']} {c['label']}: {c['kind']} {c['amount_cents']}{note}")
+    if "drain" in result:
+        print(f"stripe: {result['drain'].get('status')} {result['drain']}")
+    return 0
+
+
 def build_parser(found: list | None = None) -> argparse.ArgumentParser:
     p = _Parser(
         prog="billing",
@@ -708,6 +741,15 @@ def build_parser(found: list | None = None) -> argparse.ArgumentParser:
     rc.add_argument("--idempotency-key", default=None, help="same key = same stored result")
     rc.add_argument("--json", action="store_true", help="print the payload as JSON")
     rc.set_defaults(func=cmd_reconcile)
+
+    rr = sub.add_parser(
+        "rerate", help="re-price a past period from its events; diff with Stripe; --apply corrects"
+    )
+    rr.add_argument("--period", type=_period_strict, required=True, help="YYYY-MM")
+    rr.add_argument("--org", default=None, metavar="ID", help="only this org_id")
+    rr.add_argument("--apply", action="store_true", help="write the corrections (default: dry run)")
+    rr.add_argument("--format", choices=["table", "json"], default="table")
+    rr.set_defaults(func=cmd_rerate)
 
     inc = sub.add_parser("incidents", help="reconciliation incidents (Engineering + Finance)")
     incsub = inc.add_subparsers(dest="incidents_command", required=True, parser_class=_Parser)

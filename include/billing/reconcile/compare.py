@@ -7,7 +7,8 @@ billing_audit", and "if >0.5% mismatch, file an incident and assign Engineering 
 * Stripe side: every invoice item of the org's customer whose ``metadata.period`` is the
   period (items without that metadata fall in the month of their ``period.start``), minus
   items on a void invoice. Once the period's invoice is finalized, its ``total`` replaces
-  the items it carries, so discounts, taxes or dashboard edits on it count.
+  the items it carries, so discounts, taxes or dashboard edits on it count; its period's
+  credit notes (corrections after finalization) are subtracted, by ``metadata.metric``.
 * Exact money: integer cents and Decimal ratios. ``rel_diff = |stripe - internal| /
   |internal|``; 1 when the sides cannot be compared (one side missing, currencies differ).
 * Great Expectations (ephemeral context, loaded only here) checks the tolerance, that no
@@ -183,6 +184,10 @@ class StripeReader:
         lines: dict[str, int] = defaultdict(int)
         currencies: set[str] = set()
         extra = 0  # period items not on the finalized invoice (charged on another one)
+        if finalized:  # corrections after finalization: credit notes of the period
+            for label, cents in self.credit_notes(customer_id, key, invoice_id).items():
+                lines[label] -= cents
+                extra -= cents
         for ii in items:
             meta = _field(ii, "metadata", {})
             kind = _field(meta, "kind")
@@ -205,6 +210,23 @@ class StripeReader:
                 invoice_id,
             )
         return Side(extra, currencies, dict(lines), "items")
+
+    def credit_notes(self, customer_id: str, period: str, invoice_id: str) -> dict[str, int]:
+        """label -> cents of the customer's issued (not void) credit notes for ``period``
+        (``metadata.period``, else the period's invoice), by ``metadata.metric``."""
+        out: dict[str, int] = defaultdict(int)
+        for cn in self._pages(
+            "list_credit_notes",
+            lambda p: self.gw.v1.credit_notes.list(params=p),
+            {"customer": customer_id},
+        ):
+            meta = _field(cn, "metadata", {})
+            mine = _field(meta, "period") == period or (
+                not _field(meta, "period") and _field(cn, "invoice") == invoice_id
+            )
+            if mine and _field(cn, "status") != "void":
+                out[_field(meta, "metric", "unattributed")] += int(cn["total"])
+        return dict(out)
 
 
 def _item_period(ii: Any) -> str | None:

@@ -265,6 +265,12 @@ class Engine:
                     )
                 )
                 upsert_invoice(cx, row["org_id"], row["period"], invoice)
+            elif row["kind"] == "credit_note":  # the invoice's amount due changed
+                invoice_id = self._invoice_id(cx, row)
+                invoice = self.gw.once(
+                    "retrieve_invoice", lambda: self.gw.v1.invoices.retrieve(invoice_id)
+                )
+                upsert_invoice(cx, row["org_id"], row["period"], invoice)
             outbox.mark_sent(
                 cx, row["outbox_id"], object_id, adopted=adopted, attempted=not adopted
             )
@@ -299,7 +305,20 @@ class Engine:
             invoice_id = self._invoice_id(cx, row)
             self._attach_items(row, customer_id, invoice_id)
             return v1.invoices.finalize_invoice(invoice_id, params=params, options=opts)
+        if kind == "credit_note":
+            return self._credit_note(cx, row, params, opts)
         raise ValueError(f"unknown outbox kind {kind!r}")
+
+    def _credit_note(self, cx, row: dict, params: dict, opts: dict) -> Any:
+        """A correction's credit note against the period's finalized invoice (resolved now):
+        pre-payment on an open invoice; on a paid one Stripe wants the split, credited to
+        the customer's balance (billing.stripe_sync.corrections)."""
+        invoice_id = self._invoice_id(cx, row)
+        invoice = self.gw.once("retrieve_invoice", lambda: self.gw.v1.invoices.retrieve(invoice_id))
+        params = {**params, "invoice": invoice_id}
+        if invoice["status"] == "paid":
+            params["credit_amount"] = -int(row["amount_cents"])
+        return self.gw.v1.credit_notes.create(params=params, options=opts)
 
     def _invoice_id(self, cx, row: dict) -> str:
         found = cx.execute(
@@ -388,6 +407,14 @@ class Engine:
         if kind == "finalize":
             inv = self.gw.v1.invoices.retrieve(self._invoice_id(cx, row))
             return inv["id"] if inv["status"] != "draft" else None
+        if kind == "credit_note":
+            for cn in self._iter_list(
+                lambda p: self.gw.v1.credit_notes.list(params=p),
+                {"invoice": self._invoice_id(cx, row)},
+            ):
+                if field(field(cn, "metadata", {}), "idempotency_key") == key:
+                    return cn["id"]
+            return None
         raise ValueError(kind)
 
 

@@ -11,7 +11,9 @@ re-runs and backfills are harmless.
 Late events can also change an earlier period that is still inside the lateness window
 (its Stripe invoice may already be finalized). Day D then also pushes, for each such
 period P, ``C_now(last day of P) - pushed(P)``: an item tagged with period P that Stripe
-collects on the next invoice, so every period's items still add up to its snapshot.
+collects on the next invoice, so every period's items still add up to its snapshot. Once
+P's Stripe invoice is finalized, a negative difference becomes a credit note against it and
+a positive one a "Correction for P" item (``corrections.route``; docs/MONTH_CLOSE.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import defaultdict
 
 from billing.platform.dates import month_end, period_of
 from billing.stripe_sync import credit_items, snapshot
+from billing.stripe_sync.corrections import route as route_corrections
 from billing.stripe_sync.outbox import Write, key_for
 
 
@@ -113,6 +116,8 @@ def plan_day(cx, day: dt.date) -> list[Write]:
                 currency=b.currency,
             )
         )
+    # earlier periods whose invoice is finalized: credit notes / correction items instead
+    items = route_corrections(cx, items, day)
     orgs = {w.org_id for w in items} | {w.org_id for w in fees}
     return plan_customers(cx, orgs, period) + fees + items
 
@@ -123,7 +128,8 @@ def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Wr
         (org, metric): (int(total), last)
         for org, metric, total, last in cx.execute(
             """SELECT org_id, metric, sum(amount_cents), max(day) FROM billing.stripe_outbox
-                WHERE kind = 'usage_item' AND period = %s AND status <> 'cancelled'
+                WHERE kind IN ('usage_item', 'credit_note') AND period = %s
+                  AND status <> 'cancelled'
                 GROUP BY org_id, metric""",
             (period,),
         ).fetchall()
@@ -173,7 +179,8 @@ def _true_up_items(cx, period: dt.date, day: dt.date) -> list[Write]:
         for org, label, total, last, currency in cx.execute(
             """SELECT org_id, metric, sum(amount_cents), max(day), min(currency)
                  FROM billing.stripe_outbox
-                WHERE kind = 'usage_item' AND period = %s AND status <> 'cancelled'
+                WHERE kind IN ('usage_item', 'credit_note') AND period = %s
+                  AND status <> 'cancelled'
                   AND (starts_with(metric, 'minimum_spend.') OR metric = 'minimum_commitment')
                 GROUP BY org_id, metric""",
             (period,),
