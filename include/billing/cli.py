@@ -77,7 +77,7 @@ def cmd_orgs_import(args) -> int:
 
     parsed = orgs.parse_csv(args.file, pricing.load_catalog())
     with db.transaction() as cx:
-        n = orgs.upsert(cx, parsed)
+        n = orgs.upsert(cx, parsed, actor=_cli_actor())
     print(f"imported {n} organisation(s) from {args.file}")
     return 0
 

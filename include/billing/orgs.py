@@ -66,13 +66,16 @@ def _validate(org: Org, catalog, where: str) -> None:
         )
 
 
-def upsert(cx, orgs: Sequence[Org]) -> int:
+def upsert(cx, orgs: Sequence[Org], actor: str | None = None) -> int:
     """Insert new orgs (each starts on its plan, since always: a trigger creates the first
     subscription) and update name, email and currency of known ones. The plan of a known org
     is not changed here: an org whose CSV plan differs from its latest subscription's refuses
-    the whole file (plan changes keep their history: ``billing subscriptions change``)."""
+    the whole file (plan changes keep their history: ``billing subscriptions change``).
+    ``actor`` (e.g. ``cli:<login>``) is who the first subscriptions' change rows name."""
     if not orgs:
         return 0
+    if actor:
+        cx.execute("SELECT set_config('billing.actor', %s, true)", (actor,))
     latest = dict(
         cx.execute(
             """SELECT DISTINCT ON (org_id) org_id, plan FROM billing.subscriptions

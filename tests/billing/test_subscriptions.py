@@ -467,3 +467,24 @@ def test_cli_mistakes_are_one_line(clean_db, pg, capsys, args, message):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_cli_orgs_import_names_who_created_the_first_subscription(
+    clean_db, pg, capsys, monkeypatch, tmp_path
+):
+    import getpass
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "finance-amy")
+    f = tmp_path / "orgs.csv"
+    f.write_text("org_id,name,email,plan,currency\nacme,Acme,a@example.test,growth,usd\n")
+    rc, out, err = cli(capsys, "orgs", "import", str(f))
+    assert (rc, err) == (0, "")
+    assert change_rows(pg, "acme") == [
+        ("create", None, iv("growth", INF, None), "cli:finance-amy", "orgs", None)
+    ]
+    f.write_text("org_id,name,email,plan,currency\nacme,Acme,a@example.test,starter,usd\n")
+    rc, out, err = cli(capsys, "orgs", "import", str(f))
+    assert rc == 2 and err.strip() == (
+        "billing: error: org 'acme' is on plan 'growth'; plan changes go through "
+        "'billing subscriptions change' (history is kept)"
+    )
