@@ -344,19 +344,15 @@ def transform_day(
     from billing.orchestration import nightly
     from billing.platform import db
 
-    version: list[str] = []
-
     def prepare_pricing(_day: dt.date) -> str:
         with db.connect() as cx:
-            version.append(prepare(cx, catalog))
-        return version[0]
+            return prepare(cx, catalog)
 
     def build(target: str) -> Callable[[dt.date], DbtResult]:
+        # no pinned catalog version: each day is priced by the version in force on it
+        # (billing.catalog_activations, docs/SUBSCRIPTIONS.md "Catalog versions")
         def step(day: dt.date) -> DbtResult:
-            pinned = version[0] if target == "postgres" else None
-            return run_dbt(
-                target, "build", vars=run_vars(day, since, pinned), full_refresh=full_refresh
-            )
+            return run_dbt(target, "build", vars=run_vars(day, since), full_refresh=full_refresh)
 
         return step
 
