@@ -22,6 +22,7 @@ BILLING_DAGS = {
     "billing_reconcile",
     "billing_retention_purge",
     "billing_retry_parked",
+    "billing_subscriptions",
 }
 
 
