@@ -319,3 +319,33 @@ def test_allocation_order_and_cap():
             credits.parse_amount(bad, "usd")
     with pytest.raises(credits.BillingError):
         credits.parse_amount("1.5", "jpy")
+
+
+def test_the_api_route_and_the_page_panel(env):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from billing.web import credits as web_credits
+    from billing.web import page
+
+    org = _org()
+    gid = _grant(org, "12.34", reason="<b>sorry</b>")
+    app = FastAPI()
+    web_credits.install(app)  # the Billing API adds its auth app-wide (web/api.py)
+    client = TestClient(app)
+    r = client.get(f"/orgs/{org}/credits")
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["balance_cents"], body["currency"]) == (1234, "usd")
+    assert [(m["type"], m["grant_id"], m["amount_cents"]) for m in body["movements"]] == [
+        ("grant", gid, 1234)
+    ]
+    assert client.get("/orgs/nope/credits").status_code == 404
+    assert client.get("/orgs/bad%20id/credits").status_code == 422
+
+    html = page._templates().get_template("credits.html.j2").render(credits=web_credits.panel(org))
+    assert "$12.34" in html and "&lt;b&gt;sorry&lt;/b&gt;" in html and f"#{gid}" in html
+    missing = (
+        page._templates().get_template("credits.html.j2").render(credits=web_credits.panel("nope"))
+    )
+    assert "nope: no such org" in missing
