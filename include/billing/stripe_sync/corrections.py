@@ -293,18 +293,26 @@ def diff(cx, period: dt.date, org_id: str | None = None) -> list[Diff]:
 def rebuild_period(period: dt.date) -> None:
     """Re-price ``period`` from the raw events with the catalog and subscriptions in force
     then: the postgres dbt build with ``rerate_periods`` (int_periods_affected), then the
-    publish, as the nightly does."""
-    from billing.platform import db
+    publish, as the nightly does.
+
+    The build's arrival window runs from the period's first day to the end of its lateness
+    window (never past the last nightly day, so no later month is priced early), so every
+    usage day of the period is re-aggregated from ``billing.usage_events``."""
+    from billing.platform import db, settings
     from billing.transform import project
 
+    end = month_end(period)
     with db.connect() as cx:
         version = project.prepare(cx)
         (last_day,) = cx.execute("SELECT max(arrival_day) FROM billing.nightly_days").fetchone()
-    day = max(last_day or month_end(period), month_end(period))
+    late_end = end + dt.timedelta(days=settings.lateness_days())
+    day = max(end, min(late_end, last_day or end))
     project.run_dbt(
         "postgres",
         "build",
-        vars=project.run_vars(day, catalog_version=version, extra={"rerate_periods": [period]}),
+        vars=project.run_vars(
+            day, period, catalog_version=version, extra={"rerate_periods": [period]}
+        ),
     )
     project.publish_snapshot()
 

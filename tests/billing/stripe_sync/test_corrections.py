@@ -302,3 +302,55 @@ def test_rerate_apply_in_read_only_mode_queues(period, monkeypatch, capsys):
         stripe_sync.set_read_only(False)
     assert stripe_sync.drain(engine=eng)["sent"] == 2
     assert [n["total"] for n in _notes(invoice_id)] == [1000]
+
+
+def test_rerate_rebuilds_the_period_with_dbt_and_corrects_it(stack, clean_db, monkeypatch, capsys):
+    """The real rebuild: dbt (postgres target) with ``rerate_periods``, then the publish.
+    Events of January that no nightly run priced (a repaired load) reach January's finalized
+    invoice only through ``billing rerate``."""
+    import uuid
+    from decimal import Decimal
+
+    from billing.transform import project as transform
+
+    monkeypatch.setenv("BILLING_STRIPE_MAX_RPS", "0")
+    jan, day = dt.date(2025, 1, 1), dt.date(2025, 1, 10)
+    org = f"dbt{uuid.uuid4().hex[:8]}"
+
+    def calls(n: int, event_id: str) -> None:
+        with db.connect(autocommit=True) as cx:
+            cx.execute(
+                "INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at,"
+                " billable, source, arrival_day, file_id, line_no)"
+                " VALUES (%s, %s, 'api_calls', %s, %s, true, 'api', %s, 0, 0)",
+                (event_id, org, Decimal(n), dt.datetime.combine(day, dt.time(9), dt.UTC), day),
+            )
+
+    with db.connect(autocommit=True) as cx:
+        cx.execute("SELECT billing.ensure_usage_partition(%s)", (jan,))
+        cx.execute(
+            "INSERT INTO billing.organizations (org_id, name, email, plan, currency, created_at)"
+            " VALUES (%s, 'Org', 'o@example.test', 'starter', 'usd', '2020-01-01')",
+            (org,),
+        )
+    calls(150_000, f"{org}-a")  # starter: 100k free, then $0.0002 a call
+    transform.transform_day(day, jan, targets=["postgres"], full_refresh=True)
+    eng = Engine(sleep=lambda _s: None)
+    stripe_sync.push_day(month_end(jan), engine=eng)
+    invoice_id = stripe_sync.close_period(jan, engine=eng)["invoices"][org]
+    assert direct_client().v1.invoices.retrieve(invoice_id)["amount_due"] == 3900
+
+    calls(50_000, f"{org}-b")  # loaded later without a nightly: January is under-billed
+    code, out, err = _cli(capsys, "rerate", "--period", "2025-01", "--org", org, "--format", "json")
+    assert code == 0, err
+    diffs = {d["label"]: d["diff_cents"] for d in json.loads(out)["diffs"]}
+    assert diffs == {"api_calls": 1000, "base_fee": 0}
+    code, out, err = _cli(capsys, "rerate", "--period", "2025-01", "--org", org, "--apply")
+    assert code == 0, err
+    (item,) = [
+        ii
+        for ii in stripe_items(direct_client(), _customer(org))
+        if ii["metadata"].to_dict().get("correction_of") == "2025-01"
+    ]
+    assert (item["amount"], item["invoice"]) == (1000, None)  # for the next invoice
+    assert reconcile.reconcile(jan, org_ids=[org])["status"] == "passed"
