@@ -349,3 +349,45 @@ def test_the_api_route_and_the_page_panel(env):
         page._templates().get_template("credits.html.j2").render(credits=web_credits.panel("nope"))
     )
     assert "nope: no such org" in missing
+
+
+def test_an_invoice_waits_for_its_parked_credit_item(env):
+    from billing.stripe_sync import outbox, push
+
+    p1, _ = env
+    org = _org()
+    _invoice(org, p1, 4000)
+    _grant(org, "15.00")
+    eng = Engine(sleep=lambda _s: None)
+    stripe_sync.push_day(month_end(p1), engine=eng)
+    with db.transaction() as cx:  # the close's planning, then the credit item parks
+        writes, _ = push.plan_close(cx, p1, 30)
+        outbox.enqueue(cx, writes)
+        assert [w.kind for w in writes] == ["credit", "invoice", "finalize"]
+        cx.execute(
+            """UPDATE billing.stripe_outbox SET status = 'parked', parked_at = now()
+                WHERE kind = 'credit' AND org_id = %s""",
+            (org,),
+        )
+    eng.drain()
+    with db.connect() as cx:
+        states = dict(
+            cx.execute(
+                "SELECT kind, status FROM billing.stripe_outbox WHERE org_id = %s AND period = %s",
+                (org, p1),
+            ).fetchall()
+        )
+        assert cx.execute(
+            "SELECT count(*) FROM billing.stripe_invoices WHERE org_id = %s", (org,)
+        ).fetchone() == (0,)
+    # not created (nor finalized) without its credit: the customer would pay $15 too much
+    assert (states["invoice"], states["finalize"], states["credit"]) == (
+        "pending",
+        "pending",
+        "parked",
+    )
+    stripe_sync.retry_parked(all=True, engine=eng)
+    inv = _stripe_invoice(org, p1)
+    assert (inv["status"], inv["total"], inv["amount_due"]) == ("open", 2500, 2500)
+    assert stripe_sync.close_period(p1, engine=eng)["closed"]
+    assert _applications(org) == [(f"{p1:%Y-%m}", _applications(org)[0][1], 1500)]
