@@ -166,11 +166,15 @@ def cmd_subscriptions(args) -> int:
         else:
             written = subs.cancel(cx, args.org, args.ends, actor, "cli", args.reason)
             what = f"no subscription from {args.ends}"
+        since = getattr(args, {"change": "effective", "start": "starts"}.get(c, "ends"))
+        closed = subs.closed_periods_since(cx, since) if written else []
     if not written:
         print(f"no change: org {args.org!r} already has {what}")
         return 0
     print(f"org {args.org!r}: {what} ({len(written)} change(s) logged as {actor})")
     _print_changes(written)
+    if closed:
+        print(subs.rerate_hint(args.org, closed))
     return 0
 
 

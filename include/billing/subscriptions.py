@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ ORG_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 _ORG_ID = re.compile(ORG_ID_PATTERN)
 _SINCE_ALWAYS = "-infinity"
 _LO, _HI = dt.date.min, dt.date.max
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,24 @@ def list_in_force(cx, on: dt.date, org_id: str | None = None) -> list[Subscripti
         {"on": _ts(on, None), "org": org_id},
     ).fetchall()
     return [Subscription(*r) for r in rows]
+
+
+def closed_periods_since(cx, day: dt.date) -> list[str]:
+    """The closed (invoiced) periods, YYYY-MM, that contain ``day`` or come after it: an edit
+    from ``day`` on changes what they should have billed; ``billing rerate`` corrects them."""
+    rows = cx.execute(
+        """SELECT to_char(period, 'YYYY-MM') FROM billing.period_closes
+            WHERE period + interval '1 month' > %s ORDER BY period""",
+        (day,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def rerate_hint(org_id: str, periods: list[str]) -> str:
+    return (
+        f"note: closed period(s) {', '.join(periods)} already invoiced; "
+        f"'billing rerate --period YYYY-MM --org {org_id} --apply' corrects each"
+    )
 
 
 def _intervals(cx, org_id: str) -> list[Subscription]:
@@ -564,12 +584,16 @@ def run_task(params: dict, triggering_user: str | None) -> dict:
         else:
             written = cancel(cx, org_id, effective, actor, "airflow", p["reason"])
         now = [s.as_json() for s in _intervals(cx, org_id)]
+        closed = closed_periods_since(cx, effective) if written else []
+    if closed:
+        log.warning("%s", rerate_hint(org_id, closed))
     return {
         "action": action,
         "org_id": org_id,
         "actor": actor,
         "changes": written,
         "intervals": now,
+        "closed_periods": closed,
     }
 
 

@@ -488,3 +488,27 @@ def test_cli_orgs_import_names_who_created_the_first_subscription(
         "billing: error: org 'acme' is on plan 'growth'; plan changes go through "
         "'billing subscriptions change' (history is kept)"
     )
+
+
+def test_a_change_in_a_closed_period_points_at_rerate(clean_db, pg, capsys):
+    _org(pg, "acme")
+    pg.execute("INSERT INTO billing.period_closes (period, invoices) VALUES ('2026-02-01', 1)")
+    pg.commit()
+    assert subscriptions.closed_periods_since(pg, D(2026, 2, 28)) == ["2026-02"]
+    assert subscriptions.closed_periods_since(pg, D(2026, 3, 1)) == []
+    rc, out, err = cli(
+        capsys, "subscriptions", "change", "--org", "acme", "--plan", "growth",
+        "--effective", "2026-02-15", "--reason", "backdated",
+    )  # fmt: skip
+    assert (rc, err) == (0, "")
+    assert out.splitlines()[-1] == (
+        "note: closed period(s) 2026-02 already invoiced; "
+        "'billing rerate --period YYYY-MM --org acme --apply' corrects each"
+    )
+    rc, out, err = cli(capsys, "subscriptions", "cancel", "--org", "acme", "--ends", "2026-04-01")
+    assert rc == 0 and "note:" not in out
+    result = subscriptions.run_task(
+        {"action": "start", "org_id": "acme", "plan": "starter", "effective": "2026-05-01",
+         "reason": "back"}, "amy",
+    )  # fmt: skip
+    assert result["closed_periods"] == [] and result["changes"]
