@@ -54,6 +54,13 @@ def test_login_open_billing_and_reconcile_now(
             re.compile(r"queued|running|success|failed")
         )
 
+        # 4. Prepaid credits of one org (a navigation: the CSP allows no form submission).
+        org = _org_with_credit("12.34")
+        frame.locator('#credits-form input[name="org"]').fill(org)
+        frame.get_by_role("button", name="Show credits").click()
+        expect(frame.locator('[data-testid="credits-balance"]')).to_contain_text("$12.34")
+        expect(frame.locator('[data-testid="credits-movements"]')).to_contain_text("grant")
+
         shot = tmp_path / "billing-page.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.exists() and shot.stat().st_size > 10_000
@@ -78,3 +85,20 @@ def test_login_open_billing_and_reconcile_now(
     assert r.status_code == 200, r.text
     key = run_id.removeprefix("billing_page__")
     assert r.json()["conf"]["idempotency_key"] == key
+
+
+def _org_with_credit(amount: str) -> str:
+    import uuid
+
+    from billing import credits
+    from billing.platform import db
+
+    org = f"page{uuid.uuid4().hex[:8]}"
+    with db.transaction() as cx:
+        cx.execute(
+            """INSERT INTO billing.organizations (org_id, name, email, plan, currency)
+               VALUES (%s, 'Credits page', 'ap@example.test', 'growth', 'usd')""",
+            (org,),
+        )
+        credits.grant(cx, org, amount, "usd", reason="page test", actor="test:page")
+    return org

@@ -97,6 +97,14 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const b of document.querySelectorAll("button.retry")) {
     b.addEventListener("click", () => retry(b));
   }
+  // Prepaid credits of one org: a navigation (the CSP's form-action 'none' blocks form posts)
+  const credits = document.getElementById("credits-form");
+  if (credits) credits.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const url = new URL(window.location.href);
+    url.searchParams.set("org", credits.elements.org.value.trim());
+    window.location.assign(url.toString());
+  });
   document.getElementById("refresh").addEventListener("click", (ev) => {
     ev.preventDefault(); window.location.reload();
   });
