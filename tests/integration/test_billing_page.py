@@ -52,6 +52,7 @@ def test_page_and_actions_require_authentication(anon):
         "/billing/ui/health",
         "/billing/ui/assets/page.js",
         "/billing/overview",
+        "/billing/orgs/someorg/credits",
     ):
         assert anon.get(path).status_code == 401, path
         assert anon.get(path, headers={"Authorization": "Bearer nope"}).status_code == 403, path
@@ -121,6 +122,19 @@ def test_page_renders_tiles_status_and_reconciliation(airflow_client, latest_rec
     js = airflow_client.get("/billing/ui/assets/page.js")
     assert js.status_code == 200 and "Idempotency-Key" in js.text
     assert airflow_client.get("/billing/ui/assets/..%2Fapi.py").status_code == 404
+
+
+def test_org_credits_json_and_the_pages_panel(airflow_client):
+    from test_billing_page_browser import _org_with_credit
+
+    org = _org_with_credit("7.50")
+    body = airflow_client.get(f"/billing/orgs/{org}/credits").json()
+    assert (body["org_id"], body["balance_cents"], body["currency"]) == (org, 750, "usd")
+    assert [m["type"] for m in body["movements"]] == ["grant"]
+    assert airflow_client.get("/billing/orgs/nobody/credits").status_code == 404
+    assert airflow_client.get("/billing/orgs/bad%20id/credits").status_code == 422
+    html = airflow_client.get("/billing/ui", params={"org": org}).text
+    assert 'data-testid="credits-balance"' in html and "$7.50" in html
 
 
 def test_overview_counts_runs_errors_and_durations(airflow_client):
