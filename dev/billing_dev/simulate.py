@@ -852,6 +852,14 @@ class Simulation:
             self.final_results[f"{p:%Y-%m}"] = res
 
     # ---------------------------------------------------------------- Stripe reads
+    def _customers(self) -> dict[str, str]:
+        from billing.platform import db
+
+        with db.connect() as cx:
+            return dict(
+                cx.execute("SELECT org_id, stripe_customer_id FROM billing.stripe_customers")
+            )
+
     def stripe_items(self) -> dict[str, list]:
         """Every invoice item per org (from the emulator directly)."""
         from billing.platform import db
@@ -962,6 +970,14 @@ class Simulation:
                 stripe_side[(org, p)] += int(ii["amount"])
                 if invoice_of.get(ii.get("invoice")) == (org, p):
                     on_own_invoice[(org, p)] += int(ii["amount"])
+        # Corrections after finalization: a period's credit notes lower what it billed.
+        for org, cust in self._customers().items():
+            for cn in client.v1.credit_notes.list(
+                params={"customer": cust, "limit": 100}
+            ).auto_paging_iter():
+                meta = dict(cn.get("metadata") or {})
+                if cn["status"] != "void" and meta.get("period"):
+                    stripe_side[(org, parse_period(meta["period"]))] -= int(cn["total"])
         invoices_total = {
             k: int(client.v1.invoices.retrieve(iid)["total"])
             for k, (_, iid) in facts.closes.items()
@@ -1113,6 +1129,7 @@ class Simulation:
             "base_fee": client.v1.invoice_items.retrieve,
             "invoice": client.v1.invoices.retrieve,
             "finalize": client.v1.invoices.retrieve,
+            "credit_note": client.v1.credit_notes.retrieve,
         }
         missing_objects = []
         for kind, key, obj_id in facts.sent_rows:
