@@ -53,7 +53,7 @@ def _reset(cx, n_orgs: int) -> None:
 
     cx.execute("DROP SCHEMA IF EXISTS billing_snapshot CASCADE")
     cx.execute("DROP SCHEMA IF EXISTS billing_snapshot_build CASCADE")
-    cx.execute("TRUNCATE billing.usage_events, billing.organizations")
+    cx.execute("TRUNCATE billing.usage_events, billing.organizations CASCADE")
     orgs.upsert(cx, usage_gen.demo_orgs(n_orgs, pricing.load_catalog()))
     cx.execute("UPDATE billing.organizations SET created_at = '2020-01-01'")
     cx.commit()

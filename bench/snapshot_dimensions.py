@@ -98,7 +98,7 @@ def main() -> None:
     with db.connect() as cx:
         cx.execute("DROP SCHEMA IF EXISTS billing_snapshot CASCADE")
         cx.execute("DROP SCHEMA IF EXISTS billing_snapshot_build CASCADE")
-        cx.execute("TRUNCATE billing.usage_events, billing.organizations")
+        cx.execute("TRUNCATE billing.usage_events, billing.organizations CASCADE")
         cx.execute(
             """INSERT INTO billing.organizations (org_id, name, email, plan, currency, created_at)
                SELECT 'o' || g, 'Org ' || g, 'o' || g || '@example.test',

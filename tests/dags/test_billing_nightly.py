@@ -126,8 +126,8 @@ DBT_SNAPSHOT = {
     "fct_daily_charges_model_build",
     "fct_invoice_lines_model_build",
     "fct_invoices_model_build",
-    "int_orgs_priced_model_build",
     "int_periods_affected_model_build",
+    "int_subscription_segments_model_build",
     "int_usage_days_aggregated_model_build",
     "int_usage_period_to_date_model_build",
     "relationships_fct_invoice_lines_invoice_id__invoice_id__ref_fct_invoices__test",
@@ -137,7 +137,9 @@ DBT_SNAPSHOT = {
     "stg_billing__catalog_plan_metrics_model_build",
     "stg_billing__catalog_plan_tiers_model_build",
     "stg_billing__catalog_plans_model_build",
+    "stg_billing__catalog_versions_in_force_model_build",
     "stg_billing__organizations_model_build",
+    "stg_billing__subscriptions_model_build",
     "stg_billing__usage_events_model_build",
     "usage_org_is_known_test",
 }
@@ -202,9 +204,15 @@ def test_every_task_and_its_upstreams(dag):
     assert {k for k, t in snapshot.items() if t.downstream_task_ids == {"publish_snapshot"}} == {
         k.removeprefix("dbt_snapshot.") for k in steps["publish_snapshot"].upstream_task_ids
     }
+    # the staging models read the billing tables right after prepare_pricing, the catalog
+    # ones through the versions in force
+    in_force = "stg_billing__catalog_versions_in_force_model_build"
+    catalog_staging = {k for k in DBT_SNAPSHOT if k.startswith("stg_billing__catalog_")} - {in_force}
     assert {k for k, t in snapshot.items() if "prepare_pricing" in t.upstream_task_ids} == {
         k for k in DBT_SNAPSHOT if k.startswith("stg_")
-    }
+    } - catalog_staging
+    for k in catalog_staging:
+        assert snapshot[k].upstream_task_ids == {f"dbt_snapshot.{in_force}"}
     assert {t.task_id for t in steps["publish_snapshot"].downstream_list} == {
         "stripe_push",
         "render_invoice_pdfs",

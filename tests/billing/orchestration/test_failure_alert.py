@@ -15,7 +15,7 @@ from billing.orchestration import failure_message, take_failure_cause
 IDS = {
     "dag_id": "billing_nightly",
     "run_id": "arrival-2025-02-04",
-    "task_id": "dbt_snapshot.int_orgs_priced_run",
+    "task_id": "dbt_snapshot.int_subscription_segments_run",
     "try_number": 3,
 }
 
@@ -28,7 +28,7 @@ def test_message_carries_the_cause_and_the_log_link():
         log_url="http://airflow.example/dags/billing_nightly/runs/r/tasks/t?try_number=3",
     )
     assert subject == (
-        "[billing] billing_nightly.dbt_snapshot.int_orgs_priced_run failed: "
+        "[billing] billing_nightly.dbt_snapshot.int_subscription_segments_run failed: "
         "org_plan_is_in_catalog: Got 1 result, configured to fail if != 0"
     )
     lines = body.splitlines()
@@ -38,7 +38,7 @@ def test_message_carries_the_cause_and_the_log_link():
         in lines
     )
     assert "Log: http://airflow.example/dags/billing_nightly/runs/r/tasks/t?try_number=3" in lines
-    assert "Task: dbt_snapshot.int_orgs_priced_run (try 3)" in lines
+    assert "Task: dbt_snapshot.int_subscription_segments_run (try 3)" in lines
 
 
 def test_without_a_dbt_cause_the_exception_is_the_cause():
@@ -90,7 +90,7 @@ def test_a_failed_dbt_task_emails_the_failing_test_and_its_log(stack, clean_db, 
     [path] = set(settings.mail_dir().glob("*.eml")) - before
     msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
     assert msg["Subject"].startswith(
-        "[billing] billing_nightly.dbt_snapshot.int_orgs_priced_run failed: org_plan_is_in_catalog"
+        "[billing] billing_nightly.dbt_snapshot.int_subscription_segments_run failed: org_plan_is_in_catalog"
     )
     body = msg.get_body(("plain",)).get_content()
     assert "Cause: org_plan_is_in_catalog" in body

@@ -290,7 +290,7 @@ def test_snapshot_matches_pricing_to_the_cent(fresh, scenario):
 
     catalog, orgs, first, late = scenario
     with db.connect() as cx:
-        cx.execute("TRUNCATE billing.organizations, billing.usage_events")
+        cx.execute("TRUNCATE billing.organizations, billing.usage_events CASCADE")
         _insert_orgs(cx, orgs)
         _insert_events(cx, first, "a")
         cx.commit()
@@ -888,7 +888,7 @@ def test_cosmos_task_groups_render_from_manifest(stack):
         ]
         return dag.get_task(tid)
 
-    for model in ("int_orgs_priced", "fct_daily_charges", "fct_invoice_lines", "fct_invoices"):
+    for model in ("int_subscription_segments", "fct_daily_charges", "fct_invoice_lines", "fct_invoices"):
         assert task_for("dbt_snapshot", model)
     hourly = task_for("dbt_rollups", "fct_usage_hourly")
     assert task_for("dbt_rollups", "fct_usage_monthly")
