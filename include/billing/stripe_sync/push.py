@@ -95,6 +95,7 @@ def plan_day(cx, day: dt.date) -> list[Write]:
         items += _usage_items(cx, p, day, through)
         if day >= month_end(p):  # its last day ran: minimum spend and commitment true-ups
             items += _true_up_items(cx, p, day)
+        items += _base_fee_adjustments(cx, p, day)
     fees: list[Write] = []
     for b in snapshot.base_fees(cx, period):
         if b.base_fee_cents <= 0:
@@ -212,6 +213,59 @@ def _true_up_items(cx, period: dt.date, day: dt.date) -> list[Write]:
                 },
                 day=day,
                 metric=label,
+                amount_cents=amount,
+                currency=currency,
+            )
+        )
+    return items
+
+
+def _base_fee_adjustments(cx, period: dt.date, day: dt.date) -> list[Write]:
+    """Base fee items of ``period`` after its first: the period's base fee is pushed once,
+    as it stood on the first run day; a subscription change later (a plan change or
+    cancellation, docs/SUBSCRIPTIONS.md) prorates it anew, and the difference goes to Stripe
+    as an item labelled ``base_fee`` (negative when it fell), like a usage correction."""
+    pushed = {
+        org: (int(total), last, currency)
+        for org, total, last, currency in cx.execute(
+            """SELECT org_id, sum(amount_cents), max(day), min(currency)
+                 FROM billing.stripe_outbox
+                WHERE period = %s AND status <> 'cancelled'
+                  AND (kind = 'base_fee' OR (kind IN ('usage_item', 'credit_note')
+                                             AND metric = 'base_fee'))
+                GROUP BY org_id
+               HAVING bool_or(kind = 'base_fee')""",
+            (period,),
+        ).fetchall()
+    }
+    if not pushed:
+        return []
+    wanted = {b.org_id: b for b in snapshot.base_fees(cx, period)}
+    items: list[Write] = []
+    for org in sorted(pushed):
+        total, last, currency = pushed[org]
+        if last is not None and last >= day:
+            continue
+        fee = wanted.get(org)
+        amount = (fee.base_fee_cents if fee else 0) - total
+        if amount == 0:
+            continue
+        currency = fee.currency if fee else currency
+        key = key_for("usage", org, period, day, "base_fee")
+        items.append(
+            Write(
+                key,
+                "usage_item",
+                org,
+                period,
+                {
+                    "amount": amount,
+                    "currency": currency,
+                    "description": f"base fee {period:%Y-%m} prorated anew (subscription change)",
+                    "metadata": _metadata(key, "usage_item", org, period, day, "base_fee"),
+                },
+                day=day,
+                metric="base_fee",
                 amount_cents=amount,
                 currency=currency,
             )
