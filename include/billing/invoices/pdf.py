@@ -89,6 +89,9 @@ class PdfInvoice:
     issued_on: date | None = None  # Stripe's finalization date; None while a draft
     due_on: date | None = None  # Stripe's due date; None while a draft
     credits_applied_cents: int = 0  # prepaid credits the close applied (>= 0)
+    # a period in subscription segments (docs/SUBSCRIPTIONS.md): one base fee row per
+    # segment, (item, quantity, amount); empty: the one "Base fee" row of a whole period
+    base_fees: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def amount_due_cents(self) -> int:
@@ -250,9 +253,10 @@ def render(invoice: PdfInvoice) -> bytes:
         row = table.row()
         for h in ("Item", "Quantity", "Tier breakdown", "Amount"):
             row.cell(h)
-        row = table.row()
-        for v in ("Base fee", "1", "", money(invoice.base_fee_cents)):
-            row.cell(v)
+        for item, quantity, cents in invoice.base_fees or (("Base fee", "1", invoice.base_fee_cents),):
+            row = table.row()
+            for v in (t(item), quantity, "", money(cents)):
+                row.cell(v)
         for line in invoice.lines:
             tiers = "\n".join(
                 f"{tier.label}: {_qty(tier.quantity)} × {_num(tier.unit_price)}"

@@ -174,6 +174,31 @@ def _true_up(line, names: dict) -> str:
     return "Minimum commitment true-up"
 
 
+def _segment(line, inv: invoices.Invoice) -> str:
+    """`` (pro, 15 Mar–31 Mar)``: the plan and days of a line's subscription segment, for an
+    invoice whose period is cut in segments (docs/SUBSCRIPTIONS.md); else ``""``."""
+    whole = {(inv.period_start, inv.period_end + dt.timedelta(days=1))}
+    spans = {(x.segment_start, x.segment_end) for x in inv.lines if x.segment_start}
+    if not spans or spans == whole or line.segment_start is None:
+        return ""
+    last = line.segment_end - dt.timedelta(days=1)
+    return f" ({line.plan}, {line.segment_start:%d %b}–{last:%d %b})"
+
+
+def _base_fees(inv: invoices.Invoice) -> tuple[tuple[str, str, int], ...]:
+    """One base fee row per segment, with its share of the period's days; ``()`` for a
+    whole period (the one "Base fee" row)."""
+    rows = []
+    period_days = (inv.period_end - inv.period_start).days + 1
+    for line in inv.lines:
+        label = _segment(line, inv)
+        if line.line_type != "base_fee" or not label:
+            continue
+        days = (line.segment_end - line.segment_start).days
+        rows.append((f"Base fee{label}", f"{days}/{period_days} days", int(line.amount_cents)))
+    return tuple(rows)
+
+
 def to_pdf_invoice(inv: invoices.Invoice, row: dict):
     """The snapshot reader's invoice plus its :func:`lookup` row -> the renderer's input
     (Stripe's issue/due dates once finalized, the catalog's metric names)."""
@@ -194,15 +219,19 @@ def to_pdf_invoice(inv: invoices.Invoice, row: dict):
         total_cents=int(inv.total_cents),
         snapshot_version=inv.snapshot_hash,
         credits_applied_cents=int(row.get("credits_applied_cents") or 0),
+        base_fees=_base_fees(inv),
         lines=tuple(
             PdfLine(
                 metric=line.metric or "",
                 quantity=Decimal(line.quantity),
                 amount_cents=int(line.amount_cents),
                 tiers=_tiers(line.tiers),
-                description=_describe(names.get(line.metric or "") or line.metric, line.dimensions)
-                if line.line_type == "usage"
-                else _true_up(line, names),
+                description=(
+                    _describe(names.get(line.metric or "") or line.metric, line.dimensions)
+                    if line.line_type == "usage"
+                    else _true_up(line, names)
+                )
+                + _segment(line, inv),
                 aggregation=line.aggregation or "sum",
                 credited_cents=int(line.credited_cents or 0),
                 credited_days=int(line.credited_days or 0),

@@ -139,7 +139,7 @@ def _total(cx, org: str, period: dt.date) -> tuple[int, str, str]:
     ).fetchone()
 
 
-def test_upgrade_downgrade_start_and_cancel_mid_month_to_the_cent(fresh):
+def test_upgrade_downgrade_start_and_cancel_mid_month_to_the_cent(fresh, tmp_path):
     from billing.platform import db
     from billing.transform import project as transform
 
@@ -200,11 +200,24 @@ def test_upgrade_downgrade_start_and_cancel_mid_month_to_the_cent(fresh):
             "inv_short_202503.usage.api_calls@2025-03-10": ("api_calls from 2025-03-10", 200),
         }
         assert _total(cx, "short", MARCH)[0] == 1135
-        # no subscription in April: no April invoice for "short"
+        # its usage outside the 10th-19th has no charge row
         assert cx.execute(
             f"SELECT count(*) FROM {SNAPSHOT}.fct_daily_charges WHERE org_id = 'short'"
             " AND usage_date NOT BETWEEN '2025-03-10' AND '2025-03-19'"
         ).fetchone() == (0,)
+    # the PDF names each segment's plan and days, with a base fee row per segment
+    from pdf_support import pdf_text
+
+    from billing.invoices import store
+
+    with db.connect() as cx:
+        _etag, pdf = store.render_current(cx, "inv_up_202503")
+    text = " ".join(pdf_text(pdf, tmp_path).split())
+    # (pdftotext -layout wraps the long item names: "Base fee (starter, 01 Mar–14 ... Mar)")
+    assert "Base fee (starter, 01 Mar–14 14/31 days $13.10 Mar)" in text
+    assert "Base fee (pro, 15 Mar–31 17/31 days $54.29 Mar)" in text
+    assert "api_calls (pro, 15 Mar–31 Mar) 2,000 1 – ∞: 2,000 × 0.005 = 10.00 $10.00" in text
+    assert "Total (USD) $138.20" in text
 
 
 def test_catalog_price_change_mid_month_leaves_the_closed_month_untouched(fresh):
