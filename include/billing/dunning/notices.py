@@ -374,7 +374,13 @@ class OverdueInvoice:
 def overdue_invoices(cx, as_of: dt.date, org_id: str | None = None) -> list[OverdueInvoice]:
     """Open invoices whose due day (UTC) is before ``as_of``, oldest first per org."""
     rows = cx.execute(
-        """SELECT i.stripe_invoice_id, i.org_id, o.name, o.email, o.plan, i.period,
+        """SELECT i.stripe_invoice_id, i.org_id, o.name, o.email,
+                  -- the plan of the period's last subscription (docs/SUBSCRIPTIONS.md)
+                  coalesce((SELECT s.plan FROM billing.subscriptions s
+                             WHERE s.org_id = i.org_id
+                               AND s.starts_at < (i.period + interval '1 month') AT TIME ZONE 'UTC'
+                             ORDER BY s.starts_at DESC LIMIT 1), o.plan),
+                  i.period,
                   lower(coalesce(i.currency, o.currency)),
                   coalesce(i.amount_remaining_cents, i.amount_due_cents, 0),
                   (i.due_at AT TIME ZONE 'UTC')::date

@@ -213,6 +213,27 @@ def test_minimum_amount_plan_override_and_dry_run(pg, tag):
     assert notices(pg, f"{tag}-small") == []
 
 
+def test_the_policy_is_the_plan_of_the_invoiced_period(pg, tag):
+    """An org upgraded to enterprise in January is dunned on enterprise terms for January's
+    invoice (reminders from 3 days), though it was created on starter (docs/SUBSCRIPTIONS.md)."""
+    org = f"{tag}-up"
+    add_org(pg, org, plan="starter")
+    pg.execute(
+        "UPDATE billing.subscriptions SET ends_at = '2026-01-15' WHERE org_id = %s", (org,)
+    )
+    pg.execute(
+        "INSERT INTO billing.subscriptions (org_id, plan, starts_at, created_by)"
+        " VALUES (%s, 'enterprise', '2026-01-15', 'test')",
+        (org,),
+    )
+    pg.commit()
+    add_invoice(pg, org, f"in_{tag}up")
+    [inv] = dunning.overdue_invoices(pg, day(2), org)
+    assert inv.plan == "enterprise"
+    assert dunning.run(day(2))["sent"] == 0  # starter would remind after 1 day
+    assert dunning.run(day(3))["sent"] == 1
+
+
 # ---------------------------------------------------------------- failures
 def test_refused_recipient_is_recorded_and_retried_without_blocking_others(pg, tag, monkeypatch):
     from aiosmtpd.controller import Controller
