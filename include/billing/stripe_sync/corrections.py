@@ -303,16 +303,16 @@ def rebuild_period(period: dt.date) -> None:
 
     end = month_end(period)
     with db.connect() as cx:
-        version = project.prepare(cx)
+        project.prepare(cx)
         (last_day,) = cx.execute("SELECT max(arrival_day) FROM billing.nightly_days").fetchone()
     late_end = end + dt.timedelta(days=settings.lateness_days())
     day = max(end, min(late_end, last_day or end))
     project.run_dbt(
         "postgres",
         "build",
-        vars=project.run_vars(
-            day, period, catalog_version=version, extra={"rerate_periods": [period]}
-        ),
+        # no pinned version: each day of the period is priced by the catalog version in
+        # force on it (docs/SUBSCRIPTIONS.md "Catalog versions")
+        vars=project.run_vars(day, period, extra={"rerate_periods": [period]}),
     )
     project.publish_snapshot()
 
