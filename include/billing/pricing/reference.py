@@ -79,7 +79,8 @@ def segments(
     period: dt.date,
 ) -> list[Segment]:
     """The ``period`` cut by ``subscriptions`` (``(plan, starts, ends)``, ``[starts, ends)``,
-    None for since always / open) and by the catalog ``activations`` (``(catalog,
+    None for since always / open; back-to-back intervals on one plan are one) and by the
+    catalog ``activations`` (``(catalog,
     effective_from)`` oldest first; None: since always): the latest-dated activation on or
     before a day prices it, of two from one date the later one."""
     winners: dict[dt.date, Catalog] = {}
@@ -91,8 +92,14 @@ def segments(
         for i, d in enumerate(dates)
     ]
     nxt = month_end(period) + dt.timedelta(days=1)
+    merged: list[list] = []  # back to back on the same plan: one interval
+    for plan, starts, ends in sorted(subscriptions, key=lambda s: s[1] or _ALWAYS):
+        if merged and merged[-1][0] == plan and merged[-1][2] is not None and merged[-1][2] == starts:
+            merged[-1][2] = ends
+        else:
+            merged.append([plan, starts, ends])
     out = []
-    for plan, starts, ends in subscriptions:
+    for plan, starts, ends in merged:
         for catalog, v_from, v_until in versions:
             lo = max(period, starts or _ALWAYS, v_from)
             hi = min(nxt, ends or _NEVER, v_until)

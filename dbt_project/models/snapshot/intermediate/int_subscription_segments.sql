@@ -7,7 +7,30 @@
   once per segment. Days no subscription covers have no segment and are not billed.
   The error-severity tests here gate every mart (_intermediate__models.yml).
 -#}
-with periods as (
+with subscription_rows as (
+    select
+        org_id,
+        plan,
+        starts_on,
+        ends_on,
+        {#- back to back on the same plan (e.g. two imported terms): one interval, so tiers
+            do not restart -#}
+        case when lag(ends_on) over w = starts_on and lag(plan) over w = plan then 0 else 1 end
+            as starts_island
+    from {{ ref('stg_billing__subscriptions') }}
+    window w as (partition by org_id order by starts_on)
+),
+
+subscriptions as (
+    select org_id, plan, min(starts_on) as starts_on, max(ends_on) as ends_on
+    from (
+        select *, sum(starts_island) over (partition by org_id order by starts_on) as island
+        from subscription_rows
+    ) as r
+    group by org_id, island, plan
+),
+
+periods as (
     select
         period_start,
         (period_start + interval '1 month')::date as period_next
@@ -23,7 +46,7 @@ pieces as (
         v.catalog_version,
         greatest(p.period_start, s.starts_on, v.effective_from) as segment_start,
         least(p.period_next, s.ends_on, v.effective_until) as segment_end
-    from {{ ref('stg_billing__subscriptions') }} as s
+    from subscriptions as s
     inner join periods as p
         on s.starts_on < p.period_next and s.ends_on > p.period_start
     inner join {{ ref('stg_billing__catalog_versions_in_force') }} as v
