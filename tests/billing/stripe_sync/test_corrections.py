@@ -354,3 +354,24 @@ def test_rerate_rebuilds_the_period_with_dbt_and_corrects_it(stack, clean_db, mo
     ]
     assert (item["amount"], item["invoice"]) == (1000, None)  # for the next invoice
     assert reconcile.reconcile(jan, org_ids=[org])["status"] == "passed"
+
+
+def test_a_paid_invoice_gets_a_post_payment_credit_note_to_the_balance(period):
+    eng = Engine(sleep=lambda _s: None)
+    org = _org("paid")
+    invoice_id = _finalized(org, period, eng)
+    direct_client().v1.invoices.pay(invoice_id, params={"paid_out_of_band": True})
+    stripe_sync.sync_invoices(engine=eng)
+    assert _recorded(org, period)[0] == "paid"
+
+    _set_snapshot(org, period, {"base_fee": BASE, "api_calls": 3500, "storage_gb": 3000})
+    assert stripe_sync.push_day(_next(period).replace(day=2), engine=eng)["parked"] == 0
+    (note,) = _notes(invoice_id)
+    assert (note["total"], note["type"], note["post_payment_amount"]) == (
+        1500,
+        "post_payment",
+        1500,
+    )
+    inv = direct_client().v1.invoices.retrieve(invoice_id)
+    assert (inv["amount_paid"], inv["post_payment_credit_notes_amount"]) == (17900, 1500)
+    assert _reconciled(period, org)["counts"]["match"] == 1
