@@ -135,6 +135,20 @@ def test_org_credits_json_and_the_pages_panel(airflow_client):
     assert airflow_client.get("/billing/orgs/bad%20id/credits").status_code == 422
     html = airflow_client.get("/billing/ui", params={"org": org}).text
     assert 'data-testid="credits-balance"' in html and "$7.50" in html
+    # the same org's plans over time, with who changed them
+    from billing import subscriptions
+    from billing.platform import db
+
+    with db.transaction() as cx:
+        subscriptions.change_plan(
+            cx, org, "starter", dt.date(2026, 3, 15), actor="cli:finance", source="cli",
+            reason="TKT-7 downgrade",
+        )
+    html = airflow_client.get("/billing/ui", params={"org": org}).text
+    assert "<td>growth</td><td>[-infinity, 2026-03-15)</td>" in html
+    assert "<td>starter</td><td>[2026-03-15, open)</td>" in html
+    assert "<td>cli:finance</td><td>cli</td><td>change</td>" in html
+    assert "<td>TKT-7 downgrade</td>" in html
 
 
 def test_overview_counts_runs_errors_and_durations(airflow_client):

@@ -434,6 +434,52 @@ def overview(request: Request) -> dict:
         "default_period": default_period(rec),
         "reconcile_dag": RECONCILE_DAG,
         "credits": _credits_panel(request.query_params.get("org")),
+        "subscriptions": _subscriptions_panel(request.query_params.get("org")),
+    }
+
+
+def _subscriptions_panel(org_id: str | None) -> dict | None:
+    """The org's plans over time and who changed them (docs/SUBSCRIPTIONS.md), for the org
+    the credits form names; None when none is named or it is not an org."""
+    import re
+
+    from billing import subscriptions
+    from billing.platform import db
+    from billing.platform.errors import ConfigError
+    from billing.web import credits
+
+    if not org_id or not re.match(credits.ORG_ID_PATTERN, org_id):
+        return None
+    try:
+        with db.connect() as cx:
+            found = subscriptions.history(cx, org_id)
+            log = subscriptions.changes(cx, org_id)
+    except ConfigError:
+        return None
+
+    def span(item: dict | None) -> str:
+        if not item:
+            return "-"
+        ends = item.get("ends_at") or "open"
+        return f"{item['plan']} [{item['starts_at']}, {ends})"
+
+    return {
+        "org_id": org_id,
+        "intervals": [
+            {"plan": x.plan, "span": x.span(), "created_by": x.created_by} for x in found
+        ],
+        "changes": [
+            {
+                "when": f"{c['changed_at']:%Y-%m-%d %H:%M}",
+                "who": c["changed_by"],
+                "source": c["source"],
+                "action": c["action"],
+                "before": span(c["before"]),
+                "after": span(c["after"]),
+                "reason": c["reason"] or "",
+            }
+            for c in reversed(log[-20:])
+        ],
     }
 
 
