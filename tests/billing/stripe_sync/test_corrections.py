@@ -375,3 +375,76 @@ def test_a_paid_invoice_gets_a_post_payment_credit_note_to_the_balance(period):
     inv = direct_client().v1.invoices.retrieve(invoice_id)
     assert (inv["amount_paid"], inv["post_payment_credit_notes_amount"]) == (17900, 1500)
     assert _reconciled(period, org)["counts"]["match"] == 1
+
+
+def test_a_retroactive_downgrade_of_a_finalized_month_is_rerated_to_the_cent(
+    stack, clean_db, monkeypatch, capsys
+):
+    """January closed on growth ($99, calls $0.00015 by volume); Finance then records that
+    the org moved to starter ($29, 100k calls free, then $0.0002) on 16 January. The nightly
+    never re-prices a closed month for a subscription edit: ``billing rerate`` does, and the
+    over-billed labels become a credit note on January's invoice, the new segment's usage a
+    correction item on the next one (docs/SUBSCRIPTIONS.md "Segments")."""
+    import uuid
+    from decimal import Decimal
+
+    from billing import subscriptions
+    from billing.transform import project as transform
+
+    monkeypatch.setenv("BILLING_STRIPE_MAX_RPS", "0")
+    jan = dt.date(2025, 1, 1)
+    org = f"sub{uuid.uuid4().hex[:8]}"
+    with db.connect(autocommit=True) as cx:
+        cx.execute("SELECT billing.ensure_usage_partition(%s)", (jan,))
+        cx.execute(
+            "INSERT INTO billing.organizations (org_id, name, email, plan, currency, created_at)"
+            " VALUES (%s, 'Org', 'o@example.test', 'growth', 'usd', '2020-01-01')",
+            (org,),
+        )
+        for i, day in enumerate((10, 20)):
+            at = dt.datetime(2025, 1, day, 9, tzinfo=dt.UTC)
+            cx.execute(
+                "INSERT INTO billing.usage_events (event_id, org_id, metric, quantity, occurred_at,"
+                " billable, source, arrival_day, file_id, line_no)"
+                " VALUES (%s, %s, 'api_calls', %s, %s, true, 'api', %s, 0, 0)",
+                (f"{org}-{i}", org, Decimal(200_000), at, at.date()),
+            )
+    transform.transform_day(dt.date(2025, 1, 31), jan, targets=["postgres"], full_refresh=True)
+    eng = Engine(sleep=lambda _s: None)
+    stripe_sync.push_day(month_end(jan), engine=eng)
+    invoice_id = stripe_sync.close_period(jan, engine=eng)["invoices"][org]
+    # 9900 base + 400k calls x $0.00015
+    assert direct_client().v1.invoices.retrieve(invoice_id)["amount_due"] == 9900 + 6000
+
+    with db.transaction() as cx:
+        subscriptions.change_plan(
+            cx, org, "starter", dt.date(2025, 1, 16), actor="cli:finance", source="cli",
+            reason="downgrade agreed in December",
+        )
+    rows_before = len(outbox_rows())
+    code, out, err = _cli(capsys, "rerate", "--period", "2025-01", "--org", org, "--format", "json")
+    assert code == 0, err
+    diffs = {d["label"]: d["diff_cents"] for d in json.loads(out)["diffs"] if d["diff_cents"]}
+    assert diffs == {
+        # growth 9900 x 15/31 = 4790.32 + starter 2900 x 16/31 = 1496.77, less 9900 billed
+        "base_fee": 4790 + 1497 - 9900,
+        "api_calls": 3000 - 6000,  # growth 1-15 Jan: 200k x $0.00015
+        "api_calls from 2025-01-16": 2000,  # starter from zero: 100k free + 100k x $0.0002
+    }
+    assert len(outbox_rows()) == rows_before  # a dry run writes nothing
+
+    for _ in range(2):  # applied twice: corrected once
+        code, out, err = _cli(capsys, "rerate", "--period", "2025-01", "--org", org, "--apply")
+        assert code == 0, err
+    notes = _notes(invoice_id)
+    assert sorted(n["total"] for n in notes) == [3000, 3613]
+    assert direct_client().v1.invoices.retrieve(invoice_id)["amount_due"] == 15900 - 6613
+    (item,) = [
+        ii
+        for ii in stripe_items(direct_client(), _customer(org))
+        if ii["metadata"].to_dict().get("correction_of") == "2025-01"
+    ]
+    assert (item["amount"], item["invoice"]) == (2000, None)  # on the next invoice
+    assert "2025-01" in item["description"]
+    # January now costs what the segments say: 11287 = 15900 - 6613 + 2000
+    _reconciled(jan, org)
