@@ -143,29 +143,44 @@ def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Wr
         amount = c.cumulative_charge_cents - total
         if amount == 0:
             continue
-        key = key_for("usage", c.org_id, period, day, c.metric)
         items.append(
-            Write(
-                key,
-                "usage_item",
+            _item(
                 c.org_id,
                 period,
-                {
-                    "amount": amount,
-                    "currency": c.currency,
-                    "description": f"{c.metric} usage {day.isoformat()}"
-                    # a negative item is a credit (Stripe accepts negative invoice items):
-                    # say why on the customer's invoice
-                    + (" (credit: the month's usage now prices lower)" if amount < 0 else ""),
-                    "metadata": _metadata(key, "usage_item", c.org_id, period, day, c.metric),
-                },
-                day=day,
-                metric=c.metric,
-                amount_cents=amount,
-                currency=c.currency,
+                day,
+                c.metric,
+                amount,
+                c.currency,
+                f"{c.metric} usage {day.isoformat()}"
+                # a negative item is a credit (Stripe accepts negative invoice items): say
+                # why on the customer's invoice
+                + (" (credit: the month's usage now prices lower)" if amount < 0 else ""),
             )
         )
     return items
+
+
+def _item(
+    org: str, period: dt.date, day: dt.date, label: str, amount: int, currency: str, text: str
+) -> Write:
+    """A ``usage_item`` write of run day ``day``: one charge label's difference."""
+    key = key_for("usage", org, period, day, label)
+    return Write(
+        key,
+        "usage_item",
+        org,
+        period,
+        {
+            "amount": amount,
+            "currency": currency,
+            "description": text,
+            "metadata": _metadata(key, "usage_item", org, period, day, label),
+        },
+        day=day,
+        metric=label,
+        amount_cents=amount,
+        currency=currency,
+    )
 
 
 def _true_up_items(cx, period: dt.date, day: dt.date) -> list[Write]:
@@ -198,24 +213,8 @@ def _true_up_items(cx, period: dt.date, day: dt.date) -> list[Write]:
         if amount == 0:
             continue
         currency = line.currency if line else currency
-        key = key_for("usage", org, period, day, label)
         items.append(
-            Write(
-                key,
-                "usage_item",
-                org,
-                period,
-                {
-                    "amount": amount,
-                    "currency": currency,
-                    "description": f"{label} true-up {period:%Y-%m}",
-                    "metadata": _metadata(key, "usage_item", org, period, day, label),
-                },
-                day=day,
-                metric=label,
-                amount_cents=amount,
-                currency=currency,
-            )
+            _item(org, period, day, label, amount, currency, f"{label} true-up {period:%Y-%m}")
         )
     return items
 
@@ -251,25 +250,8 @@ def _base_fee_adjustments(cx, period: dt.date, day: dt.date) -> list[Write]:
         if amount == 0:
             continue
         currency = fee.currency if fee else currency
-        key = key_for("usage", org, period, day, "base_fee")
-        items.append(
-            Write(
-                key,
-                "usage_item",
-                org,
-                period,
-                {
-                    "amount": amount,
-                    "currency": currency,
-                    "description": f"base fee {period:%Y-%m} prorated anew (subscription change)",
-                    "metadata": _metadata(key, "usage_item", org, period, day, "base_fee"),
-                },
-                day=day,
-                metric="base_fee",
-                amount_cents=amount,
-                currency=currency,
-            )
-        )
+        text = f"base fee {period:%Y-%m} prorated anew (subscription change)"
+        items.append(_item(org, period, day, "base_fee", amount, currency, text))
     return items
 
 
