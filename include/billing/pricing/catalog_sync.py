@@ -4,10 +4,11 @@ The rows come from :func:`billing.pricing.catalog.catalog_tables`, keyed by
 :func:`billing.pricing.catalog.catalog_version`: a version is content-addressed, so it is written
 once and only the ``is_current`` flag moves. Safe to call on every run.
 
-A version prices the days from its activation's ``effective_from`` (docs/SUBSCRIPTIONS.md
-"Catalog versions"): the catalog's own ``effective_from``, else the first day no closed
-period covers (since always before any month closed). A closed period is never re-priced
-by a later catalog: a date inside one is refused.
+Each activation makes its version the catalog from its ``effective_from`` on, replacing the
+older activations from that day (docs/SUBSCRIPTIONS.md "Catalog versions"): the catalog's
+own ``effective_from``, else the first day no closed period covers (since always before any
+month closed). A closed period is never re-priced by a later catalog: a date inside one is
+refused.
 """
 
 from __future__ import annotations

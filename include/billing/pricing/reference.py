@@ -81,16 +81,13 @@ def segments(
     """The ``period`` cut by ``subscriptions`` (``(plan, starts, ends)``, ``[starts, ends)``,
     None for since always / open; back-to-back intervals on one plan are one) and by the
     catalog ``activations`` (``(catalog,
-    effective_from)`` oldest first; None: since always): the latest-dated activation on or
-    before a day prices it, of two from one date the later one."""
-    winners: dict[dt.date, Catalog] = {}
-    for catalog, since in activations:
-        winners[since or _ALWAYS] = catalog
-    dates = sorted(winners)
-    versions = [
-        (winners[d], d, dates[i + 1] if i + 1 < len(dates) else _NEVER)
-        for i, d in enumerate(dates)
-    ]
+    effective_from)`` oldest first; None: since always): each makes its catalog the one from
+    its date on, replacing the older ones from that day."""
+    versions = []
+    for i, (catalog, since) in enumerate(activations):
+        until = min((d or _ALWAYS for _, d in activations[i + 1 :]), default=_NEVER)
+        if (since or _ALWAYS) < until:
+            versions.append((catalog, since or _ALWAYS, until))
     nxt = month_end(period) + dt.timedelta(days=1)
     merged: list[list] = []  # back to back on the same plan: one interval
     for plan, starts, ends in sorted(subscriptions, key=lambda s: s[1] or _ALWAYS):

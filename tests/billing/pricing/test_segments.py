@@ -71,6 +71,9 @@ def test_segments_cut_by_subscriptions_and_catalog_versions():
         (12, dt.date(2025, 3, 20), "pro", Decimal(29), 8, " from 2025-03-12"),
         (20, dt.date(2025, 4, 1), "pro", Decimal(49), 12, " from 2025-03-20"),
     ]
+    # a newer activation replaces the older ones from its day on, later-dated ones included
+    got = reference.segments(subs, [*activations, (v2, dt.date(2025, 3, 5))], MARCH)
+    assert [(g.start.day, g.catalog is v2) for g in got] == [(1, False), (5, True), (12, True)]
 
 
 def test_invoice_lines_restart_tiers_and_carry_a_held_time_weighted_value():

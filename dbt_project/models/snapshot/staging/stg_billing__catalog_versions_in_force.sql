@@ -1,8 +1,9 @@
 {#-
-  Which catalog version prices which days: each activation is in force from its
-  effective_from until the next later-dated one (of two from one date, the later activation
-  wins). A version pinned by var('catalog_version') prices every day. Without any
-  activation (a catalog synced before migration 0150), the current version since always.
+  Which catalog version prices which days: each activation makes its version the catalog
+  from its effective_from on, replacing every older activation from that day (so an
+  activation's days end where the first newer one's begin). A version pinned by
+  var('catalog_version') prices every day. Without any activation (a catalog synced before
+  migration 0150), the current version since always.
 -#}
 {%- if var("catalog_version") %}
 select
@@ -20,15 +21,18 @@ with activations as (
       and not exists (select 1 from {{ source('billing', 'catalog_activations') }})
 ),
 
-winners as (
-    select distinct on (effective_from) catalog_version, effective_from
-    from activations
-    order by effective_from, activation_id desc
+windows as (
+    select
+        a.catalog_version,
+        a.effective_from,
+        coalesce(
+            (select min(b.effective_from) from activations as b where b.activation_id > a.activation_id),
+            'infinity'::date
+        ) as effective_until
+    from activations as a
 )
 
-select
-    catalog_version,
-    effective_from,
-    coalesce(lead(effective_from) over (order by effective_from), 'infinity'::date) as effective_until
-from winners
+select catalog_version, effective_from, effective_until
+from windows
+where effective_from < effective_until
 {%- endif %}
