@@ -17,6 +17,7 @@ select
     dimension_key,
     dimensions,
     period_start,
+    segment_start,
     line_type,
     quantity,
     amount_cents,

@@ -29,6 +29,7 @@ select
     invoice_id,
     org_id,
     toDate(period_start) as period_start,
+    toDate(segment_start) as segment_start,
     line_type,
     coalesce(metric, '') as metric,
     dimension_key,
@@ -41,8 +42,8 @@ select
 from (
     {#- a plain column-vs-literal filter: ClickHouse pushes it down to Postgres #}
     select
-        invoice_line_id, invoice_id, org_id, period_start, line_type, metric, dimension_key,
-        dimensions, aggregation, quantity, amount_cents, currency, catalog_version
+        invoice_line_id, invoice_id, org_id, period_start, segment_start, line_type, metric,
+        dimension_key, dimensions, aggregation, quantity, amount_cents, currency, catalog_version
     from {{ postgres_table(lines) }}
     {%- if periods is not none %}
     where period_start in ('{{ periods | join("', '") }}')
@@ -55,6 +56,7 @@ select
     '' as invoice_id,
     '' as org_id,
     toDate('1970-01-01') as period_start,
+    toDate('1970-01-01') as segment_start,
     '' as line_type,
     '' as metric,
     '' as dimension_key,
