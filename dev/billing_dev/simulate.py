@@ -22,6 +22,16 @@ Fault profiles (``--faults``):
   started; the re-run resumes), ``stripe_push`` killed mid-way under Airflow and re-run,
   a day re-run twice, a backfill of an earlier day with a file that landed late.
 
+Business events (issue 20), whatever the profile, scheduled around the first month close
+like the faults and done as a user does them (``billing credits grant``, ``billing
+subscriptions change|cancel``, ``billing rerate --apply``: the functions those commands
+call, actor ``simulate``): prepaid credits for two orgs on day 0 (one grant expiring two
+weeks after the close), an upgrade effective a day of the month before its close (the base
+fee re-prorated in Stripe), after the close a late event of the closed month (a correction
+item tagged it), a cancellation of another org (not billed from that day), and a
+retroactive downgrade of the closed month re-rated with ``--apply`` (credit notes), then
+the same re-rate again (writes nothing). ``check()`` verifies them to the cent.
+
 Every fault is made to happen at a known point without timing: an advisory lock the step
 needs is held by the simulator, it waits until Postgres shows the step blocked on it, then
 injects the fault (stop Postgres, SIGKILL the task).
@@ -188,6 +198,7 @@ class _Facts:
     audit: dict  # (org, period) -> (latest status, is_above_tolerance)
     incidents: list  # (period, org_ids, status)
     plans: dict  # org -> plan
+    applications: list  # (grant_id, org, period, amount_cents, outbox_key) of applied credits
 
     @classmethod
     def read(cls, cx) -> _Facts:
@@ -244,6 +255,10 @@ class _Facts:
                 "SELECT period, org_ids, status FROM billing.billing_incidents"
             ).fetchall(),
             plans=dict(cx.execute("SELECT org_id, plan FROM billing.organizations")),
+            applications=cx.execute(
+                """SELECT grant_id, org_id, period, amount_cents, outbox_key
+                     FROM billing.credit_applications ORDER BY period, grant_id"""
+            ).fetchall(),
         )
 
 
@@ -283,6 +298,64 @@ class Simulation:
         }
         if self.schedule["dag_day"] is not None and self.schedule["dag_day"] < 0:
             self.schedule["dag_day"] = None
+        self._schedule_business()
+
+    def _schedule_business(self) -> None:
+        """Business events (issue 20), like the faults: a day index each, from the calendar.
+
+        Around the first month close (index ``c``): prepaid credits granted on day 0, an
+        upgrade effective a day before the close, then after the close a late event for the
+        closed month (its invoice finalized: a correction item), a cancellation of another
+        org, and a retroactive downgrade of the closed month with ``billing rerate --apply``
+        (a credit note) run twice. The orgs are picked from the demo orgs' plans (same
+        currency, a cheaper and a dearer plan), so they follow the seed and ``--orgs``."""
+        n = len(self.days)
+        c = next((i for i, d in enumerate(self.days) if _month_end(d)), None)
+        self.first_close = c
+        orgs = self._orgs()
+        plans = self.catalog.plans
+        by_currency = defaultdict(list)
+        for name, plan in plans.items():
+            by_currency[plan.currency].append((plan.base_fee, name))
+        # an org on a plan with a dearer plan in its currency: upgraded, then re-rated down
+        self.upgrade_org = self.upgrade_to = self.downgrade_to = None
+        for o in orgs:
+            dearer = sorted(x for x in by_currency[o.currency] if x[0] > plans[o.plan].base_fee)
+            if dearer:
+                self.upgrade_org, self.upgrade_to, self.downgrade_to = (
+                    o.org_id,
+                    dearer[0][1],
+                    o.plan,
+                )
+                break
+        others = [o for o in orgs if o.org_id != self.upgrade_org]
+        # cancelled: an org that does not pay late (its dunning is the never-paying org's)
+        cancel = next((o for o in others if self.group(o.org_id) == "prompt"), None)
+        cancel = cancel or (others[0] if others else None)
+        self.cancel_org = cancel.org_id if cancel else None
+        late = [o for o in others if o.org_id != self.cancel_org]
+        self.late_org = late[0].org_id if late else (others[0].org_id if others else None)
+        self.late_metric = "api_calls" if "api_calls" in self.metrics else self.metrics[0]
+
+        def at(i: int | None, ok: bool = True) -> int | None:
+            return i if ok and i is not None and 0 <= i < n else None
+
+        have_close = c is not None
+        self.schedule.update(
+            {
+                "credit_grants": at(0, have_close),
+                "plan_upgrade": at(
+                    max(1, (c or 0) - 2), have_close and bool(c) and bool(self.upgrade_org)
+                ),
+                "late_event": at((c or 0) + 2, have_close and bool(self.late_org)),
+                "plan_cancel": at((c or 0) + 2, have_close and bool(self.cancel_org)),
+                "rerate": at((c or 0) + 3, have_close and bool(self.upgrade_org)),
+            }
+        )
+        self.grants: list[dict] = []  # what the simulation granted (the checks' own record)
+        self.plan_changes: list[dict] = []
+        self.rerates: list[dict] = []
+        self.late_event_ids: list[str] = []
 
     # ---------------------------------------------------------------- helpers
     def say(self, msg: str) -> None:
@@ -753,6 +826,212 @@ class Simulation:
 
             stripe_sync.set_read_only(True, "simulated Stripe outage")
             self.note(day, "stripe_outage_on")
+        self._business(i, day)
+
+    # ---------------------------------------------------------------- business events
+    def _business(self, i: int, day: dt.date) -> None:
+        """Day i's business events (issue 20), before its night, as a user does them."""
+        s = self.schedule
+        if s["credit_grants"] == i:
+            self.grant_credits(day)
+        if s["plan_upgrade"] == i:
+            self.change_plan(day, self.upgrade_org, self.upgrade_to, day, "plan_upgrade")
+        if s["plan_cancel"] == i:
+            self.cancel_plan(day, self.cancel_org, day)
+        if s["late_event"] == i:
+            self.late_event(day)
+        if s["rerate"] == i:
+            self.retroactive_downgrade_and_rerate(day)
+
+    def grant_credits(self, day: dt.date) -> None:
+        """``billing credits grant`` for two orgs before the first close: the cancelled org
+        gets a small grant that never expires, then a large one expiring two weeks after the
+        close (before the second close): oldest expiring first, so the large one pays its
+        first invoice (capped at the total) and the small one waits; the upgraded org gets
+        a grant smaller than its invoice (applied whole)."""
+        from decimal import Decimal
+
+        from billing import credits
+        from billing.platform import db
+        from billing.pricing.catalog import minor_exponent
+
+        close = self.days[self.first_close]
+        expires = month_end(close) + dt.timedelta(days=14)
+        orgs = {o.org_id: o for o in self._orgs()}
+        plan = []
+        if self.cancel_org:
+            plan += [(self.cancel_org, 5_000, None), (self.cancel_org, 500_000, expires)]
+        if self.upgrade_org:
+            plan.append((self.upgrade_org, 1_000, None))
+        for org_id, minor, through in plan:
+            cur = orgs[org_id].currency.strip().lower()
+            amount = str(Decimal(minor).scaleb(-minor_exponent(cur)))
+            with db.transaction() as cx:
+                g = credits.grant(
+                    cx,
+                    org_id,
+                    amount,
+                    cur,
+                    reason="simulate: prepaid credit",
+                    actor="simulate",
+                    valid_through=through,
+                )
+            self.grants.append(
+                {
+                    "grant_id": g["grant_id"],
+                    "org_id": org_id,
+                    "amount_cents": g["amount_cents"],
+                    "valid_through": through,
+                }
+            )
+            self.note(
+                day,
+                "credit_granted",
+                org=org_id,
+                grant=g["grant_id"],
+                amount_cents=g["amount_cents"],
+                valid_through=through.isoformat() if through else "never",
+            )
+        second_close = month_end(month_end(close) + dt.timedelta(days=1))
+        if self.days[-1] < second_close:
+            self.note(
+                day,
+                "credit_expiry_not_exercised",
+                why=f"one close in the run; the expiring grant is usable through {expires}",
+            )
+
+    def change_plan(
+        self, day: dt.date, org_id: str, plan: str, effective: dt.date, kind: str
+    ) -> list[dict]:
+        """``billing subscriptions change`` (billing.subscriptions.change_plan)."""
+        from billing import subscriptions
+        from billing.platform import db
+
+        with db.transaction() as cx:
+            written = subscriptions.change_plan(
+                cx, org_id, plan, effective, "simulate", "cli", f"simulate: {kind}"
+            )
+            closed = subscriptions.closed_periods_since(cx, effective) if written else []
+        self.plan_changes.append(
+            {
+                "kind": kind,
+                "org_id": org_id,
+                "plan": plan,
+                "effective": effective,
+                "recorded_on": day,
+                "written": len(written),
+                "closed_periods": closed,
+            }
+        )
+        self.note(
+            day,
+            kind,
+            org=org_id,
+            plan=plan,
+            effective=effective.isoformat(),
+            changes=len(written),
+            **({"closed_periods": ",".join(closed)} if closed else {}),
+        )
+        return written
+
+    def cancel_plan(self, day: dt.date, org_id: str, ends: dt.date) -> None:
+        """``billing subscriptions cancel --ends D``: billed through D-1, not from D."""
+        from billing import subscriptions
+        from billing.platform import db
+
+        with db.transaction() as cx:
+            written = subscriptions.cancel(
+                cx, org_id, ends, "simulate", "cli", "simulate: cancellation"
+            )
+        self.plan_changes.append(
+            {
+                "kind": "plan_cancel",
+                "org_id": org_id,
+                "plan": None,
+                "effective": ends,
+                "recorded_on": day,
+                "written": len(written),
+                "closed_periods": [],
+            }
+        )
+        self.note(day, "plan_cancel", org=org_id, ends=ends.isoformat(), changes=len(written))
+
+    def late_event(self, day: dt.date) -> None:
+        """A producer delivers an event of the closed month's last day on ``day`` (inside
+        the lateness window), after that month's invoice was finalized: the night pushes it
+        as a 'Correction for P' item tagged P, for the next invoice."""
+        from billing.platform import db, settings
+
+        closed = self.days[self.first_close]
+        period = period_of(closed)
+        with db.connect() as cx:
+            row = cx.execute(
+                "SELECT status FROM billing.stripe_invoices WHERE org_id = %s AND period = %s",
+                (self.late_org, period),
+            ).fetchone()
+        event_id = f"simulate-late-{self.cfg.seed}-{self.late_org}-{day}"
+        event = {
+            "event_id": event_id,
+            "org_id": self.late_org,
+            "metric": self.late_metric,
+            "quantity": 20_000,
+            "occurred_at": f"{closed.isoformat()}T12:00:00Z",
+            "billable": True,
+            "source": "late-producer",
+        }
+        root = Path(settings.landing_uri().removeprefix("file://")) / "usage" / f"dt={day}"
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"zz-late-{self.cfg.seed}.jsonl"
+        path.write_text(json.dumps(event, separators=(",", ":")) + "\n")
+        self.expected.add_file(str(path))
+        self.late_event_ids.append(event_id)
+        self.note(
+            day,
+            "late_event_for_closed_month",
+            org=self.late_org,
+            period=f"{period:%Y-%m}",
+            occurred=closed.isoformat(),
+            invoice_status=row[0] if row else None,
+        )
+
+    def retroactive_downgrade_and_rerate(self, day: dt.date) -> None:
+        """The upgrade of the closed month was wrong from its second day: the org goes back
+        to its plan from then (recorded now, after the close), then ``billing rerate
+        --period P --apply`` (corrections.rerate, as the CLI calls it) credits the difference,
+        and the same command run again writes nothing."""
+        from billing.stripe_sync import corrections
+
+        close_i = self.first_close
+        up = self.schedule["plan_upgrade"]
+        effective = self.days[min(up + 1, close_i)] if up is not None else self.days[close_i]
+        period = period_of(self.days[close_i])
+        self.change_plan(day, self.upgrade_org, self.downgrade_to, effective, "plan_retroactive")
+        for attempt in (1, 2):
+            before = self.outbox_rows()
+            res = self.timed("rerate", corrections.rerate, period, None, apply=True)
+            written = self.outbox_rows() - before
+            enq = [c for c in res["corrections"] if c["enqueued"]]
+            self.rerates.append(
+                {
+                    "attempt": attempt,
+                    "period": period,
+                    "outbox_rows_written": written,
+                    "enqueued": enq,
+                    "corrections": res["corrections"],
+                    "drain": res.get("drain"),
+                }
+            )
+            self.note(
+                day,
+                "rerate_apply",
+                period=f"{period:%Y-%m}",
+                attempt=attempt,
+                outbox_rows_written=written,
+                kinds=",".join(
+                    f"{k}:{n}" for k, n in sorted(Counter(c["kind"] for c in enq).items())
+                )
+                or "-",
+            )
 
     def _night(self, i: int, day: dt.date) -> None:
         """Day i's nightly run: the real DAG on its scheduled day, else the steps in-process."""
@@ -892,8 +1171,13 @@ class Simulation:
                 "quarantine_has_reasons": self._check_quarantine(cx),
             }
             facts = _Facts.read(cx)
+            inv["plan_changes"] = self._check_plan_changes(cx)
         client = self.direct()
-        inv.update(self._check_stripe(facts, client))
+        items = self.stripe_items()
+        notes = self.stripe_credit_notes(client)
+        inv.update(self._check_stripe(facts, client, items, notes))
+        inv["credits_applied_exactly"] = self._check_credits(facts, client, items)
+        inv["corrections_after_close"] = self._check_corrections(facts, items, notes)
         inv["reconciled_or_incident"] = self._check_reconciled(facts)
         inv["dunning_once_per_stage"] = self._check_dunning(facts)
         parked = self.parked_count()
@@ -954,9 +1238,17 @@ class Simulation:
             "by_reason": reasons,
         }
 
-    def _check_stripe(self, facts: _Facts, client) -> dict:
-        """Stripe per org/period vs snapshot, to the cent; no idempotency key twice."""
-        items = self.stripe_items()
+    def _check_stripe(self, facts: _Facts, client, items: dict, notes: list) -> dict:
+        """Stripe per org/period vs snapshot, to the cent; no idempotency key twice.
+
+        Per org and period: its invoice items (on its own invoice or, late, on a later one,
+        correction items included) - its credit notes - its prepaid credit items = the
+        snapshot's total - the credits applied to it (billing.credit_applications)."""
+        applied: dict[tuple[str, dt.date], int] = defaultdict(int)
+        for _g, org, p, cents, _key in facts.applications:
+            applied[(org, p)] += int(cents)
+        credit_side: dict[tuple[str, dt.date], int] = defaultdict(int)
+        after_close: dict[tuple[str, dt.date], int] = defaultdict(int)
         stripe_side: dict[tuple[str, dt.date], int] = defaultdict(int)
         # Items of period P that P's own invoice collected (late ones land on a later invoice).
         on_own_invoice: dict[tuple[str, dt.date], int] = defaultdict(int)
@@ -968,25 +1260,35 @@ class Simulation:
                 keys[meta.get("idempotency_key")] += 1
                 p = parse_period(meta["period"])
                 stripe_side[(org, p)] += int(ii["amount"])
-                if invoice_of.get(ii.get("invoice")) == (org, p):
+                if meta.get("kind") == "credit":  # prepaid credit: checked against applied
+                    credit_side[(org, p)] += int(ii["amount"])
+                elif invoice_of.get(ii.get("invoice")) == (org, p):
                     on_own_invoice[(org, p)] += int(ii["amount"])
+                else:  # pushed after its close (late usage, corrections): a later invoice
+                    after_close[(org, p)] += int(ii["amount"])
         # Corrections after finalization: a period's credit notes lower what it billed.
-        for org, cust in self._customers().items():
-            for cn in client.v1.credit_notes.list(
-                params={"customer": cust, "limit": 100}
-            ).auto_paging_iter():
-                meta = dict(cn.get("metadata") or {})
-                if cn["status"] != "void" and meta.get("period"):
-                    stripe_side[(org, parse_period(meta["period"]))] -= int(cn["total"])
+        for org, cn in notes:
+            meta = dict(cn.get("metadata") or {})
+            if cn["status"] != "void" and meta.get("period"):
+                stripe_side[(org, parse_period(meta["period"]))] -= int(cn["total"])
         invoices_total = {
             k: int(client.v1.invoices.retrieve(iid)["total"])
             for k, (_, iid) in facts.closes.items()
         }
         diffs, unbilled = [], {}
-        for k in sorted(set(facts.snapshot) | set(stripe_side)):
-            now = facts.snapshot.get(k, (0, None))[0]
+        for k in sorted(set(facts.snapshot) | set(stripe_side) | set(applied)):
+            now = facts.snapshot.get(k, (0, None))[0] - applied.get(k, 0)
             closed = self.closed_at.get(k)
             got = stripe_side.get(k, 0)
+            if credit_side.get(k, 0) != -applied.get(k, 0):
+                diffs.append(
+                    {
+                        "org_id": k[0],
+                        "period": f"{k[1]:%Y-%m}",
+                        "credits_applied_cents": applied.get(k, 0),
+                        "stripe_credit_items_cents": credit_side.get(k, 0),
+                    }
+                )
             # Every period's items add up to the snapshot now, late events included; a
             # closed invoice carries exactly the snapshot it was closed from.
             if now != got or (closed is not None and on_own_invoice.get(k, 0) != closed):
@@ -994,7 +1296,8 @@ class Simulation:
                     {
                         "org_id": k[0],
                         "period": f"{k[1]:%Y-%m}",
-                        "snapshot_cents": now,
+                        "snapshot_cents": now + applied.get(k, 0),
+                        "credits_applied_cents": applied.get(k, 0),
                         "snapshot_at_close": closed,
                         "stripe_items_cents": got,
                         "stripe_items_on_own_invoice": on_own_invoice.get(k, 0),
@@ -1013,8 +1316,11 @@ class Simulation:
         return {
             "stripe_equals_snapshot": {
                 "ok": not diffs and not doubled and len(invoices_total) == len(self.closed_at),
-                "rule": "every period: Stripe items = snapshot now; closed: the items its own "
-                "invoice collected = snapshot the close was made from",
+                "rule": "every period: Stripe items (correction and credit items included) - "
+                "credit notes = snapshot now - credits applied; closed: the items its own "
+                "invoice collected (credits aside) = snapshot the close was made from",
+                "credit_notes": sum(1 for _, cn in notes if cn["status"] != "void"),
+                "credits_applied_cents": sum(applied.values()),
                 "org_periods": len(set(facts.snapshot) | set(stripe_side)),
                 "closed_invoices": len(invoices_total),
                 "stripe_items": sum(len(v) for v in items.values()),
@@ -1026,13 +1332,226 @@ class Simulation:
                 "ok": not unbilled,
                 "note": "late events that arrive after their period's Stripe invoice was "
                 "finalized are pushed as items of that period, collected by the next invoice",
-                "late_cents_pushed_after_close": sum(
-                    stripe_side.get(k, 0) - on_own_invoice.get(k, 0) for k in self.closed_at
-                ),
+                "late_cents_pushed_after_close": sum(after_close.get(k, 0) for k in self.closed_at),
                 "unbilled_cents_total": sum(v["unbilled_cents"] for v in unbilled.values()),
                 "billable_events_after_close": sum(facts.late_after_close.values()),
                 "org_periods": unbilled,
             },
+        }
+
+    def stripe_credit_notes(self, client) -> list[tuple[str, Any]]:
+        """Every credit note per org (from the emulator directly): (org, credit note)."""
+        out = []
+        for org, cust in sorted(self._customers().items()):
+            for cn in client.v1.credit_notes.list(
+                params={"customer": cust, "limit": 100}
+            ).auto_paging_iter():
+                out.append((org, cn.to_dict()))
+        return out
+
+    def _check_credits(self, facts: _Facts, client, items: dict) -> dict:
+        """Prepaid credits applied exactly: each closed invoice takes min(balance, its total)
+        from the org's usable grants, oldest expiring first (never expiring last, then by
+        grant), computed here from the simulation's own grants and each invoice's Stripe lines;
+        billing.credit_applications and Stripe's credit items both say exactly that, no grant
+        applies twice to an invoice and no invoice goes below zero."""
+        lines: dict[str, int] = defaultdict(int)  # invoice -> its lines, credits aside
+        stripe_credit: dict[tuple, int] = defaultdict(int)
+        stripe_credit_n: Counter = Counter()
+        for org, its in items.items():
+            for ii in its:
+                meta = dict(ii.get("metadata") or {})
+                if meta.get("kind") == "credit":
+                    k = (org, f"{parse_period(meta['period']):%Y-%m}", int(meta["grant_id"]))
+                    stripe_credit[k] += -int(ii["amount"])
+                    stripe_credit_n[k] += 1
+                elif ii.get("invoice"):
+                    lines[ii["invoice"]] += int(ii["amount"])
+        remaining = {g["grant_id"]: g["amount_cents"] for g in self.grants}
+        expected: dict[tuple, int] = {}
+        invoices = {}
+        for (org, p), (_st, iid) in sorted(facts.closes.items(), key=lambda kv: (kv[0][1], kv)):
+            left = max(0, lines.get(iid, 0))
+            usable = sorted(
+                (
+                    g
+                    for g in self.grants
+                    if g["org_id"] == org
+                    and remaining[g["grant_id"]] > 0
+                    and (g["valid_through"] is None or g["valid_through"] >= month_end(p))
+                ),
+                key=lambda g: (g["valid_through"] is None, g["valid_through"] or p, g["grant_id"]),
+            )
+            for g in usable:
+                take = min(remaining[g["grant_id"]], left)
+                if take > 0:
+                    expected[(org, f"{p:%Y-%m}", g["grant_id"])] = take
+                    remaining[g["grant_id"]] -= take
+                    left -= take
+            invoices[iid] = (org, p)
+        recorded: dict[tuple, int] = defaultdict(int)
+        per_grant_period: Counter = Counter()
+        for gid, org, p, cents, _key in facts.applications:
+            recorded[(org, f"{p:%Y-%m}", gid)] += int(cents)
+            per_grant_period[(gid, p)] += 1
+        twice = [f"grant {g} {p:%Y-%m}" for (g, p), n in per_grant_period.items() if n > 1]
+        twice += [f"stripe {k}" for k, n in stripe_credit_n.items() if n > 1]
+        over = []
+        for iid, (org, p) in sorted(invoices.items()):
+            credited = sum(
+                v for (o, pp, _), v in recorded.items() if (o, pp) == (org, f"{p:%Y-%m}")
+            )
+            if not credited:
+                continue
+            total = int(client.v1.invoices.retrieve(iid)["total"])
+            if credited > lines.get(iid, 0) or total < 0:
+                over.append(
+                    {
+                        "invoice": iid,
+                        "org_id": org,
+                        "lines_cents": lines.get(iid, 0),
+                        "credited_cents": credited,
+                        "stripe_total": total,
+                    }
+                )
+        key = lambda d: {f"{o} {p} grant {g}": v for (o, p, g), v in sorted(d.items())}  # noqa: E731
+        return {
+            "ok": expected == dict(recorded) == dict(stripe_credit) and not twice and not over,
+            "rule": "applied = min(balance, invoice total), oldest expiring first; "
+            "credit_applications = Stripe credit items = expected",
+            "grants": len(self.grants),
+            "applications": len(recorded),
+            "applied_cents": sum(recorded.values()),
+            "expected": key(expected),
+            "credit_applications": key(recorded),
+            "stripe_credit_items": key(stripe_credit),
+            "applied_twice": twice,
+            "above_invoice_total": over,
+            "remaining_cents": {f"grant {g}": v for g, v in sorted(remaining.items())},
+        }
+
+    def _check_plan_changes(self, cx) -> dict:
+        """The scheduled subscription edits were recorded (as 'simulate'), the upgraded month
+        is priced in segments, the base fee was re-prorated in Stripe, and the cancelled org
+        is charged nothing from its cancellation on though its usage still arrives."""
+        logged = dict(
+            cx.execute(
+                """SELECT action, count(*) FROM billing.subscription_changes
+                    WHERE changed_by = 'simulate' GROUP BY 1"""
+            ).fetchall()
+        )
+        not_written = [f"{c['kind']}:{c['org_id']}" for c in self.plan_changes if c["written"] == 0]
+        segments = 0
+        if self.schedule["plan_upgrade"] is not None:
+            period = period_of(self.days[self.first_close])
+            segments = cx.execute(
+                sql.SQL(
+                    """SELECT count(DISTINCT charge_label) FROM {}
+                        WHERE org_id = %s AND period_start = %s AND charge_label LIKE '%% from %%'"""
+                ).format(_snapshot("fct_daily_charges")),
+                (self.upgrade_org, period),
+            ).fetchone()[0]
+        base_fee_adjustments = cx.execute(
+            """SELECT count(*) FROM billing.stripe_outbox
+                WHERE kind IN ('usage_item', 'credit_note') AND metric = 'base_fee'
+                  AND status = 'sent'"""
+        ).fetchone()[0]
+        cancel = next((c for c in self.plan_changes if c["kind"] == "plan_cancel"), None)
+        charged_after, events_after = 0, 0
+        if cancel:
+            charged_after = cx.execute(
+                sql.SQL(
+                    """SELECT count(*) FROM {} WHERE org_id = %s AND usage_date >= %s"""
+                ).format(_snapshot("fct_daily_charges")),
+                (cancel["org_id"], cancel["effective"]),
+            ).fetchone()[0]
+            events_after = cx.execute(
+                """SELECT count(*) FROM billing.usage_events
+                    WHERE org_id = %s AND billable AND occurred_at >= %s""",
+                (cancel["org_id"], cancel["effective"]),
+            ).fetchone()[0]
+        upgraded = self.schedule["plan_upgrade"] is not None
+        return {
+            "ok": not not_written
+            and charged_after == 0
+            and (not upgraded or (segments > 0 and base_fee_adjustments > 0)),
+            "plan_changes": len(self.plan_changes),
+            "changes": [
+                {
+                    **c,
+                    "effective": c["effective"].isoformat(),
+                    "recorded_on": c["recorded_on"].isoformat(),
+                }
+                for c in self.plan_changes
+            ],
+            "change_rows_logged": logged,
+            "not_written": not_written,
+            "segment_labels_of_upgraded_month": segments,
+            "base_fee_adjustments_sent": base_fee_adjustments,
+            "cancelled_org_charge_rows_after_cancel": charged_after,
+            "cancelled_org_billable_events_after_cancel": events_after,
+        }
+
+    def _check_corrections(self, facts: _Facts, items: dict, notes: list) -> dict:
+        """Corrections after finalization: the late event became a 'Correction for P' item
+        tagged P; the retroactive downgrade's rerate wrote credit notes once; the same rerate
+        run again wrote nothing; every rerate write reached Stripe exactly once."""
+        correction_items = []
+        for org, its in items.items():
+            for ii in its:
+                meta = dict(ii.get("metadata") or {})
+                if meta.get("correction_of"):
+                    correction_items.append(
+                        (org, meta["correction_of"], meta.get("idempotency_key"), int(ii["amount"]))
+                    )
+        live_notes = [(o, cn) for o, cn in notes if cn["status"] != "void"]
+        note_keys = Counter(
+            dict(cn.get("metadata") or {}).get("idempotency_key") for _, cn in live_notes
+        )
+        item_keys = Counter(k for _, _, k, _ in correction_items)
+        closed = (
+            f"{period_of(self.days[self.first_close]):%Y-%m}"
+            if self.first_close is not None
+            else None
+        )
+        late_ok = True
+        if self.schedule["late_event"] is not None:
+            late_ok = any(o == self.late_org and p == closed for o, p, _, _ in correction_items)
+        rerate = {}
+        rerate_ok = True
+        if self.rerates:
+            first = [r for r in self.rerates if r["attempt"] == 1]
+            again = [r for r in self.rerates if r["attempt"] > 1]
+            keys = [c["idempotency_key"] for r in first for c in r["enqueued"]]
+            in_stripe = {k: note_keys.get(k, 0) + item_keys.get(k, 0) for k in keys}
+            kinds = Counter(c["kind"] for r in first for c in r["enqueued"])
+            rerate = {
+                "first_outbox_rows": sum(r["outbox_rows_written"] for r in first),
+                "first_kinds": dict(kinds),
+                "first_cents": sum(c["amount_cents"] for r in first for c in r["enqueued"]),
+                "again_outbox_rows": sum(r["outbox_rows_written"] for r in again),
+                "again_enqueued": sum(len(r["enqueued"]) for r in again),
+                "again_corrections_planned": sum(len(r["corrections"]) for r in again),
+                "keys_in_stripe": in_stripe,
+            }
+            rerate_ok = (
+                kinds.get("credit_note", 0) > 0
+                and rerate["first_outbox_rows"] == len(keys)
+                and rerate["again_outbox_rows"] == 0
+                and rerate["again_enqueued"] == 0
+                and all(n == 1 for n in in_stripe.values())
+            )
+        doubled = {k: n for k, n in (note_keys + item_keys).items() if n > 1}
+        return {
+            "ok": late_ok and rerate_ok and not doubled,
+            "correction_items": len(correction_items),
+            "correction_items_cents": sum(a for _, _, _, a in correction_items),
+            "late_event_org_has_correction_item": late_ok,
+            "credit_notes": len(live_notes),
+            "credit_notes_cents": sum(int(cn["total"]) for _, cn in live_notes),
+            "rerate": rerate,
+            "rerate_applied_once": rerate_ok,
+            "keys_doubled": doubled,
         }
 
     def _check_reconciled(self, facts: _Facts) -> dict:
@@ -1130,6 +1649,7 @@ class Simulation:
             "invoice": client.v1.invoices.retrieve,
             "finalize": client.v1.invoices.retrieve,
             "credit_note": client.v1.credit_notes.retrieve,
+            "credit": client.v1.invoice_items.retrieve,
         }
         missing_objects = []
         for kind, key, obj_id in facts.sent_rows:
@@ -1253,7 +1773,7 @@ def format_report(report: dict) -> str:
         "",
         f"Stripe faults injected: {json.dumps(f['stripe_injected'])} "
         f"(requests forwarded: {f['stripe_forwarded']})",
-        "fault timeline:",
+        "timeline (faults and business events):",
         *(
             f"  {e['day']} {e['event']} "
             + " ".join(f"{k}={v}" for k, v in e.items() if k not in ("day", "event"))

@@ -1,7 +1,9 @@
 """CI-sized month-boundary simulation: 3 orgs, 200 events/day, 9 days, every fault.
 
 Runs ``billing simulate`` once (its own private stack, so counts are exact) and asserts
-each invariant of its report, plus that every fault really happened. A few minutes: one
+each invariant of its report, plus that every fault and business event really happened
+(issue 20: an upgrade before the close, a cancellation after it, prepaid credits, a late
+event of the closed month and a retroactive downgrade re-rated twice). A few minutes: one
 day goes through the real DAG (``airflow dags test``) and one task is killed under Airflow.
 """
 
@@ -80,6 +82,8 @@ def test_stripe_equals_snapshot_to_the_cent(report):
     assert v["ok"], v
     assert v["differences"] == [] and v["idempotency_keys_doubled"] == {}
     assert v["closed_invoices"] == 3
+    # the per-period sum counts credit notes and prepaid credits (issue 20)
+    assert v["credit_notes"] > 0 and v["credits_applied_cents"] > 0, v
 
 
 def test_every_invoice_reconciled_or_incident(report):
@@ -159,3 +163,78 @@ def test_exit_code_says_which_invariants_failed(report):
     failing = [k for k, v in report["invariants"].items() if not v["ok"]]
     assert report["ok"] is (not failing)
     assert report["_exit"] == (0 if not failing else 1)
+
+
+def test_plan_changes_priced_and_cancelled_org_not_billed(report):
+    v = inv(report, "plan_changes")
+    assert v["ok"], v
+    kinds = [c["kind"] for c in v["changes"]]
+    assert sorted(kinds) == ["plan_cancel", "plan_retroactive", "plan_upgrade"], v
+    assert v["plan_changes"] == 3 and v["not_written"] == []
+    assert sum(v["change_rows_logged"].values()) >= 3
+    # the upgraded month is priced in segments and its base fee re-prorated in Stripe
+    assert v["segment_labels_of_upgraded_month"] > 0
+    assert v["base_fee_adjustments_sent"] > 0
+    # the cancelled org's usage still arrives but is charged nothing from that day on
+    assert v["cancelled_org_billable_events_after_cancel"] > 0
+    assert v["cancelled_org_charge_rows_after_cancel"] == 0
+    upgrade = next(c for c in v["changes"] if c["kind"] == "plan_upgrade")
+    cancel = next(c for c in v["changes"] if c["kind"] == "plan_cancel")
+    close = next(d for d in report["days"] if d[:7] != report["days"][-1][:7])
+    assert (
+        upgrade["effective"]
+        == upgrade["recorded_on"]
+        < max(d for d in report["days"] if d[:7] == close[:7])
+    )
+    assert cancel["effective"] > upgrade["effective"]
+
+
+def test_credits_applied_exactly_once(report):
+    v = inv(report, "credits_applied_exactly")
+    assert v["ok"], v
+    assert v["grants"] == 3
+    assert v["applications"] >= 2 and v["applied_cents"] > 0
+    assert v["expected"] == v["credit_applications"] == v["stripe_credit_items"]
+    assert v["applied_twice"] == [] and v["above_invoice_total"] == []
+    # oldest expiring first: the cancelled org's expiring grant paid its whole invoice and
+    # its older, never-expiring grant was left untouched
+    assert any(r > 0 for r in v["remaining_cents"].values())
+
+
+def test_corrections_after_close(report):
+    v = inv(report, "corrections_after_close")
+    assert v["ok"], v
+    # the late event of the closed month became a correction item tagged that month
+    assert v["late_event_org_has_correction_item"] is True
+    assert v["correction_items"] > 0
+    # the retroactive downgrade: rerate --apply wrote credit notes, once
+    assert v["credit_notes"] > 0 and v["credit_notes_cents"] > 0
+    r = v["rerate"]
+    assert r["first_kinds"].get("credit_note", 0) > 0 and r["first_cents"] < 0, r
+    assert r["first_outbox_rows"] == sum(r["first_kinds"].values())
+    assert r["again_outbox_rows"] == 0 and r["again_enqueued"] == 0, r
+    assert r["keys_in_stripe"] and set(r["keys_in_stripe"].values()) == {1}, r
+    assert v["keys_doubled"] == {}
+
+
+def test_every_business_event_happened(report):
+    events = report["faults"]["events"]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("credit_granted") == 3
+    assert "credit_expiry_not_exercised" in kinds  # one close in a 9-day run
+    for kind in ("plan_upgrade", "plan_cancel", "plan_retroactive"):
+        assert kinds.count(kind) == 1, kinds
+    late = next(e for e in events if e["event"] == "late_event_for_closed_month")
+    assert late["invoice_status"] not in (None, "draft"), late  # finalized before it came
+    retro = next(e for e in events if e["event"] == "plan_retroactive")
+    assert retro["closed_periods"] == late["period"]
+    rerates = [e for e in events if e["event"] == "rerate_apply"]
+    assert [e["attempt"] for e in rerates] == [1, 2]
+    assert rerates[0]["outbox_rows_written"] > 0 and rerates[1]["outbox_rows_written"] == 0
+    assert set(report["schedule"]) >= {
+        "credit_grants",
+        "plan_upgrade",
+        "plan_cancel",
+        "late_event",
+        "rerate",
+    }
