@@ -207,7 +207,9 @@ def test_every_task_and_its_upstreams(dag):
     # the staging models read the billing tables right after prepare_pricing, the catalog
     # ones through the versions in force
     in_force = "stg_billing__catalog_versions_in_force_model_build"
-    catalog_staging = {k for k in DBT_SNAPSHOT if k.startswith("stg_billing__catalog_")} - {in_force}
+    catalog_staging = {k for k in DBT_SNAPSHOT if k.startswith("stg_billing__catalog_")} - {
+        in_force
+    }
     assert {k for k, t in snapshot.items() if "prepare_pricing" in t.upstream_task_ids} == {
         k for k in DBT_SNAPSHOT if k.startswith("stg_")
     } - catalog_staging

@@ -141,7 +141,12 @@ def test_org_credits_json_and_the_pages_panel(airflow_client):
 
     with db.transaction() as cx:
         subscriptions.change_plan(
-            cx, org, "starter", dt.date(2026, 3, 15), actor="cli:finance", source="cli",
+            cx,
+            org,
+            "starter",
+            dt.date(2026, 3, 15),
+            actor="cli:finance",
+            source="cli",
             reason="TKT-7 downgrade",
         )
     html = airflow_client.get("/billing/ui", params={"org": org}).text

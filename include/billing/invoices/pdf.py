@@ -253,7 +253,9 @@ def render(invoice: PdfInvoice) -> bytes:
         row = table.row()
         for h in ("Item", "Quantity", "Tier breakdown", "Amount"):
             row.cell(h)
-        for item, quantity, cents in invoice.base_fees or (("Base fee", "1", invoice.base_fee_cents),):
+        for item, quantity, cents in invoice.base_fees or (
+            ("Base fee", "1", invoice.base_fee_cents),
+        ):
             row = table.row()
             for v in (t(item), quantity, "", money(cents)):
                 row.cell(v)

@@ -252,6 +252,19 @@ MINIMUM_SPEND = "minimum_spend"
 MINIMUM_COMMITMENT = "minimum_commitment"
 
 
+#: charge labels that are not a metric's (base fee adjustments, true-ups, prepaid credits):
+#: no metric may take these names
+RESERVED_LABELS = frozenset({"base_fee", MINIMUM_SPEND, MINIMUM_COMMITMENT, "credit"})
+
+
+def is_metric_label(label: str) -> bool:
+    """Whether a charge label (``billing.stripe_outbox.metric``) is a metric's usage: not
+    ``base_fee``, a true-up (``minimum_spend.<metric>``, ``minimum_commitment``) or a credit,
+    with or without a segment's `` from YYYY-MM-DD``."""
+    head = label.split(" ", 1)[0]
+    return head.split(".", 1)[0] not in RESERVED_LABELS
+
+
 def true_up_label(line_type: str, metric: str | None = None) -> str:
     """A true-up's charge label: ``minimum_spend.api_calls`` or ``minimum_commitment``."""
     return f"{line_type}.{metric}" if metric else line_type
@@ -882,6 +895,12 @@ def parse_catalog(data: Any, source: str = "catalog") -> Catalog:
         metrics: dict[str, Metric] = {}
         for name, spec in metrics_raw.items():
             _name(name, f"metric {name!r}")
+            if name in RESERVED_LABELS:
+                raise _Invalid(
+                    f"metric {name!r}",
+                    "is reserved: it names a charge of its own on invoices and in Stripe "
+                    f"({', '.join(sorted(RESERVED_LABELS))})",
+                )
             metrics[name] = _parse_metric(name, spec)
         plans_raw = data["plans"]
         if not isinstance(plans_raw, dict) or not plans_raw:

@@ -100,8 +100,7 @@ def _activate(cur, version: str, effective_from: dt.date | None) -> None:
         )
     day = effective_from or first_open or dt.date.min
     cur.execute(
-        "INSERT INTO billing.catalog_activations (catalog_version, effective_from) "
-        "VALUES (%s, %s)",
+        "INSERT INTO billing.catalog_activations (catalog_version, effective_from) VALUES (%s, %s)",
         (version, "-infinity" if day == dt.date.min else day),
     )
 
@@ -113,9 +112,7 @@ def activations(cx) -> list[tuple[str, dt.date | None, dt.datetime]]:
         "SELECT catalog_version, effective_from::text, activated_at FROM "
         "billing.catalog_activations ORDER BY activation_id"
     ).fetchall()
-    return [
-        (v, None if d == "-infinity" else dt.date.fromisoformat(d), at) for v, d, at in rows
-    ]
+    return [(v, None if d == "-infinity" else dt.date.fromisoformat(d), at) for v, d, at in rows]
 
 
 def current_version(cx) -> str | None:

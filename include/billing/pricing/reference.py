@@ -91,7 +91,12 @@ def segments(
     nxt = month_end(period) + dt.timedelta(days=1)
     merged: list[list] = []  # back to back on the same plan: one interval
     for plan, starts, ends in sorted(subscriptions, key=lambda s: s[1] or _ALWAYS):
-        if merged and merged[-1][0] == plan and merged[-1][2] is not None and merged[-1][2] == starts:
+        if (
+            merged
+            and merged[-1][0] == plan
+            and merged[-1][2] is not None
+            and merged[-1][2] == starts
+        ):
             merged[-1][2] = ends
         else:
             merged.append([plan, starts, ends])

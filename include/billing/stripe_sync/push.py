@@ -22,6 +22,7 @@ import datetime as dt
 from collections import defaultdict
 
 from billing.platform.dates import month_end, period_of
+from billing.pricing.catalog import is_metric_label
 from billing.stripe_sync import credit_items, snapshot
 from billing.stripe_sync.corrections import route as route_corrections
 from billing.stripe_sync.outbox import Write, key_for
@@ -135,8 +136,25 @@ def _usage_items(cx, period: dt.date, day: dt.date, through: dt.date) -> list[Wr
             (period,),
         ).fetchall()
     }
+    current = snapshot.cumulative_through(cx, period, through)
+    # a charge the snapshot no longer has (a plan change undone, a segment gone) goes back to
+    # 0: what was pushed for it is taken back
+    seen = {(c.org_id, c.metric) for c in current}
+    currency = {
+        o: cur
+        for o, cur in cx.execute(
+            "SELECT org_id, min(currency) FROM billing.stripe_outbox WHERE period = %s"
+            " AND currency IS NOT NULL GROUP BY org_id",
+            (period,),
+        ).fetchall()
+    }
+    gone = [
+        snapshot.Cumulative(org, label, currency.get(org, ""), 0)
+        for (org, label), (total, _last) in sorted(pushed.items())
+        if (org, label) not in seen and total != 0 and is_metric_label(label)
+    ]
     items: list[Write] = []
-    for c in snapshot.cumulative_through(cx, period, through):
+    for c in [*current, *gone]:
         total, last = pushed.get((c.org_id, c.metric), (0, None))
         if last is not None and last >= day:
             continue
@@ -197,7 +215,8 @@ def _true_up_items(cx, period: dt.date, day: dt.date) -> list[Write]:
                  FROM billing.stripe_outbox
                 WHERE kind IN ('usage_item', 'credit_note') AND period = %s
                   AND status <> 'cancelled'
-                  AND (starts_with(metric, 'minimum_spend.') OR metric = 'minimum_commitment')
+                  AND (starts_with(metric, 'minimum_spend.')
+                       OR starts_with(metric, 'minimum_commitment'))
                 GROUP BY org_id, metric""",
             (period,),
         ).fetchall()

@@ -218,9 +218,7 @@ def test_the_policy_is_the_plan_of_the_invoiced_period(pg, tag):
     invoice (reminders from 3 days), though it was created on starter (docs/SUBSCRIPTIONS.md)."""
     org = f"{tag}-up"
     add_org(pg, org, plan="starter")
-    pg.execute(
-        "UPDATE billing.subscriptions SET ends_at = '2026-01-15' WHERE org_id = %s", (org,)
-    )
+    pg.execute("UPDATE billing.subscriptions SET ends_at = '2026-01-15' WHERE org_id = %s", (org,))
     pg.execute(
         "INSERT INTO billing.subscriptions (org_id, plan, starts_at, created_by)"
         " VALUES (%s, 'enterprise', '2026-01-15', 'test')",

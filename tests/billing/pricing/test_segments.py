@@ -6,9 +6,11 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from billing.platform.errors import ConfigError
 from billing.pricing import aggregation as agg
 from billing.pricing import catalog as pricing
 from billing.pricing import reference
@@ -25,7 +27,10 @@ def _catalog(fee: str) -> pricing.Catalog:
                     "currency": "usd",
                     "base_fee": fee,
                     "metrics": {
-                        "api_calls": {"mode": "graduated", "tiers": [{"up_to": None, "unit_price": "0.01"}]}
+                        "api_calls": {
+                            "mode": "graduated",
+                            "tiers": [{"up_to": None, "unit_price": "0.01"}],
+                        }
                     },
                 }
                 for p in ("starter", "pro")
@@ -90,9 +95,15 @@ def test_invoice_lines_restart_tiers_and_carry_a_held_time_weighted_value():
                     "metrics": {
                         "api_calls": {
                             "mode": "graduated",
-                            "tiers": [{"up_to": 100, "unit_price": "0"}, {"up_to": None, "unit_price": "1"}],
+                            "tiers": [
+                                {"up_to": 100, "unit_price": "0"},
+                                {"up_to": None, "unit_price": "1"},
+                            ],
                         },
-                        "seats": {"mode": "graduated", "tiers": [{"up_to": None, "unit_price": "0.01"}]},
+                        "seats": {
+                            "mode": "graduated",
+                            "tiers": [{"up_to": None, "unit_price": "0.01"}],
+                        },
                     },
                 }
                 for plan in ("starter", "basic")
@@ -129,3 +140,28 @@ def test_invoice_lines_restart_tiers_and_carry_a_held_time_weighted_value():
         "seats": 720,  # 2 seats x 360 h x $0.01
         "seats from 2025-03-16": 768,  # 2 x 384 h: the held value carries in
     }
+
+
+@pytest.mark.parametrize("name", ["base_fee", "minimum_commitment", "minimum_spend", "credit"])
+def test_a_metric_may_not_take_a_reserved_charge_label(name):
+    with pytest.raises(ConfigError, match=f"metric '{name}': is reserved"):
+        pricing.parse_catalog(
+            {
+                "metrics": {name: {"unit": "x"}},
+                "plans": {"p": {"currency": "usd", "base_fee": "1", "metrics": {}}},
+            },
+            "t",
+        )
+
+
+def test_metric_labels_are_told_from_fees_true_ups_and_credits():
+    assert pricing.is_metric_label("api_calls from 2025-01-16")
+    assert pricing.is_metric_label('ai_tokens ["a", null] from 2025-01-02')
+    for label in (
+        "base_fee",
+        "credit",
+        "minimum_commitment from 2025-03-15",
+        "minimum_spend.api_calls",
+        "minimum_spend.api_calls from 2025-03-15",
+    ):
+        assert not pricing.is_metric_label(label)

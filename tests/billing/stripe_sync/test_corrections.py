@@ -418,7 +418,12 @@ def test_a_retroactive_downgrade_of_a_finalized_month_is_rerated_to_the_cent(
 
     with db.transaction() as cx:
         subscriptions.change_plan(
-            cx, org, "starter", dt.date(2025, 1, 16), actor="cli:finance", source="cli",
+            cx,
+            org,
+            "starter",
+            dt.date(2025, 1, 16),
+            actor="cli:finance",
+            source="cli",
             reason="downgrade agreed in December",
         )
     rows_before = len(outbox_rows())

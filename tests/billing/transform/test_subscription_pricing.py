@@ -40,7 +40,10 @@ V1 = {
             "metrics": {
                 "api_calls": {
                     "mode": "graduated",
-                    "tiers": [{"up_to": 1000, "unit_price": "0"}, {"up_to": None, "unit_price": "0.01"}],
+                    "tiers": [
+                        {"up_to": 1000, "unit_price": "0"},
+                        {"up_to": None, "unit_price": "0.01"},
+                    ],
                 }
             },
         },
@@ -49,7 +52,10 @@ V1 = {
             "base_fee": "99",
             "minimum_commitment": "120",
             "metrics": {
-                "api_calls": {"mode": "graduated", "tiers": [{"up_to": None, "unit_price": "0.005"}]},
+                "api_calls": {
+                    "mode": "graduated",
+                    "tiers": [{"up_to": None, "unit_price": "0.005"}],
+                },
                 "seats": {"mode": "graduated", "tiers": [{"up_to": None, "unit_price": "0.01"}]},
             },
         },
@@ -66,7 +72,10 @@ def _v2(effective_from: str | None) -> dict:
         "metrics": {
             "api_calls": {
                 "mode": "graduated",
-                "tiers": [{"up_to": 1000, "unit_price": "0"}, {"up_to": None, "unit_price": "0.02"}],
+                "tiers": [
+                    {"up_to": 1000, "unit_price": "0"},
+                    {"up_to": None, "unit_price": "0.02"},
+                ],
             }
         },
     }
@@ -382,3 +391,97 @@ def test_segments_match_the_reference_to_the_cent(fresh, history):
             assert got == want, (org, subs, change)
             total = _total(cx, org, MARCH)
             assert (total[0] if total else 0) == sum(want.values())
+
+
+def _stripe_lines(org: str, period: str = "2025-03") -> dict[str, int]:
+    """The org's Stripe invoice items of ``period`` summed per charge label (the base fee
+    item as base_fee)."""
+    from stripe_support import direct_client, stripe_items
+
+    from billing.platform import db
+
+    with db.connect() as cx:
+        (customer,) = cx.execute(
+            "SELECT stripe_customer_id FROM billing.stripe_customers WHERE org_id = %s", (org,)
+        ).fetchone()
+    out: dict[str, int] = {}
+    for ii in stripe_items(direct_client(), customer):
+        meta = ii["metadata"].to_dict()
+        if meta["period"] != period:
+            continue
+        label = "base_fee" if meta["kind"] == "base_fee" else meta["metric"]
+        out[label] = out.get(label, 0) + ii["amount"]
+    return {k: v for k, v in out.items() if v}
+
+
+def test_a_segments_true_up_is_pushed_once(fresh, monkeypatch):
+    """The prorated commitment of a segment (label 'minimum_commitment from 2025-03-15') is
+    pushed by the run of the period's last day and never again by later runs."""
+    import uuid
+
+    from billing import stripe_sync
+    from billing.platform import db
+    from billing.stripe_sync import Engine
+    from billing.transform import project as transform
+
+    monkeypatch.setenv("BILLING_STRIPE_MAX_RPS", "0")
+    org = f"tu{uuid.uuid4().hex[:8]}"
+    catalog = pricing.parse_catalog(V1, "test")
+    with db.connect() as cx:
+        _orgs(cx, {org: [("starter", None, "2025-03-15"), ("pro", "2025-03-15", None)]})
+        _events(cx, [(org, "api_calls", 1500, _at(5)), (org, "api_calls", 2000, _at(20))])
+        cx.commit()
+    eng = Engine(sleep=lambda _s: None)
+    transform.transform_day(
+        dt.date(2025, 3, 31), MARCH, targets=["postgres"], full_refresh=True, catalog=catalog
+    )
+    stripe_sync.push_day(dt.date(2025, 3, 31), engine=eng)
+    transform.transform_day(dt.date(2025, 4, 1), catalog=catalog, targets=["postgres"])
+    stripe_sync.push_day(dt.date(2025, 4, 1), engine=eng)
+    assert _stripe_lines(org) == {  # March to the cent: 13820, as the snapshot
+        "base_fee": 1310 + 5429,
+        "api_calls": 500,
+        "api_calls from 2025-03-15": 1000,
+        "minimum_commitment from 2025-03-15": 5581,
+    }
+
+
+def test_an_upgrade_undone_after_its_items_were_pushed_is_taken_back(fresh, monkeypatch):
+    """Pushed on the 16th with an upgrade from the 15th, then the upgrade is undone: the
+    next run takes back the 'from 2025-03-15' items and the prorated base fee, and Stripe
+    holds exactly the snapshot again."""
+    import uuid
+
+    from billing import stripe_sync, subscriptions
+    from billing.platform import db
+    from billing.stripe_sync import Engine
+    from billing.transform import project as transform
+
+    monkeypatch.setenv("BILLING_STRIPE_MAX_RPS", "0")
+    org = f"flip{uuid.uuid4().hex[:8]}"
+    catalog = pricing.parse_catalog(V1, "test")
+    with db.connect() as cx:
+        _orgs(cx, {org: [("starter", None, "2025-03-15"), ("pro", "2025-03-15", None)]})
+        _events(cx, [(org, "api_calls", 1500, _at(5)), (org, "api_calls", 2000, _at(16))])
+        cx.commit()
+    eng = Engine(sleep=lambda _s: None)
+    transform.transform_day(
+        dt.date(2025, 3, 16), MARCH, targets=["postgres"], full_refresh=True, catalog=catalog
+    )
+    stripe_sync.push_day(dt.date(2025, 3, 16), engine=eng)
+
+    # base 1310 + 5429 = 6739; starter 500; pro 2000 x $0.005
+    assert _stripe_lines(org) == {
+        "base_fee": 6739,
+        "api_calls": 500,
+        "api_calls from 2025-03-15": 1000,
+    }
+
+    with db.transaction() as cx:
+        subscriptions.change_plan(cx, org, "starter", dt.date(2025, 3, 15), "cli:test", "cli")
+    transform.transform_day(dt.date(2025, 3, 17), catalog=catalog, targets=["postgres"])
+    stripe_sync.push_day(dt.date(2025, 3, 17), engine=eng)
+    # starter all month: 2900 base, 3500 calls of which 1000 free = $25.00
+    assert _stripe_lines(org) == {"base_fee": 2900, "api_calls": 2500}
+    with db.connect() as cx:
+        assert _total(cx, org, MARCH)[0] == 2900 + 2500

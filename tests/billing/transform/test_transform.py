@@ -888,7 +888,12 @@ def test_cosmos_task_groups_render_from_manifest(stack):
         ]
         return dag.get_task(tid)
 
-    for model in ("int_subscription_segments", "fct_daily_charges", "fct_invoice_lines", "fct_invoices"):
+    for model in (
+        "int_subscription_segments",
+        "fct_daily_charges",
+        "fct_invoice_lines",
+        "fct_invoices",
+    ):
         assert task_for("dbt_snapshot", model)
     hourly = task_for("dbt_rollups", "fct_usage_hourly")
     assert task_for("dbt_rollups", "fct_usage_monthly")
