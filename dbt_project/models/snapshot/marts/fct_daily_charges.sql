@@ -44,7 +44,9 @@ with usage_days as (
        and u.dimension_key <> '' and listed.price_key = u.dimension_key
 ),
 
-priced_tiers as (
+{#- materialized: its row estimate is ~1, and inlined into `priced` Postgres re-ran its
+    aggregate for every usage row (35 s of 39 at 60 days of history, docs/PERFORMANCE.md) -#}
+priced_tiers as materialized (
     select
         d.org_id,
         d.metric,

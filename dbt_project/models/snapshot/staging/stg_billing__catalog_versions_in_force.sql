@@ -1,3 +1,6 @@
+{#- A table of a few rows: every catalog staging view filters by it, and as a view its
+    correlated subquery would run for every catalog row looked up. -#}
+{{ config(materialized='table') }}
 {#-
   Which catalog version prices which days: each activation makes its version the catalog
   from its effective_from on, replacing every older activation from that day (so an
