@@ -20,12 +20,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from billing.orgs import ORG_ID_PATTERN
+from billing.platform import csvfile
 from billing.platform.errors import ConfigError
 
 SOURCES = ("cli", "airflow", "csv")
 ACTIONS = ("change", "start", "cancel")
 CSV_COLUMNS = ("org_id", "plan", "starts_at", "ends_at")
-ORG_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 _ORG_ID = re.compile(ORG_ID_PATTERN)
 _SINCE_ALWAYS = "-infinity"
 _LO, _HI = dt.date.min, dt.date.max
@@ -414,44 +415,22 @@ def _csv_day(value: str, where: str, column: str) -> dt.date | None:
 
 
 def _read_csv(path: Path) -> list[_Row]:
-    try:
-        fh = open(path, newline="", encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     rows = []
-    with fh:
-        reader = csv.DictReader(fh)
-        header = tuple(h.strip() for h in (reader.fieldnames or ()))
-        missing = [c for c in CSV_COLUMNS if c not in header]
-        if missing:
-            raise ConfigError(
-                f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}"
-            )
-        reader.fieldnames = list(header)
-        try:
-            for lineno, raw in enumerate(reader, start=2):
-                where = f"{path}:{lineno}"
-                org_id, plan, starts, ends = ((raw.get(c) or "").strip() for c in CSV_COLUMNS)
-                if not _ORG_ID.match(org_id):
-                    raise ConfigError(
-                        f"{where}: org_id {org_id!r} must be 1-64 of A-Z a-z 0-9 _ . -"
-                    )
-                if not plan:
-                    raise ConfigError(f"{where}: plan is empty")
-                row = _Row(
-                    lineno,
-                    org_id,
-                    plan,
-                    _csv_day(starts, where, "starts_at"),
-                    _csv_day(ends, where, "ends_at"),
-                )
-                if row.ends is not None and _lo(row.starts) >= row.ends:
-                    raise ConfigError(
-                        f"{where}: ends_at {row.ends} must be after starts_at {starts}"
-                    )
-                rows.append(row)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}:{reader.line_num}: unreadable CSV: {exc}") from None
+    for where, (org_id, plan, starts, ends) in csvfile.read(path, CSV_COLUMNS):
+        if not _ORG_ID.match(org_id):
+            raise ConfigError(f"{where}: org_id {org_id!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        if not plan:
+            raise ConfigError(f"{where}: plan is empty")
+        row = _Row(
+            int(where.rsplit(":", 1)[1]),
+            org_id,
+            plan,
+            _csv_day(starts, where, "starts_at"),
+            _csv_day(ends, where, "ends_at"),
+        )
+        if row.ends is not None and _lo(row.starts) >= row.ends:
+            raise ConfigError(f"{where}: ends_at {row.ends} must be after starts_at {starts}")
+        rows.append(row)
     return rows
 
 

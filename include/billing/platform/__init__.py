@@ -10,4 +10,5 @@ user errors, the time vocabulary and text for people.
 * ``errors``: the errors a user can cause (one line, non-zero exit).
 * ``dates``: arrival day, run end, period, month end and the period pattern.
 * ``tables``: aligned tables and money as people read them.
+* ``csvfile``: CSV files people write (imports), every problem one line.
 """

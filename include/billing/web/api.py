@@ -30,12 +30,12 @@ from psycopg.rows import dict_row
 from billing import invoices
 from billing.invoices import INVOICE_ID_PATTERN
 from billing.invoices import store as invoice_store
+from billing.orgs import ORG_ID_PATTERN
 from billing.platform import db, settings
 from billing.platform.dates import PERIOD_PATTERN
 from billing.platform.errors import ConfigError, ServiceError
 from billing.web.common import requires_billing_access, stripe_status
 
-ORG_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 CACHE_CONTROL = "private, must-revalidate"
 RETRY_AFTER_S = "1"  # a pool wait is short: the next try usually gets a connection
 MAX_LIMIT = 200

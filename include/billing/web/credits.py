@@ -14,10 +14,9 @@ from fastapi import FastAPI, HTTPException, status
 from fastapi import Path as PathParam
 
 from billing import credits
+from billing.orgs import ORG_ID_PATTERN
 from billing.platform import db
 from billing.platform.tables import money
-
-ORG_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 def statement(org_id: str, as_of: dt.datetime | None = None) -> dict | None:

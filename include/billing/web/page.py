@@ -444,11 +444,11 @@ def _subscriptions_panel(org_id: str | None) -> dict | None:
     import re
 
     from billing import subscriptions
+    from billing.orgs import ORG_ID_PATTERN
     from billing.platform import db
     from billing.platform.errors import ConfigError
-    from billing.web import credits
 
-    if not org_id or not re.match(credits.ORG_ID_PATTERN, org_id):
+    if not org_id or not re.match(ORG_ID_PATTERN, org_id):
         return None
     try:
         with db.connect() as cx:
