@@ -60,6 +60,11 @@ def test_login_open_billing_and_reconcile_now(
         frame.get_by_role("button", name="Show credits").click()
         expect(frame.locator('[data-testid="credits-balance"]')).to_contain_text("$12.34")
         expect(frame.locator('[data-testid="credits-movements"]')).to_contain_text("grant")
+        # ... and its plans over time, with who recorded them
+        expect(frame.locator('[data-testid="subscriptions-intervals"]')).to_contain_text(
+            "growth[-infinity, open)"
+        )
+        expect(frame.locator('[data-testid="subscriptions-changes"]')).to_contain_text("create")
 
         shot = tmp_path / "billing-page.png"
         page.screenshot(path=str(shot), full_page=True)
